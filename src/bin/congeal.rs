@@ -1,0 +1,193 @@
+//! `congeal`: the offline command line (run, eval, bench).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use congeal::collection::Collection;
+use congeal::config::Config;
+use congeal::output::result::RunResult;
+use congeal::shape::ShapeSpec;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "congeal", version, about = "3D Congealing: align an image collection in one canonical 3D frame")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline on a collection folder (collection format or a plain folder of images).
+    Run {
+        /// Collection folder.
+        collection: PathBuf,
+        /// Output folder (result.json, canonical.ply, nocs/, overlays/, contact_sheet.png).
+        #[arg(long)]
+        out: PathBuf,
+        /// Config file (default: config/default.yaml if present, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Shape source: template, sds, model:PATH.
+        #[arg(long, default_value = "template")]
+        shape: String,
+        /// Template mesh (OBJ/PLY) overriding the collection's template.obj.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// Device override: cpu, cuda, cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Evaluate a run against a collection's ground truth; prints JSON.
+    Eval {
+        /// Collection folder with ground truth.
+        collection: PathBuf,
+        /// Run folder written by `congeal run`.
+        run: PathBuf,
+        /// Also write the JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmark: run the pipeline and print timings, candidate-render throughput and peak memory.
+    Bench {
+        /// Collection folder.
+        collection: PathBuf,
+        /// Config file (default: config/fast.yaml).
+        #[arg(long, default_value = "config/fast.yaml")]
+        config: PathBuf,
+        /// Output folder (a temporary one by default).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Evaluate against the collection's ground truth too.
+        #[arg(long)]
+        eval: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "congeal=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run { collection, out, config, shape, template, device } => {
+            let mut config = load_config(config.as_deref(), Some(Path::new("config/default.yaml")))?;
+            if let Some(d) = device {
+                config.device = d;
+            }
+            let shape = shape_spec(&shape, template)?;
+            let result = run(&collection, &shape, &config, &out)?;
+            println!("posed {} images ({} skipped)", result.images.len(), result.skipped.len());
+            for s in &result.skipped {
+                println!("  skipped {}: {}", s.file, s.reason);
+            }
+            println!("results:       {}", out.join("result.json").display());
+            println!("canonical:     {}", out.join("canonical.ply").display());
+            if config.output.nocs {
+                println!("NOCS maps:     {}", out.join("nocs").display());
+            }
+            if config.output.overlays {
+                println!("overlays:      {}", out.join("overlays").display());
+                println!("contact sheet: {}", out.join("contact_sheet.png").display());
+            }
+        }
+        Command::Eval { collection, run, out } => {
+            let collection = Collection::load(&collection)?;
+            let result = RunResult::load(&run)?;
+            let report = congeal::eval::report::evaluate_run(&collection, &result, &run)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            println!("{text}");
+            if let Some(out) = out {
+                std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
+        Command::Bench { collection, config, out, eval } => {
+            let config = load_config(Some(&config), None)?;
+            let tmp;
+            let out = match out {
+                Some(o) => o,
+                None => {
+                    tmp = std::env::temp_dir().join(format!("congeal-bench-{}", std::process::id()));
+                    tmp.clone()
+                }
+            };
+            let start = std::time::Instant::now();
+            let result = run(&collection, &ShapeSpec::Template(None), &config, &out)?;
+            let wall = start.elapsed().as_secs_f64();
+            let p = &config.pose_init;
+            let candidates = p.fovs_deg.len() * p.azimuths * p.elevations * p.rolls_deg.len();
+            let init_s = result.timings_s.get("pose_init").copied().unwrap_or(f64::NAN);
+            let mut figures = serde_json::json!({
+                "collection": collection.display().to_string(),
+                "images": result.images.len(),
+                "wall_s": wall,
+                "timings_s": result.timings_s,
+                "candidates": candidates,
+                "candidate_render_size": p.render_size,
+                "candidate_renders_per_s_upper_bound": candidates as f64 / init_s,
+                "peak_rss_mib": peak_rss_mib(),
+                "threads": rayon::current_num_threads(),
+            });
+            if eval {
+                let coll = Collection::load(&collection)?;
+                let report = congeal::eval::report::evaluate_run(&coll, &result, &out)?;
+                figures["eval"] = serde_json::to_value(report)?;
+            }
+            println!("{}", serde_json::to_string_pretty(&figures)?);
+        }
+    }
+    Ok(())
+}
+
+fn load_config(path: Option<&Path>, fallback: Option<&Path>) -> Result<Config> {
+    match (path, fallback) {
+        (Some(p), _) => Ok(Config::from_yaml_file(p)?),
+        (None, Some(f)) if f.exists() => Ok(Config::from_yaml_file(f)?),
+        _ => Ok(Config::default()),
+    }
+}
+
+fn shape_spec(shape: &str, template: Option<PathBuf>) -> Result<ShapeSpec> {
+    let spec: ShapeSpec = shape.parse()?;
+    match (spec, template) {
+        (ShapeSpec::Template(_), Some(t)) => Ok(ShapeSpec::Template(Some(t))),
+        (_, Some(_)) => bail!("--template only applies to --shape template"),
+        (spec, None) => Ok(spec),
+    }
+}
+
+/// Runs the pipeline with a progress bar per stage.
+fn run(collection: &Path, shape: &ShapeSpec, config: &Config, out: &Path) -> Result<RunResult> {
+    let collection = Collection::load(collection)?;
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:>12} [{bar:40}] {percent:>3}% {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let stage = Mutex::new(String::new());
+    let progress = |name: &str, fraction: f32| {
+        if let Ok(mut s) = stage.lock() {
+            if *s != name {
+                *s = name.to_string();
+                bar.set_message(name.to_string());
+            }
+        }
+        bar.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
+    };
+    let result = congeal::congeal::run(&collection, shape, config, out, &progress);
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,254 @@
+//! Run configuration (serde/YAML). Profiles: `config/default.yaml` (the paper's settings),
+//! `config/fast.yaml` (CPU-friendly), `config/tiny.yaml` (smoke tests). Every field has a default, so
+//! a profile file only needs the values it changes.
+
+use std::path::Path;
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The whole configuration of a congealing run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Tensor device: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Canonical field built from a template mesh.
+    pub template: TemplateConfig,
+    /// Volume rendering settings shared by the stages.
+    pub render: RenderConfig,
+    /// Pose initialisation by exhaustive candidate search (Algorithm 1, lines 4-7).
+    pub pose_init: PoseInitConfig,
+    /// Pose refinement by gradient descent on the IoU loss (Algorithm 1, line 8).
+    pub pose_refine: PoseRefineConfig,
+    /// What `congeal run` writes besides result.json.
+    pub output: OutputConfig,
+}
+
+/// Template mesh -> canonical field.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Voxels along the longest side of the template's bbox.
+    pub resolution: usize,
+    /// Empty voxels kept around the mesh.
+    pub padding_voxels: usize,
+    /// Box-blur the occupancy once so the rendered silhouette has a smooth, differentiable edge.
+    pub smoothing: bool,
+    /// Optical thickness of one voxel of full occupancy (density = this / voxel size).
+    pub opacity_per_voxel: f32,
+}
+
+/// Volume rendering.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenderConfig {
+    /// Samples per ray between the ray's entry into and exit from the field's bbox.
+    pub samples_per_ray: usize,
+    /// Rays per chunk when rendering without gradients (bounds memory).
+    pub chunk_rays: usize,
+}
+
+/// Candidate scoring for pose initialisation.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PoseScore {
+    /// Soft IoU of the cropped silhouettes (`lambda_IoU = 1`).
+    Iou,
+    /// IoU plus a colour term (chromaticity of the cropped rendering vs the cropped image).
+    IouColour,
+}
+
+/// Pose initialisation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoseInitConfig {
+    /// Candidate fields of view (vertical, degrees).
+    pub fovs_deg: Vec<f64>,
+    /// Number of azimuths uniformly over [-180, 180).
+    pub azimuths: usize,
+    /// Number of elevations uniformly over [min, max] below.
+    pub elevations: usize,
+    /// Lowest candidate elevation, degrees.
+    pub elevation_min_deg: f64,
+    /// Highest candidate elevation, degrees.
+    pub elevation_max_deg: f64,
+    /// Candidate roll angles, degrees (the paper uses only 0).
+    pub rolls_deg: Vec<f64>,
+    /// Candidate renders are square, this many pixels.
+    pub render_size: u32,
+    /// Samples per ray for candidate renders.
+    pub samples_per_ray: usize,
+    /// Crops (candidate and input) are resampled to this square size before scoring.
+    pub score_size: u32,
+    /// Padding around the tight mask bbox, as a fraction of its longer side, on each side.
+    pub crop_margin: f64,
+    /// Use known intrinsics (collection K, camera_info) instead of searching the FoV.
+    pub use_known_intrinsics: bool,
+    /// Hypotheses per image carried into refinement (the best `top_k` candidates).
+    pub top_k: usize,
+    /// Scoring function.
+    pub score: PoseScore,
+    /// Weight of the colour term when `score` is `iou_colour`.
+    pub colour_weight: f32,
+}
+
+/// Pose refinement.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoseRefineConfig {
+    /// Total Adam iterations.
+    pub iterations: usize,
+    /// Iterations spent on all `top_k` hypotheses before keeping the best one per image.
+    pub hypothesis_iterations: usize,
+    /// Adam learning rate for the se(3) correction.
+    pub lr: f64,
+    /// Adam learning rate for the log focal length.
+    pub fov_lr: f64,
+    /// Rays per side of the square window rendered around each image's mask.
+    pub ray_grid: u32,
+    /// Padding of that window around the tight mask bbox (fraction of its longer side, each side).
+    pub crop_margin: f64,
+    /// Optimise the focal length (FoV) too; ignored for images with known intrinsics when
+    /// `pose_init.use_known_intrinsics` is set.
+    pub optimise_fov: bool,
+}
+
+/// Outputs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Write `nocs/NNN.png`.
+    pub nocs: bool,
+    /// Write overlays and a contact sheet.
+    pub overlays: bool,
+    /// Opacity of the rendered shape drawn over each image.
+    pub overlay_strength: f32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device: "cpu".into(),
+            template: TemplateConfig::default(),
+            render: RenderConfig::default(),
+            pose_init: PoseInitConfig::default(),
+            pose_refine: PoseRefineConfig::default(),
+            output: OutputConfig::default(),
+        }
+    }
+}
+
+impl Default for TemplateConfig {
+    fn default() -> Self {
+        Self { resolution: 96, padding_voxels: 2, smoothing: true, opacity_per_voxel: 4.0 }
+    }
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        Self { samples_per_ray: 96, chunk_rays: 32768 }
+    }
+}
+
+impl Default for PoseInitConfig {
+    fn default() -> Self {
+        Self {
+            fovs_deg: vec![15.0, 37.5, 60.0],
+            azimuths: 16,
+            elevations: 16,
+            elevation_min_deg: -90.0,
+            elevation_max_deg: 90.0,
+            rolls_deg: vec![0.0],
+            render_size: 64,
+            samples_per_ray: 64,
+            score_size: 32,
+            crop_margin: 0.05,
+            use_known_intrinsics: true,
+            top_k: 4,
+            score: PoseScore::Iou,
+            colour_weight: 0.5,
+        }
+    }
+}
+
+impl Default for PoseRefineConfig {
+    fn default() -> Self {
+        Self {
+            iterations: 1000,
+            hypothesis_iterations: 200,
+            lr: 1e-3,
+            fov_lr: 1e-3,
+            ray_grid: 64,
+            crop_margin: 0.15,
+            optimise_fov: true,
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self { nocs: true, overlays: true, overlay_strength: 0.5 }
+    }
+}
+
+impl Config {
+    /// Reads a YAML file; fields it leaves out keep their defaults.
+    pub fn from_yaml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: Config = serde_yaml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that would otherwise fail deep inside a stage.
+    pub fn validate(&self) -> Result<()> {
+        let p = &self.pose_init;
+        if p.fovs_deg.is_empty() || p.fovs_deg.iter().any(|f| !(f.is_finite() && *f > 1.0 && *f < 170.0)) {
+            return Err(Error::Config(format!("pose_init.fovs_deg must be non-empty, in (1, 170): {:?}", p.fovs_deg)));
+        }
+        if p.azimuths == 0 || p.elevations == 0 || p.rolls_deg.is_empty() {
+            return Err(Error::Config("pose_init needs at least one azimuth, elevation and roll".into()));
+        }
+        if p.render_size < 8 || p.score_size < 4 || p.top_k == 0 {
+            return Err(Error::Config("pose_init.render_size >= 8, score_size >= 4, top_k >= 1".into()));
+        }
+        if !(0.0..1.0).contains(&p.crop_margin) || !(0.0..1.0).contains(&self.pose_refine.crop_margin) {
+            return Err(Error::Config("crop margins must be in [0, 1)".into()));
+        }
+        if self.render.samples_per_ray < 2 || self.render.chunk_rays == 0 {
+            return Err(Error::Config("render.samples_per_ray >= 2 and chunk_rays >= 1".into()));
+        }
+        if self.template.resolution < 8 {
+            return Err(Error::Config("template.resolution must be >= 8".into()));
+        }
+        if self.pose_refine.ray_grid < 4 {
+            return Err(Error::Config("pose_refine.ray_grid must be >= 4".into()));
+        }
+        let r = &self.pose_refine;
+        if !(r.lr.is_finite() && r.lr >= 0.0 && r.fov_lr.is_finite() && r.fov_lr >= 0.0) {
+            return Err(Error::Config("pose_refine learning rates must be finite and >= 0".into()));
+        }
+        parse_device(&self.device).map(|_| ())
+    }
+
+    /// The candle device named by `device`.
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` into a candle device.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| Error::Config(format!("device `cuda`: {e}"))),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::new_cuda(n).map_err(|e| Error::Config(format!("device `{other}`: {e}"))),
+            _ => Err(Error::Config(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"))),
+        },
+    }
+}

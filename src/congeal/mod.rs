@@ -1,0 +1,8 @@
+//! Congealing proper: pose initialisation, pose refinement and the pipeline that chains the stages
+//! (paper Algorithm 1).
+
+pub mod pipeline;
+pub mod pose_init;
+pub mod pose_refine;
+
+pub use pipeline::{run, ProgressFn};

@@ -1,0 +1,341 @@
+//! Algorithm 1 as one readable function: shape -> candidate renders -> pose initialisation ->
+//! pose refinement -> outputs. The CLI and the ROS node both call [`run`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use nalgebra::{Isometry3, Translation3};
+use tracing::{info, warn};
+
+use crate::collection::{Collection, LoadedImage, SquareCrop};
+use crate::config::Config;
+use crate::congeal::pose_init::{self, InputView, PoseHypothesis};
+use crate::congeal::pose_refine::{refine_poses, RefineResult, RefineSettings, RefineTarget};
+use crate::error::{Error, Result};
+use crate::field::canonical::CanonicalField;
+use crate::field::render::{render_rays_host, CameraBatch, HostRendering, RenderWhat};
+use crate::geometry::se3::isometry_to_row_major;
+use crate::geometry::Intrinsics;
+use crate::output::result::{CandidateInfo, CanonicalInfo, ImageResult, RunResult, SkippedImage};
+use crate::shape::{build_shape, CanonicalShape, ShapeSpec};
+
+/// Receives progress: stage name and the fraction of that stage done (0..1).
+pub type ProgressFn<'a> = &'a (dyn Fn(&str, f32) + Sync);
+
+/// A progress sink that ignores everything.
+pub fn no_progress(_: &str, _: f32) {}
+
+/// An image that made it through loading, with everything the stages need.
+struct Prepared {
+    index: usize,
+    file: String,
+    image: LoadedImage,
+    view: InputView,
+}
+
+/// Poses of a set of images against a canonical shape (normalised frame), with their fit.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// camera_from_object per image, normalised object frame.
+    pub camera_from_object: Vec<Isometry3<f64>>,
+    /// Intrinsics per image.
+    pub intrinsics: Vec<Intrinsics>,
+    /// Final IoU per image.
+    pub iou: Vec<f32>,
+    /// The winning initial hypothesis per image.
+    pub init: Vec<PoseHypothesis>,
+    /// Candidate info of each winner.
+    pub init_info: Vec<CandidateInfo>,
+}
+
+/// Runs the whole pipeline on `collection` and writes the outputs into `out_dir`.
+pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir: &Path, progress: ProgressFn) -> Result<RunResult> {
+    config.validate()?;
+    let device = config.device()?;
+    let mut timings = BTreeMap::new();
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+
+    // Inputs: bad images are skipped with their reason, never fatal unless none is left.
+    let t = Instant::now();
+    let mut prepared = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, entry) in collection.images.iter().enumerate() {
+        let file = entry.rgb.to_string_lossy().to_string();
+        let loaded = collection.load_image(i).and_then(|image| {
+            let view = pose_init::input_view(&image.rgb, &image.mask, entry.intrinsics, &config.pose_init)?;
+            Ok((image, view))
+        });
+        match loaded {
+            Ok((image, view)) => prepared.push(Prepared { index: i, file, image, view }),
+            Err(e) => {
+                warn!("skipping {file}: {e}");
+                skipped.push(SkippedImage { file, reason: e.to_string() });
+            }
+        }
+        progress("load", (i + 1) as f32 / collection.images.len().max(1) as f32);
+    }
+    if prepared.is_empty() {
+        return Err(Error::Collection {
+            path: collection.root.clone(),
+            message: format!("no usable image ({} skipped)", skipped.len()),
+        });
+    }
+    timings.insert("load".to_string(), t.elapsed().as_secs_f64());
+
+    // Stage 2: canonical shape.
+    let t = Instant::now();
+    let shape_built: CanonicalShape = build_shape(shape, collection.template.as_deref(), config, &device)?;
+    progress("shape", 1.0);
+    timings.insert("shape".to_string(), t.elapsed().as_secs_f64());
+    info!("canonical field {:?} voxels in {:.1}s", shape_built.field.dims, t.elapsed().as_secs_f64());
+
+    // Stages 3-4: poses.
+    let views: Vec<InputView> = prepared.iter().map(|p| p.view.clone()).collect();
+    let masks: Vec<&image::GrayImage> = prepared.iter().map(|p| &p.image.mask).collect();
+    let registration = register(&shape_built.field, &views, &masks, config, progress, &mut timings)?;
+
+    // Stage 5 (this build: NOCS of the rendering at the refined pose) and outputs.
+    let t = Instant::now();
+    let field = &shape_built.field;
+    let mut images = Vec::with_capacity(prepared.len());
+    let mut overlays = Vec::new();
+    for (k, p) in prepared.iter().enumerate() {
+        let pose = registration.camera_from_object[k];
+        let intr = registration.intrinsics[k];
+        let nocs_file = format!("nocs/{:03}.png", p.index);
+        if config.output.nocs || config.output.overlays {
+            let window = render_window(&p.view, config.pose_refine.crop_margin)?;
+            let (rendering, rect) = render_full(field, &pose, &intr, &window, config)?;
+            if config.output.nocs {
+                let (w, h) = (intr.width, intr.height);
+                let mask: Vec<bool> = p.image.mask.pixels().map(|px| px.0[0] >= 128).collect();
+                let nocs = full_raster(&rendering.nocs, &rect, w, h, [0.0; 3]);
+                crate::output::write_nocs_png(&out_dir.join(&nocs_file), w, h, &nocs, &mask)?;
+            }
+            if config.output.overlays {
+                let (w, h) = (intr.width, intr.height);
+                let colour = full_raster(&rendering.colour, &rect, w, h, [0.0; 3]);
+                let alpha = full_raster(&rendering.opacity, &rect, w, h, 0.0);
+                let colour: Vec<[f32; 3]> = colour
+                    .iter()
+                    .zip(&alpha)
+                    .map(|(c, a)| if *a > 1e-3 { c.map(|v| (v / a).clamp(0.0, 1.0)) } else { [0.0; 3] })
+                    .collect();
+                let over = crate::output::overlay(&p.image.rgb, &colour, &alpha, config.output.overlay_strength);
+                crate::output::save_png(&over, &out_dir.join(format!("overlays/{:03}.png", p.index)))?;
+                overlays.push(over);
+            }
+        }
+        let canonical_pose = to_canonical_units(&pose, field.units_per_normalised);
+        images.push(ImageResult {
+            file: p.file.clone(),
+            camera_from_object: isometry_to_row_major(&canonical_pose),
+            k: intrinsics_rows(&intr),
+            fov_deg: intr.fov_y_deg(),
+            fov_deg_x: intr.fov_x_deg(),
+            score: registration.iou[k],
+            size: [intr.width, intr.height],
+            init: registration.init_info[k].clone(),
+            nocs: config.output.nocs.then(|| nocs_file.clone()),
+        });
+        progress("outputs", (k + 1) as f32 / prepared.len() as f32);
+    }
+    if !overlays.is_empty() {
+        let sheet = crate::output::contact_sheet(&overlays, 8, 160);
+        crate::output::save_png(&sheet, &out_dir.join("contact_sheet.png"))?;
+    }
+    let mesh = crate::field::field_mesh(field)?;
+    mesh.write_ply(&out_dir.join("canonical.ply"))?;
+    timings.insert("outputs".to_string(), t.elapsed().as_secs_f64());
+
+    let result = RunResult {
+        collection: collection.root.to_string_lossy().to_string(),
+        shape_source: shape.kind().to_string(),
+        canonical: CanonicalInfo { mesh: "canonical.ply".into(), bbox_min: shape_built.bbox.0, bbox_max: shape_built.bbox.1 },
+        images,
+        skipped,
+        timings_s: timings,
+    };
+    result.save(out_dir)?;
+    Ok(result)
+}
+
+/// Stages 3-4 for a set of prepared inputs: candidate search, then refinement of the `top_k`
+/// hypotheses, keeping the best fit per image, then refinement of the winners.
+pub fn register(
+    field: &CanonicalField,
+    views: &[InputView],
+    masks: &[&image::GrayImage],
+    config: &Config,
+    progress: ProgressFn,
+    timings: &mut BTreeMap<String, f64>,
+) -> Result<Registration> {
+    let t = Instant::now();
+    let set = pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?;
+    progress("pose_init", 0.5);
+    let hypotheses = pose_init::initialise_poses(&set, views, &config.pose_init)?;
+    progress("pose_init", 1.0);
+    timings.insert("pose_init".to_string(), t.elapsed().as_secs_f64());
+    info!("{} candidates rendered in {:.1}s", set.candidates.len(), set.render_seconds);
+
+    let t = Instant::now();
+    let rc = &config.pose_refine;
+    let targets: Vec<RefineTarget> = views
+        .iter()
+        .zip(masks)
+        .map(|(v, m)| {
+            let crop = SquareCrop::around(&v.bbox, rc.crop_margin, rc.ray_grid)?;
+            Ok(RefineTarget { mask: crop.resample_mask(m), crop })
+        })
+        .collect::<Result<_>>()?;
+    let free_focal: Vec<bool> = views
+        .iter()
+        .map(|v| rc.optimise_fov && !(config.pose_init.use_known_intrinsics && v.known_intrinsics.is_some()))
+        .collect();
+    let total_iters = rc.iterations.max(1);
+    let k = hypotheses.iter().map(Vec::len).max().unwrap_or(1);
+    let first_iters = if k > 1 { rc.hypothesis_iterations.min(total_iters) } else { 0 };
+    let settings = |iterations| RefineSettings {
+        iterations,
+        lr: rc.lr,
+        focal_lr: rc.fov_lr,
+        samples_per_ray: config.render.samples_per_ray,
+    };
+
+    // Phase A: every hypothesis of every image.
+    let mut chosen: Vec<PoseHypothesis> = hypotheses.iter().map(|h| h[0].clone()).collect();
+    let mut poses: Vec<Isometry3<f64>> = chosen.iter().map(|h| h.camera_from_object).collect();
+    let mut intrinsics: Vec<Intrinsics> = chosen.iter().map(|h| h.intrinsics).collect();
+    let mut iou: Vec<f32> = vec![0.0; views.len()];
+    if first_iters > 0 {
+        let mut owner = Vec::new();
+        let (mut p0, mut k0, mut tg, mut ff) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, hs) in hypotheses.iter().enumerate() {
+            for (j, h) in hs.iter().enumerate() {
+                owner.push((i, j));
+                p0.push(h.camera_from_object);
+                k0.push(h.intrinsics);
+                tg.push(targets[i].clone());
+                ff.push(free_focal[i]);
+            }
+        }
+        let result: RefineResult = refine_poses(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
+            progress("pose_refine", it as f32 / total_iters as f32)
+        })?;
+        let mut best = vec![f32::NEG_INFINITY; views.len()];
+        for (r, &(i, j)) in owner.iter().enumerate() {
+            if result.iou[r] > best[i] {
+                best[i] = result.iou[r];
+                poses[i] = result.camera_from_object[r];
+                intrinsics[i] = result.intrinsics[r];
+                chosen[i] = hypotheses[i][j].clone();
+                iou[i] = result.iou[r];
+            }
+        }
+    }
+    // Phase B: the winners.
+    let rest = total_iters - first_iters;
+    if rest > 0 {
+        let result = refine_poses(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
+            progress("pose_refine", (first_iters + it) as f32 / total_iters as f32)
+        })?;
+        poses = result.camera_from_object;
+        intrinsics = result.intrinsics;
+        iou = result.iou;
+    }
+    timings.insert("pose_refine".to_string(), t.elapsed().as_secs_f64());
+    let init_info = chosen
+        .iter()
+        .map(|h| {
+            let c = &set.candidates[h.candidate];
+            CandidateInfo { azimuth_deg: c.azimuth_deg, elevation_deg: c.elevation_deg, fov_deg: c.fov_deg, score: h.score }
+        })
+        .collect();
+    Ok(Registration { camera_from_object: poses, intrinsics, iou, init: chosen, init_info })
+}
+
+/// The square window around an input's mask that refinement and the output renders cover.
+fn render_window(view: &InputView, margin: f64) -> Result<SquareCrop> {
+    SquareCrop::around(&view.bbox, margin, view.crop.size)
+}
+
+/// An axis-aligned block of integer pixels `[x0, x1) x [y0, y1)`.
+#[derive(Clone, Copy, Debug)]
+struct PixelRect {
+    x0: u32,
+    y0: u32,
+    x1: u32,
+    y1: u32,
+}
+
+impl PixelRect {
+    /// The pixels of `window` that lie inside a `width` x `height` image.
+    fn of_window(window: &SquareCrop, width: u32, height: u32) -> Self {
+        let half = 0.5 * window.side;
+        let clip = |v: f64, hi: u32| v.max(0.0).min(hi as f64) as u32;
+        Self {
+            x0: clip((window.centre_x - half).floor(), width),
+            y0: clip((window.centre_y - half).floor(), height),
+            x1: clip((window.centre_x + half).ceil() + 1.0, width),
+            y1: clip((window.centre_y + half).ceil() + 1.0, height),
+        }
+    }
+
+    fn len(&self) -> usize {
+        ((self.x1 - self.x0) * (self.y1 - self.y0)) as usize
+    }
+}
+
+/// Places per-pixel values of `rect` into a full `width` x `height` raster filled with `fill`.
+fn full_raster<T: Copy>(values: &[T], rect: &PixelRect, width: u32, height: u32, fill: T) -> Vec<T> {
+    let mut out = vec![fill; (width * height) as usize];
+    let w = (rect.x1 - rect.x0) as usize;
+    if w == 0 {
+        return out;
+    }
+    for (row, chunk) in values.chunks(w).enumerate() {
+        let y = rect.y0 as usize + row;
+        if y >= height as usize {
+            break;
+        }
+        let start = y * width as usize + rect.x0 as usize;
+        out[start..start + chunk.len()].copy_from_slice(chunk);
+    }
+    out
+}
+
+/// Converts a normalised-frame pose to canonical units.
+fn to_canonical_units(pose: &Isometry3<f64>, units_per_normalised: f64) -> Isometry3<f64> {
+    Isometry3::from_parts(Translation3::from(pose.translation.vector * units_per_normalised), pose.rotation)
+}
+
+/// K as row-major rows.
+fn intrinsics_rows(k: &Intrinsics) -> [[f64; 3]; 3] {
+    [[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]]
+}
+
+/// Renders opacity, colour and NOCS for every integer pixel of `window` (clipped to the image).
+fn render_full(
+    field: &CanonicalField,
+    pose: &Isometry3<f64>,
+    intr: &Intrinsics,
+    window: &SquareCrop,
+    config: &Config,
+) -> Result<(HostRendering, PixelRect)> {
+    let rect = PixelRect::of_window(window, intr.width, intr.height);
+    let mut pixels = Vec::with_capacity(rect.len() * 2);
+    for y in rect.y0..rect.y1 {
+        for x in rect.x0..rect.x1 {
+            pixels.push(x as f32);
+            pixels.push(y as f32);
+        }
+    }
+    let device = field.device();
+    let cams = CameraBatch::from_poses(&[*pose], &[*intr], device)?;
+    let pixels = candle_core::Tensor::from_vec(pixels, (1, rect.len(), 2), device)?;
+    let rays = cams.rays(&pixels)?;
+    let what = RenderWhat { colour: true, depth: false, nocs: true };
+    let host = render_rays_host(field, &rays, config.render.samples_per_ray, what, config.render.chunk_rays)?;
+    Ok((host, rect))
+}

@@ -1,0 +1,359 @@
+//! Pose initialisation by analysis-by-synthesis (Algorithm 1, lines 4-7): render every candidate
+//! (FoV x azimuth x elevation [x roll]) once per collection, crop each rendering to its silhouette's
+//! tight bbox, and score it against each cropped input. The best `top_k` candidates of each image
+//! become pose hypotheses in the *original* image's pixels.
+
+use candle_core::Tensor;
+use image::GrayImage;
+use nalgebra::{Isometry3, Point2, Rotation3, Translation3, UnitQuaternion, Vector3};
+use rayon::prelude::*;
+
+use crate::collection::{mask_bbox, PixelBox, SquareCrop};
+use crate::config::{PoseInitConfig, PoseScore};
+use crate::error::{Error, Result};
+use crate::field::canonical::CanonicalField;
+use crate::field::render::{pixel_grid, render_rays_host, CameraBatch, RenderWhat};
+use crate::geometry::se3::orbit_camera_from_object;
+use crate::geometry::Intrinsics;
+
+/// Margin factor so a candidate's bounding sphere fits inside its frame.
+const FRAME_FIT: f64 = 1.1;
+
+/// One rendered candidate viewpoint.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// Azimuth about object +y, degrees (0 = camera on the +z side).
+    pub azimuth_deg: f64,
+    /// Elevation above the object's x-z plane, degrees.
+    pub elevation_deg: f64,
+    /// Roll about the optical axis, degrees.
+    pub roll_deg: f64,
+    /// Vertical (= horizontal, square render) field of view, degrees.
+    pub fov_deg: f64,
+    /// Index of `fov_deg` in the configured FoV list.
+    pub fov_group: usize,
+    /// Candidate camera, normalised object frame.
+    pub camera_from_object: Isometry3<f64>,
+    /// Candidate intrinsics (square render).
+    pub intrinsics: Intrinsics,
+    /// Square crop around the rendered silhouette, render pixels.
+    pub crop: SquareCrop,
+    /// Cropped silhouette resampled to `score_size^2`, in [0, 1].
+    pub silhouette: Vec<f32>,
+    /// Cropped colour resampled to `score_size^2`.
+    pub colour: Vec<[f32; 3]>,
+}
+
+/// All candidates of a collection, rendered once.
+#[derive(Clone, Debug)]
+pub struct CandidateSet {
+    /// The candidates (those whose silhouette is empty or clipped are dropped).
+    pub candidates: Vec<Candidate>,
+    /// Side of the square score raster.
+    pub score_size: u32,
+    /// Seconds spent rendering.
+    pub render_seconds: f64,
+}
+
+/// A cropped input image ready for scoring.
+#[derive(Clone, Debug)]
+pub struct InputView {
+    /// Image width, pixels.
+    pub width: u32,
+    /// Image height, pixels.
+    pub height: u32,
+    /// Tight bbox of the input mask, image pixels.
+    pub bbox: PixelBox,
+    /// Square crop around the input mask, image pixels.
+    pub crop: SquareCrop,
+    /// Cropped mask at `score_size^2`.
+    pub silhouette: Vec<f32>,
+    /// Cropped colour at `score_size^2`.
+    pub colour: Vec<[f32; 3]>,
+    /// Known intrinsics, when the collection or camera_info gives them.
+    pub known_intrinsics: Option<Intrinsics>,
+}
+
+/// A pose hypothesis for one image, in its original pixels.
+#[derive(Clone, Debug)]
+pub struct PoseHypothesis {
+    /// camera_from_object, normalised object frame.
+    pub camera_from_object: Isometry3<f64>,
+    /// Intrinsics of the original image (known, or estimated from the candidate's FoV).
+    pub intrinsics: Intrinsics,
+    /// Candidate score (higher is better).
+    pub score: f32,
+    /// Index of the candidate it came from.
+    pub candidate: usize,
+}
+
+/// Camera distance at which a shape of bounding radius `radius` fills a frame of `fov_deg`.
+pub fn candidate_radius(bounding_radius: f64, fov_deg: f64) -> f64 {
+    bounding_radius * FRAME_FIT / (0.5 * fov_deg.to_radians()).sin()
+}
+
+/// Renders every candidate of the grid in `cfg` once.
+pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_rays: usize) -> Result<CandidateSet> {
+    let start = std::time::Instant::now();
+    let size = cfg.render_size;
+    let mut specs = Vec::new();
+    for (g, &fov) in cfg.fovs_deg.iter().enumerate() {
+        let radius = candidate_radius(field.bounding_radius as f64, fov);
+        let intrinsics = Intrinsics::from_fov_y(fov, size, size)?;
+        for e in 0..cfg.elevations {
+            let elevation = if cfg.elevations == 1 {
+                0.5 * (cfg.elevation_min_deg + cfg.elevation_max_deg)
+            } else {
+                cfg.elevation_min_deg
+                    + (cfg.elevation_max_deg - cfg.elevation_min_deg) * e as f64 / (cfg.elevations - 1) as f64
+            };
+            for a in 0..cfg.azimuths {
+                let azimuth = -180.0 + 360.0 * a as f64 / cfg.azimuths as f64;
+                for &roll in &cfg.rolls_deg {
+                    let orbit = orbit_camera_from_object(azimuth, elevation, radius);
+                    let roll_rot = UnitQuaternion::from_axis_angle(&Vector3::z_axis(), roll.to_radians());
+                    let pose = Isometry3::from_parts(Translation3::identity(), roll_rot) * orbit;
+                    specs.push((azimuth, elevation, roll, fov, g, pose, intrinsics));
+                }
+            }
+        }
+    }
+    let device = field.device().clone();
+    let pixels_one = pixel_grid(size, size, &device)?;
+    let per_batch = (chunk_rays / (size * size) as usize).max(1);
+    let mut candidates = Vec::with_capacity(specs.len());
+    for batch in specs.chunks(per_batch) {
+        let poses: Vec<_> = batch.iter().map(|s| s.5).collect();
+        let intr: Vec<_> = batch.iter().map(|s| s.6).collect();
+        let cams = CameraBatch::from_poses(&poses, &intr, &device)?;
+        let pixels = pixels_one.broadcast_as((batch.len(), (size * size) as usize, 2))?.contiguous()?;
+        let rays = cams.rays(&pixels)?;
+        let what = RenderWhat { colour: cfg.score == PoseScore::IouColour, ..Default::default() };
+        let host = render_rays_host(field, &rays, cfg.samples_per_ray, what, chunk_rays)?;
+        let n_px = (size * size) as usize;
+        for (k, spec) in batch.iter().enumerate() {
+            let opacity = &host.opacity[k * n_px..(k + 1) * n_px];
+            let colour = if host.colour.is_empty() { &[][..] } else { &host.colour[k * n_px..(k + 1) * n_px] };
+            let Some((crop, silhouette, crop_colour)) = crop_rendering(opacity, colour, size, cfg) else {
+                continue;
+            };
+            candidates.push(Candidate {
+                azimuth_deg: spec.0,
+                elevation_deg: spec.1,
+                roll_deg: spec.2,
+                fov_deg: spec.3,
+                fov_group: spec.4,
+                camera_from_object: spec.5,
+                intrinsics: spec.6,
+                crop,
+                silhouette,
+                colour: crop_colour,
+            });
+        }
+    }
+    if candidates.is_empty() {
+        return Err(Error::Numerical("every candidate rendering was empty: is the field empty?".into()));
+    }
+    Ok(CandidateSet { candidates, score_size: cfg.score_size, render_seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Crops a square rendering (row-major opacity, optional colour) to its silhouette; `None` when the
+/// silhouette is empty or touches the frame (clipped).
+fn crop_rendering(
+    opacity: &[f32],
+    colour: &[[f32; 3]],
+    size: u32,
+    cfg: &PoseInitConfig,
+) -> Option<(SquareCrop, Vec<f32>, Vec<[f32; 3]>)> {
+    let mask = GrayImage::from_fn(size, size, |x, y| {
+        image::Luma([if opacity[(y * size + x) as usize] >= 0.5 { 255 } else { 0 }])
+    });
+    let bbox = mask_bbox(&mask)?;
+    let last = (size - 1) as f64;
+    if bbox.x_min <= 0.0 || bbox.y_min <= 0.0 || bbox.x_max >= last || bbox.y_max >= last {
+        return None;
+    }
+    let crop = SquareCrop::around(&bbox, cfg.crop_margin, cfg.score_size).ok()?;
+    let silhouette = crop.resample_mask(&mask);
+    let crop_colour = if colour.is_empty() {
+        Vec::new()
+    } else {
+        let rgb = image::RgbImage::from_fn(size, size, |x, y| {
+            let c = colour[(y * size + x) as usize];
+            let a = opacity[(y * size + x) as usize].max(1e-4);
+            image::Rgb(c.map(|v| ((v / a).clamp(0.0, 1.0) * 255.0).round() as u8))
+        });
+        crop.resample_rgb(&rgb)
+    };
+    Some((crop, silhouette, crop_colour))
+}
+
+/// Prepares an input image (its binary mask and colours) for scoring.
+pub fn input_view(
+    rgb: &image::RgbImage,
+    mask: &GrayImage,
+    known_intrinsics: Option<Intrinsics>,
+    cfg: &PoseInitConfig,
+) -> Result<InputView> {
+    let bbox = mask_bbox(mask)
+        .ok_or_else(|| Error::Mask { path: "<input>".into(), message: "mask is empty".into() })?;
+    let crop = SquareCrop::around(&bbox, cfg.crop_margin, cfg.score_size)?;
+    let colour = if cfg.score == PoseScore::IouColour { crop.resample_rgb(rgb) } else { Vec::new() };
+    Ok(InputView {
+        width: mask.width(),
+        height: mask.height(),
+        silhouette: crop.resample_mask(mask),
+        colour,
+        bbox,
+        crop,
+        known_intrinsics,
+    })
+}
+
+/// Soft IoU of two equally sized rasters in [0, 1].
+pub fn soft_iou(a: &[f32], b: &[f32]) -> f32 {
+    let (mut inter, mut sum) = (0.0f32, 0.0f32);
+    for (x, y) in a.iter().zip(b) {
+        inter += x * y;
+        sum += x + y;
+    }
+    let union = sum - inter;
+    if union <= 0.0 {
+        0.0
+    } else {
+        inter / union
+    }
+}
+
+/// Mean chromaticity distance over pixels inside both silhouettes (0 = same hue everywhere).
+fn colour_distance(sil_a: &[f32], col_a: &[[f32; 3]], sil_b: &[f32], col_b: &[[f32; 3]]) -> f32 {
+    let chroma = |c: &[f32; 3]| {
+        let s = c[0] + c[1] + c[2] + 1e-3;
+        [c[0] / s, c[1] / s]
+    };
+    let (mut total, mut count) = (0.0f32, 0.0f32);
+    for i in 0..sil_a.len().min(sil_b.len()).min(col_a.len()).min(col_b.len()) {
+        if sil_a[i] > 0.5 && sil_b[i] > 0.5 {
+            let (p, q) = (chroma(&col_a[i]), chroma(&col_b[i]));
+            total += (p[0] - q[0]).abs() + (p[1] - q[1]).abs();
+            count += 1.0;
+        }
+    }
+    if count == 0.0 {
+        1.0
+    } else {
+        total / count
+    }
+}
+
+/// Scores one input against one candidate (higher is better).
+pub fn score(input: &InputView, cand: &Candidate, cfg: &PoseInitConfig) -> f32 {
+    let iou = soft_iou(&input.silhouette, &cand.silhouette);
+    match cfg.score {
+        PoseScore::Iou => iou,
+        PoseScore::IouColour => {
+            iou - cfg.colour_weight * colour_distance(&input.silhouette, &input.colour, &cand.silhouette, &cand.colour)
+        }
+    }
+}
+
+/// The best `cfg.top_k` pose hypotheses of each input, best first.
+pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInitConfig) -> Result<Vec<Vec<PoseHypothesis>>> {
+    inputs
+        .par_iter()
+        .map(|input| {
+            let group = match (cfg.use_known_intrinsics, input.known_intrinsics) {
+                (true, Some(k)) => Some(best_fov_group(set, input, &k, cfg.fovs_deg.len())),
+                _ => None,
+            };
+            let mut scored: Vec<(f32, usize)> = set
+                .candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| group.is_none_or(|g| c.fov_group == g))
+                .map(|(i, c)| (score(input, c, cfg), i))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            scored
+                .iter()
+                .take(cfg.top_k)
+                .map(|&(s, i)| {
+                    let known = if cfg.use_known_intrinsics { input.known_intrinsics } else { None };
+                    let (pose, intrinsics) = pose_from_candidate(&set.candidates[i], input, known)?;
+                    Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, candidate: i })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The FoV group whose candidates subtend the angle closest to the input's crop under known `k`,
+/// so perspective distortion matches.
+fn best_fov_group(set: &CandidateSet, input: &InputView, k: &Intrinsics, groups: usize) -> usize {
+    let input_angle = input.crop.side / (0.5 * (k.fx + k.fy));
+    let mut best = (f64::INFINITY, 0);
+    for g in 0..groups {
+        let angles: Vec<f64> = set
+            .candidates
+            .iter()
+            .filter(|c| c.fov_group == g)
+            .map(|c| c.crop.side / c.intrinsics.fx)
+            .collect();
+        if angles.is_empty() {
+            continue;
+        }
+        let mean = angles.iter().sum::<f64>() / angles.len() as f64;
+        let d = (mean / input_angle).ln().abs();
+        if d < best.0 {
+            best = (d, g);
+        }
+    }
+    best.1
+}
+
+/// Maps a candidate's crop onto an input's crop: the object's origin lands where the crops say,
+/// its distance keeps the angular size (from known intrinsics) or the candidate's perspective
+/// (estimating the focal length), and the camera turns so the object is seen along the same ray.
+pub fn pose_from_candidate(
+    cand: &Candidate,
+    input: &InputView,
+    known: Option<Intrinsics>,
+) -> Result<(Isometry3<f64>, Intrinsics)> {
+    let radius = cand.camera_from_object.translation.vector.norm();
+    let scale = input.crop.side / cand.crop.side; // input px per render px
+    let origin_render = cand
+        .intrinsics
+        .project(&(cand.camera_from_object * nalgebra::Point3::origin()))
+        .ok_or_else(|| Error::Numerical("candidate origin behind camera".into()))?;
+    let in_crop = cand.crop.crop_from_image(origin_render);
+    let origin_image: Point2<f64> = input.crop.image_from_crop(in_crop);
+    let intrinsics = match known {
+        Some(k) => k,
+        None => {
+            let f = cand.intrinsics.fx * scale;
+            let fov = 2.0 * (0.5 * input.height as f64 / f).atan().to_degrees();
+            Intrinsics::from_fov_y(fov, input.width, input.height)?
+        }
+    };
+    let f_input = 0.5 * (intrinsics.fx + intrinsics.fy);
+    // Same angular size: radius * (crop side / f) must match.
+    let distance = radius * (cand.crop.side / cand.intrinsics.fx) / (input.crop.side / f_input);
+    let ray = intrinsics.ray_direction(&origin_image).normalize();
+    let align = Rotation3::rotation_between(&Vector3::z(), &ray).unwrap_or_else(Rotation3::identity);
+    let rotation = align * cand.camera_from_object.rotation.to_rotation_matrix();
+    let pose = Isometry3::from_parts(
+        Translation3::from(ray * distance),
+        UnitQuaternion::from_rotation_matrix(&rotation),
+    );
+    if !pose.to_homogeneous().iter().all(|v| v.is_finite()) {
+        return Err(Error::Numerical("pose from candidate is not finite".into()));
+    }
+    Ok((pose, intrinsics))
+}
+
+/// Helper for tests and benchmarks: a `[1, M, 2]` pixel tensor of a crop's sample points.
+pub fn crop_pixels(crop: &SquareCrop, device: &candle_core::Device) -> Result<Tensor> {
+    let pts = crop.sample_pixels();
+    let flat: Vec<f32> = pts.iter().flat_map(|p| [p.x as f32, p.y as f32]).collect();
+    Ok(Tensor::from_vec(flat, (1, pts.len(), 2), device)?)
+}

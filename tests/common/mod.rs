@@ -1,0 +1,71 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use congeal::field::canonical::CanonicalField;
+use congeal::field::voxel::VoxelGrid;
+
+/// A solid sphere of `radius` (canonical units) voxelised analytically on an `n`^3 grid spanning
+/// [-half, half]^3, with a soft one-voxel edge, coloured by position.
+pub fn sphere_field(radius: f32, half: f32, n: usize, opacity_per_voxel: f32) -> CanonicalField {
+    let voxel = 2.0 * half / n as f32;
+    let mut occupancy = Vec::with_capacity(n * n * n);
+    let mut colors = Vec::with_capacity(n * n * n);
+    for z in 0..n {
+        for y in 0..n {
+            for x in 0..n {
+                let c = [x, y, z].map(|i| -half + (i as f32 + 0.5) * voxel);
+                let r = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]).sqrt();
+                occupancy.push(((radius - r) / voxel + 0.5).clamp(0.0, 1.0));
+                colors.push([0.5 + 0.5 * c[0] / half, 0.5 + 0.5 * c[1] / half, 0.5 + 0.5 * c[2] / half]);
+            }
+        }
+    }
+    let grid = VoxelGrid { dims: [n, n, n], bbox_min: [-half; 3], bbox_max: [half; 3], occupancy, colors };
+    CanonicalField::from_voxels(&grid, ([-radius; 3], [radius; 3]), opacity_per_voxel, &Device::Cpu).unwrap()
+}
+
+/// The shared evaluation data (`../shared/data/collections/NAME`) when present.
+pub fn shared_collection(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/collections").join(name);
+    p.join("collection.json").exists().then_some(p)
+}
+
+/// The demo collection shipped in the repo.
+pub fn demo_collection() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/duck")
+}
+
+/// An asymmetric shape (a block with a tall post at one corner and a bump on its front), voxelised
+/// analytically on an `n`^3 grid over [-0.5, 0.5]^3 with soft edges. No rotation maps it onto itself.
+pub fn asymmetric_field(n: usize) -> CanonicalField {
+    let half = 0.5f32;
+    let voxel = 2.0 * half / n as f32;
+    // Axis-aligned boxes (min, max).
+    let boxes = [
+        ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]), // base slab
+        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),         // post at +x, -z, tall
+        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),       // bump at -x, front
+    ];
+    let mut occupancy = Vec::with_capacity(n * n * n);
+    let mut colors = Vec::with_capacity(n * n * n);
+    for z in 0..n {
+        for y in 0..n {
+            for x in 0..n {
+                let c = [x, y, z].map(|i| -half + (i as f32 + 0.5) * voxel);
+                let mut occ = 0.0f32;
+                for (lo, hi) in &boxes {
+                    // Signed distance to the box (negative inside), Chebyshev-style.
+                    let d = (0..3).map(|a| (lo[a] - c[a]).max(c[a] - hi[a])).fold(f32::NEG_INFINITY, f32::max);
+                    occ = occ.max((0.5 - d / voxel).clamp(0.0, 1.0));
+                }
+                occupancy.push(occ);
+                colors.push([0.2 + 0.6 * (c[0] + 0.5), 0.5, 0.2 + 0.6 * (c[2] + 0.5)]);
+            }
+        }
+    }
+    let grid = VoxelGrid { dims: [n, n, n], bbox_min: [-half; 3], bbox_max: [half; 3], occupancy, colors };
+    CanonicalField::from_voxels(&grid, ([-0.35, -0.15, -0.25], [0.35, 0.42, 0.42]), 4.0, &Device::Cpu).unwrap()
+}

@@ -1,0 +1,112 @@
+//! Bad input gives clear errors; bad images are skipped with their reason, never fatal while
+//! good ones remain.
+
+mod common;
+
+use std::path::Path;
+
+use congeal::collection::Collection;
+use congeal::config::Config;
+use congeal::congeal::pipeline::{no_progress, run};
+use congeal::shape::ShapeSpec;
+
+fn demo_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::demo_collection();
+    for sub in ["", "rgb", "mask", "nocs"] {
+        let from = src.join(sub);
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+fn tiny() -> Config {
+    Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tiny.yaml")).unwrap()
+}
+
+#[test]
+fn bad_images_are_skipped_with_their_reason() {
+    let dir = demo_copy();
+    let p = dir.path();
+    std::fs::write(p.join("rgb/000.png"), b"definitely not a png").unwrap(); // corrupt
+    std::fs::remove_file(p.join("rgb/005.png")).unwrap(); // missing
+    image::GrayImage::new(10, 10).save(p.join("mask/010.png")).unwrap(); // wrong size
+    image::GrayImage::new(256, 256).save(p.join("mask/015.png")).unwrap(); // empty (if 256x256)
+    let collection = Collection::load(p).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let result = run(&collection, &ShapeSpec::Template(None), &tiny(), out.path(), &no_progress).unwrap();
+    let reason = |f: &str| result.skipped.iter().find(|s| s.file == f).map(|s| s.reason.clone());
+    let r0 = reason("rgb/000.png").expect("corrupt image skipped");
+    assert!(r0.contains("000.png"), "{r0}");
+    let r5 = reason("rgb/005.png").expect("missing image skipped");
+    assert!(r5.contains("005.png"), "{r5}");
+    let r10 = reason("rgb/010.png").expect("wrong-size mask skipped");
+    assert!(r10.contains("10x10") || r10.contains("size"), "{r10}");
+    let r15 = reason("rgb/015.png").expect("empty/wrong mask skipped");
+    assert!(r15.contains("mask"), "{r15}");
+    assert_eq!(result.images.len() + result.skipped.len(), collection.images.len());
+    assert_eq!(result.images.len(), collection.images.len() - 4);
+    for im in &result.images {
+        assert!(im.camera_from_object.iter().flatten().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn no_usable_image_is_an_error() {
+    let dir = demo_copy();
+    for e in std::fs::read_dir(dir.path().join("mask")).unwrap() {
+        image::GrayImage::new(4, 4).save(e.unwrap().path()).unwrap();
+    }
+    let collection = Collection::load(dir.path()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = run(&collection, &ShapeSpec::Template(None), &tiny(), out.path(), &no_progress).unwrap_err();
+    assert!(err.to_string().contains("no usable image"), "{err}");
+}
+
+#[test]
+fn collection_json_missing_field_names_it() {
+    let dir = demo_copy();
+    let path = dir.path().join("collection.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["images"][1].as_object_mut().unwrap().remove("camera_from_object");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let err = Collection::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("camera_from_object") && err.contains("collection.json"), "{err}");
+}
+
+#[test]
+fn missing_template_and_unknown_sources_are_clear_errors() {
+    let dir = demo_copy();
+    std::fs::remove_file(dir.path().join("template.obj")).unwrap();
+    let collection = Collection::load(dir.path()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = run(&collection, &ShapeSpec::Template(None), &tiny(), out.path(), &no_progress).unwrap_err();
+    assert!(err.to_string().contains("template"), "{err}");
+    let bad = ShapeSpec::Template(Some(dir.path().join("nope.obj")));
+    let err = run(&collection, &bad, &tiny(), out.path(), &no_progress).unwrap_err();
+    assert!(err.to_string().contains("nope.obj"), "{err}");
+    assert!("splines".parse::<ShapeSpec>().is_err());
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.yaml");
+    std::fs::write(&p, "pose_init:\n  azimuthz: 3\n").unwrap();
+    let err = Config::from_yaml_file(&p).unwrap_err().to_string();
+    assert!(err.contains("azimuthz"), "{err}");
+    std::fs::write(&p, "device: tpu\n").unwrap();
+    let err = Config::from_yaml_file(&p).unwrap_err().to_string();
+    assert!(err.contains("tpu"), "{err}");
+    std::fs::write(&p, "pose_refine:\n  lr: .nan\n").unwrap();
+    assert!(Config::from_yaml_file(&p).is_err());
+    for profile in ["default", "fast", "tiny"] {
+        Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{profile}.yaml"))).unwrap();
+    }
+}
