@@ -59,6 +59,7 @@ fn known_poses_are_recovered() {
     let mask_refs: Vec<&GrayImage> = masks.iter().collect();
     let mut timings = BTreeMap::new();
     let reg = register(&field, &inputs, &mask_refs, &config, &no_progress, &mut timings).unwrap();
+    let mut errors = Vec::new();
     for (i, (pose, _)) in truths.iter().enumerate() {
         let err = rotation_error_deg(
             &reg.camera_from_object[i].rotation.to_rotation_matrix(),
@@ -67,8 +68,11 @@ fn known_poses_are_recovered() {
         let t_err = (reg.camera_from_object[i].translation.vector - pose.translation.vector).norm()
             / pose.translation.vector.norm();
         eprintln!("view {i}: rotation error {err:.2} deg, relative translation error {t_err:.3}, IoU {:.3}", reg.iou[i]);
-        assert!(err < 6.0, "view {i}: rotation error {err} deg");
-        assert!(t_err < 0.05, "view {i}: relative translation error {t_err}");
-        assert!(reg.iou[i] > 0.9, "view {i}: IoU {}", reg.iou[i]);
+        errors.push((err, t_err, reg.iou[i]));
+    }
+    for (i, (err, t_err, iou)) in errors.iter().enumerate() {
+        assert!(*err < 3.0, "view {i}: rotation error {err} deg");
+        assert!(*t_err < 0.05, "view {i}: relative translation error {t_err}");
+        assert!(*iou > 0.9, "view {i}: IoU {iou}");
     }
 }

@@ -110,7 +110,7 @@ fn iou_loss(field: &congeal::field::canonical::CanonicalField, xi: &Tensor, log_
     let mask = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
     let cams = corrected_cameras(&[pose], &[k], xi, log_f, &mask).unwrap();
     let rays = cams.rays(&pixel_grid(32, 32, &Device::Cpu).unwrap()).unwrap();
-    let opacity = render_rays(field, &rays, 96, RenderWhat::default()).unwrap().opacity.reshape((1, 1024)).unwrap();
+    let opacity = render_rays(field, &rays, 384, RenderWhat::default()).unwrap().opacity.reshape((1, 1024)).unwrap();
     soft_iou_batch(&opacity, target).unwrap().affine(-1.0, 1.0).unwrap().mean_all().unwrap()
 }
 
@@ -138,7 +138,9 @@ fn renderer_gradients_match_finite_differences() {
         let lf = Tensor::from_vec(vec![f], 1, &Device::Cpu).unwrap();
         iou_loss(&field, &xi, &lf, &target).to_scalar::<f32>().unwrap() as f64
     };
-    let h = 2e-3;
+    // Trilinear interpolation is piecewise linear, so the loss has kinks at the scale of a voxel
+    // crossing: a small step is needed for the difference quotient to see the local derivative.
+    let h = 2.5e-4;
     let mut max_rel = 0.0f64;
     for j in 0..6 {
         let (mut plus, mut minus) = (xi0, xi0);
@@ -146,13 +148,95 @@ fn renderer_gradients_match_finite_differences() {
         minus[j] -= h;
         let fd = (eval(plus, 0.02) - eval(minus, 0.02)) / (2.0 * h);
         let rel = (fd - g_xi[j]).abs() / (fd.abs().max(g_xi[j].abs()).max(0.02));
-        assert!(rel < 0.1, "d loss / d xi[{j}]: autograd {} vs finite difference {fd}", g_xi[j]);
+        assert!(rel < 0.05, "d loss / d xi[{j}]: autograd {} vs finite difference {fd}", g_xi[j]);
         max_rel = max_rel.max(rel);
     }
-    let hf = 2e-3f32;
+    let hf = 2.5e-4f32;
     let fd_f = (eval(xi0, 0.02 + hf) - eval(xi0, 0.02 - hf)) / (2.0 * hf as f64);
     let rel = (fd_f - g_f).abs() / fd_f.abs().max(g_f.abs()).max(0.02);
-    assert!(rel < 0.1, "d loss / d log focal: autograd {g_f} vs finite difference {fd_f}");
+    assert!(rel < 0.05, "d loss / d log focal: autograd {g_f} vs finite difference {fd_f}");
     assert!(g_xi.iter().map(|v| v.abs()).fold(0.0, f64::max) > 1e-3, "gradient vanished: {g_xi:?}");
     eprintln!("max relative gradient error {max_rel:.4}");
+}
+
+#[test]
+fn se3_exp_batch_gradient_matches_finite_differences() {
+    let xi0 = [0.03, -0.02, 0.01, 0.02, 0.01, -0.03, 0.4, 0.9, -0.7, 0.1, 0.2, 0.3];
+    let weights: Vec<f64> = (0..24).map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.4).collect();
+    let w = Tensor::from_vec(weights, (2, 12), &Device::Cpu).unwrap();
+    let f = |xi: &Tensor| -> Tensor {
+        let (r, v) = se3_exp_batch(xi).unwrap();
+        let t = v.matmul(&xi.narrow(1, 3, 3).unwrap().unsqueeze(2).unwrap()).unwrap().squeeze(2).unwrap();
+        let flat = Tensor::cat(&[r.reshape((2, 9)).unwrap(), t], 1).unwrap();
+        (flat * &w).unwrap().sum_all().unwrap()
+    };
+    let xi = Var::from_vec(xi0.to_vec(), (2, 6), &Device::Cpu).unwrap();
+    let g = f(xi.as_tensor()).backward().unwrap();
+    let g = g.get(xi.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for j in 0..12 {
+        let h = 1e-6;
+        let (mut p, mut m) = (xi0, xi0);
+        p[j] += h;
+        m[j] -= h;
+        let fp = f(&Tensor::from_vec(p.to_vec(), (2, 6), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap();
+        let fm = f(&Tensor::from_vec(m.to_vec(), (2, 6), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap();
+        let fd = (fp - fm) / (2.0 * h);
+        assert!((fd - g[j]).abs() < 1e-6 * fd.abs().max(1.0), "param {j}: autograd {} fd {fd}", g[j]);
+    }
+}
+
+#[test]
+fn fused_cpu_renderer_matches_tensor_renderer() {
+    use congeal::field::render::render_rays_tensor;
+    let field = common::asymmetric_field(40);
+    assert!(field.host.is_some(), "CPU fields carry the fused renderer");
+    let k = Intrinsics::from_fov_y(45.0, 40, 30).unwrap();
+    let pose = orbit_camera_from_object(-70.0, 25.0, 1.9);
+    let cams = CameraBatch::from_poses(&[pose], &[k], &Device::Cpu).unwrap();
+    let rays = cams.rays(&pixel_grid(40, 30, &Device::Cpu).unwrap()).unwrap();
+    // Values: opacity, colour, depth, NOCS.
+    let what = RenderWhat { colour: true, depth: true, nocs: true };
+    let fused = render_rays_host(&field, &rays, 64, what, 4096).unwrap();
+    let tensor = render_rays_tensor(&field, &rays, 64, what).unwrap();
+    let op = tensor.opacity.to_vec1::<f32>().unwrap();
+    let col = tensor.colour.unwrap().to_vec2::<f32>().unwrap();
+    let noc = tensor.nocs.unwrap().to_vec2::<f32>().unwrap();
+    let mut hits = 0;
+    for i in 0..op.len() {
+        assert!((fused.opacity[i] - op[i]).abs() < 1e-4, "opacity {i}: {} vs {}", fused.opacity[i], op[i]);
+        if op[i] > 0.5 {
+            hits += 1;
+            for a in 0..3 {
+                assert!((fused.colour[i][a] - col[i][a]).abs() < 1e-4, "colour {i}");
+                assert!((fused.nocs[i][a] - (noc[i][a] / op[i]).clamp(0.0, 1.0)).abs() < 1e-3, "nocs {i}");
+            }
+        }
+    }
+    assert!(hits > 100, "only {hits} rays hit");
+    // Gradients of a weighted opacity sum with respect to origins and directions.
+    let o = Var::from_tensor(&rays.origins).unwrap();
+    let d = Var::from_tensor(&rays.directions).unwrap();
+    let n = op.len();
+    let weights: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.3).collect();
+    let w = Tensor::from_vec(weights, n, &Device::Cpu).unwrap();
+    let grads = |fused: bool| {
+        let r = congeal::field::render::Rays { origins: o.as_tensor().clone(), directions: d.as_tensor().clone() };
+        let out = if fused {
+            congeal::field::render::render_rays(&field, &r, 64, RenderWhat::default()).unwrap()
+        } else {
+            render_rays_tensor(&field, &r, 64, RenderWhat::default()).unwrap()
+        };
+        let g = (out.opacity * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let go = g.get(o.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gd = g.get(d.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (go, gd)
+    };
+    let (fo, fd) = grads(true);
+    let (to, td) = grads(false);
+    let scale = to.iter().chain(&td).map(|v| v.abs()).fold(0.0f32, f32::max);
+    assert!(scale > 1e-3, "gradients vanished");
+    for i in 0..fo.len() {
+        assert!((fo[i] - to[i]).abs() < 1e-3 * scale, "d/d origin {i}: fused {} tensor {}", fo[i], to[i]);
+        assert!((fd[i] - td[i]).abs() < 1e-3 * scale, "d/d direction {i}: fused {} tensor {}", fd[i], td[i]);
+    }
 }

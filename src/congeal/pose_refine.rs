@@ -1,7 +1,14 @@
-//! Pose refinement (Algorithm 1, line 8): per image an se(3) correction (BARF-style, left-multiplied:
-//! `camera_from_object = exp(xi) * initial`) and a log focal-length offset, optimised together for
-//! all images in one batch with Adam on the IoU loss between the rendered opacity and the input mask
-//! (`lambda_zeta = 0`, `lambda_IoU = 1`).
+//! Pose refinement (Algorithm 1, line 8): per image an se(3) correction and a log focal-length
+//! offset, optimised together for all images in one batch with Adam on the IoU loss between the
+//! rendered opacity and the input mask (`lambda_zeta = 0`, `lambda_IoU = 1`).
+//!
+//! The correction is left-multiplied as in BARF, but pivoted at the object's origin instead of the
+//! camera centre: `camera_from_object = P exp(xi) P^-1 initial` with `P` the translation to the
+//! initial object position `t0`, i.e. `R = exp(w) R0`, `t = t0 + V(w) v`, and `v` is measured in
+//! units of the camera distance `|t0|`. About the camera centre, orbiting the object (the main
+//! correction after the candidate grid) needs rotation and translation to move together by a factor
+//! of the camera distance, which Adam's per-parameter steps follow very slowly; about the object it
+//! is the rotation alone, and image-plane shift, scale and orientation decouple.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -100,7 +107,8 @@ fn skew_batch(w: &Tensor) -> Result<Tensor> {
     Ok(Tensor::stack(&rows, 1)?.reshape((n, 3, 3))?)
 }
 
-/// The cameras `exp(xi) * initial` with focal `f0 * exp(log_focal * focal_mask)`, as a differentiable batch.
+/// The cameras `P exp(xi) P^-1 initial` (pivot `P` at the object, `v` in units of the camera
+/// distance) with focal `f0 * exp(log_focal * focal_mask)`, as a differentiable batch.
 pub fn corrected_cameras(
     initial: &[Isometry3<f64>],
     intrinsics: &[Intrinsics],
@@ -112,16 +120,20 @@ pub fn corrected_cameras(
     let n = initial.len();
     let mut r0 = Vec::with_capacity(n * 9);
     let mut t0 = Vec::with_capacity(n * 3);
+    let mut dist = Vec::with_capacity(n);
     for pose in initial {
         let r = pose.rotation.to_rotation_matrix();
         r0.extend((0..3).flat_map(|i| (0..3).map(move |j| r[(i, j)])));
         t0.extend(pose.translation.vector.iter().copied());
+        dist.push(pose.translation.vector.norm().max(1e-6));
     }
     let r0 = Tensor::from_vec(r0, (n, 3, 3), device)?.to_dtype(xi.dtype())?;
-    let t0 = Tensor::from_vec(t0, (n, 3, 1), device)?.to_dtype(xi.dtype())?;
+    let t0 = Tensor::from_vec(t0, (n, 3), device)?.to_dtype(xi.dtype())?;
+    let dist = Tensor::from_vec(dist, (n, 1), device)?.to_dtype(xi.dtype())?;
     let (dr, v) = se3_exp_batch(xi)?;
     let rotation = dr.matmul(&r0)?;
-    let trans = (dr.matmul(&t0)? + v.matmul(&xi.narrow(1, 3, 3)?.unsqueeze(2)?)?)?.squeeze(2)?;
+    let shift = v.matmul(&xi.narrow(1, 3, 3)?.unsqueeze(2)?)?.squeeze(2)?;
+    let trans = (t0 + shift.broadcast_mul(&dist)?)?;
     let f0: Vec<f32> = intrinsics.iter().map(|k| (0.5 * (k.fx + k.fy)) as f32).collect();
     let f0 = Tensor::from_vec(f0, n, device)?;
     let focal = (f0 * (log_focal * focal_mask)?.exp()?)?;

@@ -11,7 +11,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::field::fused::HostGrid;
 use crate::field::voxel::VoxelGrid;
+use std::sync::Arc;
 
 /// Density, colour and NOCS bbox of the canonical shape, as tensors on a device.
 #[derive(Clone, Debug)]
@@ -36,6 +38,9 @@ pub struct CanonicalField {
     pub bounding_radius: f32,
     /// Density of a fully occupied voxel (occupancy = density / this).
     pub density_per_occupancy: f32,
+    /// Host copy of a frozen grid on the CPU device: enables the fused ray marcher. `None` for
+    /// trainable grids and other devices (the generic tensor renderer is used then).
+    pub host: Option<Arc<HostGrid>>,
 }
 
 impl CanonicalField {
@@ -91,7 +96,7 @@ impl CanonicalField {
         if radius == 0.0 {
             return Err(Error::InvalidInput("voxel grid is empty (no occupied voxel)".into()));
         }
-        Ok(Self {
+        Self {
             dims: grid.dims,
             grid_min,
             grid_max,
@@ -102,7 +107,17 @@ impl CanonicalField {
             units_per_normalised: extent as f64,
             bounding_radius: radius + voxel * 0.87,
             density_per_occupancy: density_scale,
-        })
+            host: None,
+        }
+        .with_host_copy()
+    }
+
+    /// Attaches the host copy used by the fused CPU renderer when the field lives on the CPU.
+    fn with_host_copy(mut self) -> Result<Self> {
+        if self.device().is_cpu() {
+            self.host = Some(Arc::new(HostGrid::from_field(&self)?));
+        }
+        Ok(self)
     }
 
     /// Size of one (cubic) voxel, normalised units.

@@ -2,6 +2,7 @@
 //! renderer, meshes in and out, and marching cubes.
 
 pub mod canonical;
+pub mod fused;
 pub mod marching_cubes;
 pub mod mesh;
 pub mod render;

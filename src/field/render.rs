@@ -6,11 +6,12 @@
 //! and the sample spacing are treated as constants (detached); the sample *positions* are not, which
 //! is what carries the gradient with respect to the camera.
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use nalgebra::Isometry3;
 
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
+use crate::field::fused::FusedOpacity;
 use crate::geometry::Intrinsics;
 
 /// A batch of rays in the normalised object frame.
@@ -125,10 +126,21 @@ pub struct Rendering {
 /// Renders `rays` through `field` with `samples` samples per ray spread evenly over the part of
 /// each ray inside the field's grid bbox.
 pub fn render_rays(field: &CanonicalField, rays: &Rays, samples: usize, what: RenderWhat) -> Result<Rendering> {
-    let r = rays.origins.dims2()?.0;
+    rays.origins.dims2()?;
     if samples < 2 {
         return Err(Error::InvalidInput("need at least 2 samples per ray".into()));
     }
+    if let (Some(grid), false) = (&field.host, what.colour || what.depth || what.nocs) {
+        let op = FusedOpacity { grid: grid.clone(), samples };
+        let opacity = rays.origins.contiguous()?.apply_op2(&rays.directions.contiguous()?, op)?;
+        return Ok(Rendering { opacity, colour: None, depth: None, nocs: None });
+    }
+    render_rays_tensor(field, rays, samples, what)
+}
+
+/// The generic tensor renderer behind [`render_rays`] (any device, gradients to everything).
+pub fn render_rays_tensor(field: &CanonicalField, rays: &Rays, samples: usize, what: RenderWhat) -> Result<Rendering> {
+    let r = rays.origins.dims2()?.0;
     let device = rays.origins.device();
     let (near, far) = ray_box_interval(&rays.origins.detach(), &rays.directions.detach(), field)?; // [R, 1]
     let steps: Vec<f32> = (0..samples).map(|k| (k as f32 + 0.5) / samples as f32).collect();
@@ -195,6 +207,11 @@ pub fn render_rays_host(
     chunk: usize,
 ) -> Result<HostRendering> {
     let total = rays.origins.dims2()?.0;
+    if let Some(grid) = &field.host {
+        let o = rays.origins.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let d = rays.directions.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(grid.render_host(&o, &d, samples, what.colour || what.depth || what.nocs));
+    }
     let chunk = chunk.max(1);
     let mut out = HostRendering::default();
     let mut start = 0;
@@ -326,9 +343,4 @@ pub fn pixel_grid(width: u32, height: u32, device: &Device) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(v, (1, (width * height) as usize, 2), device)?)
-}
-
-/// Number of elements along the last dimension (helper for shape checks).
-pub fn last_dim(t: &Tensor) -> Result<usize> {
-    Ok(t.dim(D::Minus1)?)
 }
