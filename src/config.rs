@@ -89,6 +89,8 @@ pub struct PoseInitConfig {
     pub use_known_intrinsics: bool,
     /// Hypotheses per image carried into refinement (the best `top_k` candidates).
     pub top_k: usize,
+    /// Hypotheses of one image differ in rotation by at least this much, degrees.
+    pub min_separation_deg: f64,
     /// Scoring function.
     pub score: PoseScore,
     /// Weight of the colour term when `score` is `iou_colour`.
@@ -168,6 +170,7 @@ impl Default for PoseInitConfig {
             crop_margin: 0.05,
             use_known_intrinsics: true,
             top_k: 4,
+            min_separation_deg: 30.0,
             score: PoseScore::Iou,
             colour_weight: 0.5,
         }

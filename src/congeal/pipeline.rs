@@ -225,8 +225,11 @@ pub fn register(
         })?;
         let mut best = vec![f32::NEG_INFINITY; views.len()];
         for (r, &(i, j)) in owner.iter().enumerate() {
-            if result.iou[r] > best[i] {
-                best[i] = result.iou[r];
+            // Refined silhouette fit, minus the colour disagreement of the candidate (if scored):
+            // silhouettes cannot tell a symmetric object's front from its back.
+            let fit = result.iou[r] - hypotheses[i][j].colour_penalty;
+            if fit > best[i] {
+                best[i] = fit;
                 poses[i] = result.camera_from_object[r];
                 intrinsics[i] = result.intrinsics[r];
                 chosen[i] = hypotheses[i][j].clone();

@@ -13,6 +13,7 @@ use crate::config::{PoseInitConfig, PoseScore};
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::field::render::{pixel_grid, render_rays_host, CameraBatch, RenderWhat};
+use crate::geometry::metrics::rotation_error_deg;
 use crate::geometry::se3::orbit_camera_from_object;
 use crate::geometry::Intrinsics;
 
@@ -83,6 +84,8 @@ pub struct PoseHypothesis {
     pub intrinsics: Intrinsics,
     /// Candidate score (higher is better).
     pub score: f32,
+    /// The colour part of the score (weight x colour distance; 0 when scoring silhouettes only).
+    pub colour_penalty: f32,
     /// Index of the candidate it came from.
     pub candidate: usize,
 }
@@ -225,17 +228,37 @@ pub fn soft_iou(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Mean chromaticity distance over pixels inside both silhouettes (0 = same hue everywhere).
-fn colour_distance(sil_a: &[f32], col_a: &[[f32; 3]], sil_b: &[f32], col_b: &[[f32; 3]]) -> f32 {
+/// Colour distance of two crops over the pixels inside both silhouettes, on chromaticity (colour
+/// divided by brightness, so shading drops out) relative to each crop's mean chromaticity over its
+/// silhouette (so the light's tint drops out). 0 = same hue pattern; larger = different patterns
+/// (e.g. white cushions on the front of a beige sofa versus its plain back, a duck's orange beak).
+pub fn colour_distance(sil_a: &[f32], col_a: &[[f32; 3]], sil_b: &[f32], col_b: &[[f32; 3]]) -> f32 {
+    let n = sil_a.len().min(sil_b.len()).min(col_a.len()).min(col_b.len());
     let chroma = |c: &[f32; 3]| {
-        let s = c[0] + c[1] + c[2] + 1e-3;
-        [c[0] / s, c[1] / s]
+        let s = c[0] + c[1] + c[2] + 0.03;
+        [c[0] / s, c[1] / s, c[2] / s]
     };
+    let mean = |sil: &[f32], col: &[[f32; 3]]| {
+        let (mut m, mut w) = ([0.0f32; 3], 0.0f32);
+        for i in 0..n {
+            if sil[i] > 0.5 {
+                let q = chroma(&col[i]);
+                for c in 0..3 {
+                    m[c] += q[c];
+                }
+                w += 1.0;
+            }
+        }
+        m.map(|v| v / w.max(1.0))
+    };
+    let (ma, mb) = (mean(sil_a, col_a), mean(sil_b, col_b));
     let (mut total, mut count) = (0.0f32, 0.0f32);
-    for i in 0..sil_a.len().min(sil_b.len()).min(col_a.len()).min(col_b.len()) {
+    for i in 0..n {
         if sil_a[i] > 0.5 && sil_b[i] > 0.5 {
             let (p, q) = (chroma(&col_a[i]), chroma(&col_b[i]));
-            total += (p[0] - q[0]).abs() + (p[1] - q[1]).abs();
+            for c in 0..3 {
+                total += ((p[c] - ma[c]) - (q[c] - mb[c])).abs();
+            }
             count += 1.0;
         }
     }
@@ -274,13 +297,27 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                 .map(|(i, c)| (score(input, c, cfg), i))
                 .collect();
             scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-            scored
+            // Distinct hypotheses: skip candidates within `min_separation_deg` of a better one, so
+            // the top k are different modes (e.g. a symmetric object's front and back), not
+            // neighbours of one.
+            let mut picked: Vec<(f32, usize)> = Vec::with_capacity(cfg.top_k);
+            for &(s, i) in &scored {
+                if picked.len() == cfg.top_k {
+                    break;
+                }
+                let rot = |k: usize| set.candidates[k].camera_from_object.rotation.to_rotation_matrix();
+                let r = rot(i);
+                if picked.iter().all(|&(_, j)| rotation_error_deg(&rot(j), &r) >= cfg.min_separation_deg) {
+                    picked.push((s, i));
+                }
+            }
+            picked
                 .iter()
-                .take(cfg.top_k)
                 .map(|&(s, i)| {
                     let known = if cfg.use_known_intrinsics { input.known_intrinsics } else { None };
                     let (pose, intrinsics) = pose_from_candidate(&set.candidates[i], input, known)?;
-                    Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, candidate: i })
+                    let colour_penalty = soft_iou(&input.silhouette, &set.candidates[i].silhouette) - s;
+                    Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, colour_penalty, candidate: i })
                 })
                 .collect()
         })

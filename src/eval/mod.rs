@@ -2,9 +2,13 @@
 //! poses against ground truth, with and without similarity alignment, plus the NOCS map error.
 //!
 //! The canonical (predicted) object frame is arbitrary up to a similarity, so the headline numbers are the
-//! *aligned* ones: predicted camera centres are mapped onto the ground-truth centres by Umeyama with scale
-//! ([`align_camera_poses`]) before comparing. Translation errors are *relative*: the distance between
+//! *aligned* ones: the predicted object frame is mapped onto the ground-truth one by a similarity
+//! ([`align_camera_poses_robust`]: the rotation most images agree on, then scale and translation of the
+//! camera centres by least squares over those images) before comparing, so a few flipped images do not
+//! drag the alignment of the rest. Translation errors are *relative*: the distance between
 //! camera centres divided by the ground-truth camera's distance to the object origin (unitless).
+
+pub mod report;
 
 use nalgebra::{Isometry3, Rotation3};
 use serde::{Deserialize, Serialize};
@@ -12,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::geometry::metrics::rotation_error_deg;
 use crate::geometry::se3::camera_centre;
-use crate::geometry::sim3::{align_camera_poses, Sim3};
+use crate::geometry::sim3::{align_camera_poses_robust, Sim3};
+
+/// Images whose implied alignment rotation agrees within this angle vote together.
+pub const ALIGNMENT_INLIER_DEG: f64 = 15.0;
 
 /// Summary statistics of a set of non-negative errors.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -95,13 +102,13 @@ pub struct PoseEvaluation {
 
 /// Evaluates predicted `camera_from_object` poses against ground truth (same order, same images).
 ///
-/// Aligned: `S = align_camera_poses(pred, gt)` maps the predicted object frame to the ground-truth one; the
+/// Aligned: `S = align_camera_poses_robust(pred, gt, 15 deg)` maps the predicted object frame to the ground-truth one; the
 /// aligned rotation of image i is `R_pred_i * S.R^T`, compared with `R_gt_i` by geodesic angle, and the
 /// aligned camera centre `S(c_pred_i)` is compared with `c_gt_i`, the distance divided by `|c_gt_i|`
 /// (relative, unitless). Unaligned: `angle(R_pred_i, R_gt_i)` and `|t_pred_i - t_gt_i| / |t_gt_i|`.
 ///
 /// Errors: length mismatch, fewer than 3 images, NaN/inf poses, a ground-truth camera at the object origin,
-/// or degenerate camera centres (see [`align_camera_poses`]).
+/// or degenerate camera centres.
 pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<PoseEvaluation> {
     if pred.len() != gt.len() {
         return Err(Error::InvalidInput(format!(
@@ -109,6 +116,9 @@ pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<
             pred.len(),
             gt.len()
         )));
+    }
+    if pred.len() < 3 {
+        return Err(Error::InvalidInput(format!("evaluate_poses: need at least 3 images, got {}", pred.len())));
     }
     let finite =
         |t: &Isometry3<f64>| t.translation.vector.iter().chain(t.rotation.coords.iter()).all(|v| v.is_finite());
@@ -120,7 +130,7 @@ pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<
             "evaluate_poses: ground-truth camera {i} sits at the object origin (relative translation undefined)"
         )));
     }
-    let gt_object_from_pred_object = align_camera_poses(pred, gt)?;
+    let gt_object_from_pred_object = align_camera_poses_robust(pred, gt, ALIGNMENT_INLIER_DEG)?;
     let align_rotation_inv = gt_object_from_pred_object.rotation.inverse();
 
     let n = pred.len();
@@ -316,4 +326,3 @@ mod tests {
         assert!(nocs_error(&bad, &gt, &[true; 3]).is_err());
     }
 }
-pub mod report;

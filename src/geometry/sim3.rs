@@ -3,6 +3,7 @@
 use nalgebra::{Isometry3, Matrix3, Point3, Rotation3, Vector3};
 use serde::{Deserialize, Serialize};
 
+use super::metrics::rotation_error_deg;
 use super::se3::camera_centre;
 use crate::error::{Error, Result};
 
@@ -132,8 +133,103 @@ pub fn align_camera_poses(
     umeyama(&pred_centres, &gt_centres, true)
 }
 
+/// Robust `gt_object_from_pred_object` for pose evaluation when some predictions are gross
+/// outliers (e.g. a symmetric object's front/back flips), which would drag a least-squares fit.
+///
+/// Every image implies a rotation `R_gt_i^T R_pred_i`; the one with the most images within
+/// `inlier_deg` is refined by the chordal mean of its inliers; scale and translation then fit the
+/// inliers' camera centres by least squares with that rotation fixed.
+pub fn align_camera_poses_robust(
+    pred_camera_from_object: &[Isometry3<f64>],
+    gt_camera_from_object: &[Isometry3<f64>],
+    inlier_deg: f64,
+) -> Result<Sim3> {
+    let n = pred_camera_from_object.len();
+    if n != gt_camera_from_object.len() || n == 0 {
+        return Err(Error::InvalidInput(format!(
+            "align_camera_poses_robust: {n} predicted poses but {} ground-truth poses",
+            gt_camera_from_object.len()
+        )));
+    }
+    let implied: Vec<Rotation3<f64>> = pred_camera_from_object
+        .iter()
+        .zip(gt_camera_from_object)
+        .map(|(p, g)| g.rotation.to_rotation_matrix().inverse() * p.rotation.to_rotation_matrix())
+        .collect();
+    let inliers_of = |r: &Rotation3<f64>| -> Vec<usize> {
+        (0..n).filter(|&j| rotation_error_deg(&implied[j], r) < inlier_deg).collect()
+    };
+    let best = implied
+        .iter()
+        .map(&inliers_of)
+        .max_by_key(Vec::len)
+        .ok_or_else(|| Error::InvalidInput("no poses".into()))?;
+    // Chordal mean of the inlier rotations: project the summed matrices onto SO(3).
+    let sum: Matrix3<f64> = best.iter().map(|&j| *implied[j].matrix()).sum();
+    let svd = sum.svd(true, true);
+    let (u, v_t) = match (svd.u, svd.v_t) {
+        (Some(u), Some(v_t)) => (u, v_t),
+        _ => return Err(Error::Numerical("SVD failed in rotation averaging".into())),
+    };
+    let mut d = Matrix3::identity();
+    if (u * v_t).determinant() < 0.0 {
+        d[(2, 2)] = -1.0;
+    }
+    let rotation = Rotation3::from_matrix(&(u * d * v_t));
+    let inliers = inliers_of(&rotation);
+    let inliers = if inliers.len() >= best.len() { inliers } else { best };
+    let pc: Vec<Point3<f64>> = inliers.iter().map(|&j| rotation * camera_centre(&pred_camera_from_object[j])).collect();
+    let gc: Vec<Point3<f64>> = inliers.iter().map(|&j| camera_centre(&gt_camera_from_object[j])).collect();
+    let m = inliers.len() as f64;
+    let mean_p = pc.iter().fold(Vector3::zeros(), |a, p| a + p.coords) / m;
+    let mean_g = gc.iter().fold(Vector3::zeros(), |a, p| a + p.coords) / m;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (p, g) in pc.iter().zip(&gc) {
+        num += (p.coords - mean_p).dot(&(g.coords - mean_g));
+        den += (p.coords - mean_p).norm_squared();
+    }
+    let scale = if den > 1e-18 && num > 0.0 { num / den } else {
+        // All inlier centres coincide: match the mean distance to the origin instead.
+        let np: f64 = pc.iter().map(|p| p.coords.norm()).sum::<f64>();
+        let ng: f64 = gc.iter().map(|p| p.coords.norm()).sum::<f64>();
+        if np > 1e-18 { ng / np } else { 1.0 }
+    };
+    Ok(Sim3 { scale, rotation, translation: mean_g - scale * mean_p })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn robust_alignment_ignores_flipped_outliers() {
+        let truth = Sim3 {
+            scale: 1.7,
+            rotation: Rotation3::from_euler_angles(0.3, -0.5, 1.1),
+            translation: Vector3::new(0.2, -0.1, 0.4),
+        };
+        let mut pred = Vec::new();
+        let mut gt = Vec::new();
+        for i in 0..20 {
+            let az = i as f64 * 0.7;
+            let g = crate::geometry::se3::orbit_camera_from_object(az.to_degrees(), 10.0 + i as f64, 3.0);
+            // pred camera in the pred object frame: x_gt = S x_pred => camera_from_pred = camera_from_gt * S (scaled)
+            let c_gt = camera_centre(&g);
+            let c_pred = truth.inverse().transform_point(&c_gt);
+            let r_pred = g.rotation.to_rotation_matrix() * truth.rotation;
+            let mut r_pred_q = nalgebra::UnitQuaternion::from_rotation_matrix(&r_pred);
+            if i % 3 == 0 {
+                // A front/back flip about the object's vertical axis.
+                r_pred_q = r_pred_q * nalgebra::UnitQuaternion::from_axis_angle(&Vector3::y_axis(), std::f64::consts::PI);
+            }
+            let t_pred = -(r_pred_q * c_pred.coords);
+            pred.push(Isometry3::from_parts(t_pred.into(), r_pred_q));
+            gt.push(g);
+        }
+        let s = align_camera_poses_robust(&pred, &gt, 15.0).unwrap();
+        assert!(rotation_error_deg(&s.rotation, &truth.rotation) < 1e-6, "rotation {:?}", s.rotation);
+        assert!((s.scale - truth.scale).abs() < 1e-6 * truth.scale, "scale {}", s.scale);
+        assert!((s.translation - truth.translation).norm() < 1e-6, "translation {:?}", s.translation);
+    }
+
     use super::*;
     use nalgebra::{Translation3, UnitQuaternion};
 
