@@ -177,6 +177,7 @@ pub fn register(
     let hypotheses = pose_init::initialise_poses(&set, views, &config.pose_init)?;
     progress("pose_init", 1.0);
     timings.insert("pose_init".to_string(), t.elapsed().as_secs_f64());
+    timings.insert("pose_init_candidate_render".to_string(), set.render_seconds);
     info!("{} candidates rendered in {:.1}s", set.candidates.len(), set.render_seconds);
 
     let t = Instant::now();
