@@ -112,6 +112,8 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
                 let mask: Vec<bool> = p.image.mask.pixels().map(|px| px.0[0] >= 128).collect();
                 let nocs = full_raster(&rendering.nocs, &rect, w, h, [0.0; 3]);
                 crate::output::write_nocs_png(&out_dir.join(&nocs_file), w, h, &nocs, &mask)?;
+                let picture = crate::output::nocs_color_image(w, h, &nocs, &mask);
+                crate::output::save_png(&picture, &out_dir.join(format!("nocs_vis/{:03}.png", p.index)))?;
             }
             if config.output.overlays {
                 let (w, h) = (intr.width, intr.height);
