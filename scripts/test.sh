@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
-# Sets up and runs every test (one release build, tested as built).
+# Sets up and runs every test: the library/CLI tests (one release build, tested as built), then the
+# ROS 2 node's rclpy peer tests and the bag round trip (ROS 2 Jazzy from PyPI wheels, see setup.sh --ros).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --ros
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
-cargo test --release --locked -- --test-threads=1
+# Everything builds inside the ROS environment (one set of artifacts for the CLI, the node and the tests).
+. .ros/env.sh
+cargo test --release --locked --features ros -- --test-threads=1
+(
+  export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$((RANDOM % 100 + 100))}
+  passed=0; failed=0
+  for t in tests/ros/test_*.py; do
+    echo "== $t"
+    if timeout 900 python "$t"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+  done
+  echo "ros tests: $passed passed, $failed failed"
+  [ "$failed" = 0 ]
+)

@@ -30,7 +30,10 @@ pub mod error;
 pub mod eval;
 pub mod field;
 pub mod geometry;
+pub mod ingest;
 pub mod output;
 pub mod shape;
+#[cfg(feature = "ros")]
+pub mod ros;
 
 pub use error::{Error, Result};

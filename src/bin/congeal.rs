@@ -1,4 +1,4 @@
-//! `congeal`: the offline command line (run, eval, bench).
+//! `congeal`: the offline command line (run, eval, bench, bag).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -63,6 +63,55 @@ enum Command {
         /// Evaluate against the collection's ground truth too.
         #[arg(long)]
         eval: bool,
+    },
+    /// Rosbag (MCAP) tools: extract a collection from a bag, write a run as a bag (feature `ros`).
+    Bag {
+        #[command(subcommand)]
+        command: BagCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BagCommand {
+    /// Extract a collection folder from an MCAP bag (sensor_msgs/Image, masks, CameraInfo, PoseStamped).
+    Extract {
+        /// The MCAP bag file.
+        bag: PathBuf,
+        /// sensor_msgs/Image topic of the colour images.
+        #[arg(long)]
+        image_topic: String,
+        /// sensor_msgs/Image (mono8) topic of the masks (images without a matching mask are dropped).
+        #[arg(long)]
+        mask_topic: Option<String>,
+        /// sensor_msgs/CameraInfo topic (intrinsics).
+        #[arg(long)]
+        camera_info_topic: Option<String>,
+        /// geometry_msgs/PoseStamped ground-truth topic (camera_from_object), for `congeal eval`.
+        #[arg(long)]
+        pose_topic: Option<String>,
+        /// Object category written to collection.json.
+        #[arg(long, default_value = "object")]
+        category: String,
+        /// Output collection folder (must not hold a collection yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest stamp difference for matching image, mask, camera info and pose, seconds.
+        #[arg(long, default_value_t = 0.01)]
+        slop: f64,
+        /// Canonical bbox written with ground-truth poses: minx,miny,minz,maxx,maxy,maxz.
+        #[arg(long, allow_hyphen_values = true)]
+        bbox: Option<String>,
+    },
+    /// Write a run's output topics (/congeal/pose, /congeal/nocs) as an MCAP bag.
+    Write {
+        /// Run folder written by `congeal run`.
+        run_dir: PathBuf,
+        /// The collection the run posed (its stored stamps and frame ids are used).
+        #[arg(long)]
+        collection: PathBuf,
+        /// Output .mcap file.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -138,6 +187,58 @@ fn main() -> Result<()> {
                 figures["eval"] = serde_json::to_value(report)?;
             }
             println!("{}", serde_json::to_string_pretty(&figures)?);
+        }
+        Command::Bag { command } => bag(command)?,
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "ros"))]
+fn bag(_command: BagCommand) -> Result<()> {
+    bail!("`congeal bag` needs the ROS tools: rebuild with `scripts/setup.sh --ros` (cargo feature `ros`) and `source .ros/env.sh`")
+}
+
+#[cfg(feature = "ros")]
+fn bag(command: BagCommand) -> Result<()> {
+    use congeal::ros::bag;
+    match command {
+        BagCommand::Extract { bag: file, image_topic, mask_topic, camera_info_topic, pose_topic, category, out, slop, bbox } => {
+            if !slop.is_finite() || slop < 0.0 {
+                bail!("--slop must be a non-negative number of seconds, got {slop}");
+            }
+            let bbox = match bbox {
+                None => None,
+                Some(text) => {
+                    let v: Vec<f64> = text
+                        .split(',')
+                        .map(|s| s.trim().parse::<f64>())
+                        .collect::<std::result::Result<_, _>>()
+                        .with_context(|| format!("--bbox `{text}`: not comma-separated numbers"))?;
+                    let [a, b, c, d, e, f] = v[..] else {
+                        bail!("--bbox needs 6 numbers (minx,miny,minz,maxx,maxy,maxz), got {}", v.len())
+                    };
+                    if !v.iter().all(|x| x.is_finite()) || !(a < d && b < e && c < f) {
+                        bail!("--bbox `{text}`: min must be below max on every axis (minx,miny,minz,maxx,maxy,maxz)");
+                    }
+                    Some(([a, b, c], [d, e, f]))
+                }
+            };
+            let opts = bag::ExtractOptions {
+                image_topic,
+                mask_topic,
+                camera_info_topic,
+                pose_topic,
+                category,
+                slop_ns: (slop * 1e9).round() as i64,
+                bbox,
+            };
+            let report = bag::extract(&file, &opts, &out)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!("collection: {}", out.display());
+        }
+        BagCommand::Write { run_dir, collection, out } => {
+            let report = bag::write(&run_dir, &collection, &out)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }
     Ok(())

@@ -149,6 +149,7 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     }
     let mesh = crate::field::field_mesh(field)?;
     mesh.write_ply(&out_dir.join("canonical.ply"))?;
+    crate::shape::model::save_model(&shape_built, &out_dir.join("model"))?;
     timings.insert("outputs".to_string(), t.elapsed().as_secs_f64());
 
     let result = RunResult {
@@ -173,14 +174,31 @@ pub fn register(
     progress: ProgressFn,
     timings: &mut BTreeMap<String, f64>,
 ) -> Result<Registration> {
-    let t = Instant::now();
     let set = pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?;
+    timings.insert("pose_init_candidate_render".to_string(), set.render_seconds);
     progress("pose_init", 0.5);
-    let hypotheses = pose_init::initialise_poses(&set, views, &config.pose_init)?;
+    let registration = register_with_candidates(field, &set, views, masks, config, progress, timings)?;
+    // pose_init = candidate rendering + scoring.
+    *timings.entry("pose_init".to_string()).or_default() += set.render_seconds;
+    Ok(registration)
+}
+
+/// [`register`] with candidates rendered earlier (e.g. cached per model, so registering one new image
+/// costs only its scoring and refinement).
+pub fn register_with_candidates(
+    field: &CanonicalField,
+    set: &pose_init::CandidateSet,
+    views: &[InputView],
+    masks: &[&image::GrayImage],
+    config: &Config,
+    progress: ProgressFn,
+    timings: &mut BTreeMap<String, f64>,
+) -> Result<Registration> {
+    let t = Instant::now();
+    let hypotheses = pose_init::initialise_poses(set, views, &config.pose_init)?;
     progress("pose_init", 1.0);
     timings.insert("pose_init".to_string(), t.elapsed().as_secs_f64());
-    timings.insert("pose_init_candidate_render".to_string(), set.render_seconds);
-    info!("{} candidates rendered in {:.1}s", set.candidates.len(), set.render_seconds);
+    info!("{} candidates scored against {} images", set.candidates.len(), views.len());
 
     let t = Instant::now();
     let rc = &config.pose_refine;

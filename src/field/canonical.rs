@@ -112,6 +112,43 @@ impl CanonicalField {
         .with_host_copy()
     }
 
+    /// Assembles a field from its parts (e.g. a saved model). Tensors: density `[V, 1]`, colour `[V, 3]`
+    /// with `V` = the product of `dims`; grid and NOCS bboxes in the normalised frame.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        dims: [usize; 3],
+        grid: ([f32; 3], [f32; 3]),
+        density: Tensor,
+        colour: Tensor,
+        nocs: ([f32; 3], [f32; 3]),
+        units_per_normalised: f64,
+        bounding_radius: f32,
+        density_per_occupancy: f32,
+    ) -> Result<Self> {
+        let n: usize = dims.iter().product();
+        if density.dims() != [n, 1] || colour.dims() != [n, 3] {
+            return Err(Error::InvalidInput(format!(
+                "field tensors {:?} and {:?} do not fit a {dims:?} grid",
+                density.dims(),
+                colour.dims()
+            )));
+        }
+        Self {
+            dims,
+            grid_min: grid.0,
+            grid_max: grid.1,
+            density,
+            colour,
+            nocs_min: nocs.0,
+            nocs_max: nocs.1,
+            units_per_normalised,
+            bounding_radius,
+            density_per_occupancy,
+            host: None,
+        }
+        .with_host_copy()
+    }
+
     /// Attaches the host copy used by the fused CPU renderer when the field lives on the CPU.
     fn with_host_copy(mut self) -> Result<Self> {
         if self.device().is_cpu() {

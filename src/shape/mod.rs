@@ -2,8 +2,10 @@
 //! never see where it came from.
 //! - `template`: a mesh in the canonical frame (CAD model) voxelised into the field ([`template`]).
 //! - `sds`: textual inversion + score distillation (not built yet).
-//! - `model`: a canonical model saved by an earlier run (not built yet).
+//! - `model`: a canonical model saved by an earlier run ([`model`]; `congeal run` saves one in
+//!   `RUN_DIR/model/`).
 
+pub mod model;
 pub mod template;
 
 use std::path::{Path, PathBuf};
@@ -85,10 +87,7 @@ pub fn build_shape(spec: &ShapeSpec, default_template: Option<&Path>, config: &C
         ShapeSpec::Sds => Err(Error::Config(
             "shape source `sds` (textual inversion + score distillation) is not available in this build yet".into(),
         )),
-        ShapeSpec::Model(p) => Err(Error::Config(format!(
-            "shape source `model:{}`: loading saved canonical models is not available in this build yet",
-            p.display()
-        ))),
+        ShapeSpec::Model(p) => model::load_model(p, device),
     }
 }
 

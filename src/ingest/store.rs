@@ -1,0 +1,264 @@
+//! A per-category collection on disk that grows one frame at a time (the node's accumulation):
+//! `data_dir/<category>/` in the collection format (kind `plain`: `rgb/NNN.png`, `mask/NNN.png`,
+//! optional K, plus each frame's stamp and frame id), so `congeal run` can rerun it offline.
+//!
+//! Crash safety: every file is written to a temporary name and renamed into place, and
+//! `collection.json` (rewritten after each frame) is the only index: a kill at any moment leaves
+//! either the old or the new index, both valid; a frame whose files landed but whose index did not is
+//! simply overwritten by the next frame.
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::geometry::Intrinsics;
+
+/// One stored frame as recorded in `collection.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StoredFrame {
+    /// Frame index (file stem).
+    pub index: usize,
+    /// Colour image, relative path.
+    pub rgb: String,
+    /// Mask, relative path (absent when none came).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// Width, pixels.
+    pub width: u32,
+    /// Height, pixels.
+    pub height: u32,
+    /// Intrinsics, row-major 3x3, when camera info gave them.
+    #[serde(rename = "K", default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<[[f64; 3]; 3]>,
+    /// Header stamp: seconds.
+    pub stamp_sec: i32,
+    /// Header stamp: nanoseconds.
+    pub stamp_nanosec: u32,
+    /// Header frame id (the camera frame).
+    pub frame_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Index {
+    format_version: String,
+    name: String,
+    category: String,
+    kind: String,
+    description: String,
+    images: Vec<StoredFrame>,
+}
+
+/// A growing collection for one category.
+#[derive(Debug)]
+pub struct CollectionStore {
+    root: PathBuf,
+    index: Index,
+}
+
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    write(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn save_png_atomic(img: &impl SavePng, path: &Path) -> Result<()> {
+    write_atomic(path, |tmp| img.save_png(tmp))
+}
+
+trait SavePng {
+    fn save_png(&self, path: &Path) -> Result<()>;
+}
+
+impl SavePng for RgbImage {
+    fn save_png(&self, path: &Path) -> Result<()> {
+        self.save_with_format(path, image::ImageFormat::Png)
+            .map_err(|e| Error::Image { path: path.to_path_buf(), message: e.to_string() })
+    }
+}
+
+impl SavePng for GrayImage {
+    fn save_png(&self, path: &Path) -> Result<()> {
+        self.save_with_format(path, image::ImageFormat::Png)
+            .map_err(|e| Error::Image { path: path.to_path_buf(), message: e.to_string() })
+    }
+}
+
+/// Category names become folder names: letters, digits, `-`, `_`, `.` only, not starting with `.`.
+pub fn validate_category(category: &str) -> Result<()> {
+    let ok = !category.is_empty()
+        && category.len() <= 128
+        && !category.starts_with('.')
+        && category.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "category `{category}` must be 1-128 characters of letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+impl CollectionStore {
+    /// Opens (or creates) `data_dir/<category>/`, keeping every frame already indexed there.
+    pub fn open(data_dir: &Path, category: &str) -> Result<Self> {
+        validate_category(category)?;
+        let root = data_dir.join(category);
+        for sub in ["rgb", "mask"] {
+            std::fs::create_dir_all(root.join(sub)).map_err(|e| Error::io(root.join(sub), e))?;
+        }
+        let json = root.join("collection.json");
+        let index = if json.exists() {
+            let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::Collection { path: json.clone(), message: e.to_string() })?
+        } else {
+            Index {
+                format_version: "1.0".into(),
+                name: category.into(),
+                category: category.into(),
+                kind: "plain".into(),
+                description: "frames accumulated by congeal_node".into(),
+                images: Vec::new(),
+            }
+        };
+        Ok(Self { root, index })
+    }
+
+    /// The collection folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Frames stored so far.
+    pub fn frames(&self) -> &[StoredFrame] {
+        &self.index.images
+    }
+
+    /// Number of frames stored.
+    pub fn len(&self) -> usize {
+        self.index.images.len()
+    }
+
+    /// True when nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.index.images.is_empty()
+    }
+
+    /// Appends a frame; returns its index. The mask must match the image size.
+    pub fn append(
+        &mut self,
+        rgb: &RgbImage,
+        mask: Option<&GrayImage>,
+        intrinsics: Option<&Intrinsics>,
+        stamp: (i32, u32),
+        frame_id: &str,
+    ) -> Result<usize> {
+        if let Some(m) = mask {
+            if m.dimensions() != rgb.dimensions() {
+                return Err(Error::Mask {
+                    path: self.root.join("mask"),
+                    message: format!("mask is {}x{} but the image is {}x{}", m.width(), m.height(), rgb.width(), rgb.height()),
+                });
+            }
+        }
+        let index = self.index.images.iter().map(|f| f.index + 1).max().unwrap_or(0);
+        let rgb_rel = format!("rgb/{index:03}.png");
+        save_png_atomic(rgb, &self.root.join(&rgb_rel))?;
+        let mask_rel = match mask {
+            Some(m) => {
+                let rel = format!("mask/{index:03}.png");
+                save_png_atomic(m, &self.root.join(&rel))?;
+                Some(rel)
+            }
+            None => None,
+        };
+        self.index.images.push(StoredFrame {
+            index,
+            rgb: rgb_rel,
+            mask: mask_rel,
+            width: rgb.width(),
+            height: rgb.height(),
+            k: intrinsics.map(|k| [[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]]),
+            stamp_sec: stamp.0,
+            stamp_nanosec: stamp.1,
+            frame_id: frame_id.to_string(),
+        });
+        if let Err(e) = self.write_index() {
+            self.index.images.pop();
+            return Err(e);
+        }
+        Ok(index)
+    }
+
+    fn write_index(&self) -> Result<()> {
+        let path = self.root.join("collection.json");
+        let text = serde_json::to_string_pretty(&self.index)
+            .map_err(|e| Error::Collection { path: path.clone(), message: e.to_string() })?;
+        write_atomic(&path, |tmp| std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e)))
+    }
+
+    /// The stored frame whose stamp is nearest to `stamp` within `tolerance_ns`.
+    pub fn frame_at(&self, stamp: (i32, u32), tolerance_ns: i64) -> Option<&StoredFrame> {
+        let t = stamp.0 as i64 * 1_000_000_000 + stamp.1 as i64;
+        self.index
+            .images
+            .iter()
+            .map(|f| (f, (f.stamp_sec as i64 * 1_000_000_000 + f.stamp_nanosec as i64 - t).abs()))
+            .filter(|(_, d)| *d <= tolerance_ns)
+            .min_by_key(|(_, d)| *d)
+            .map(|(f, _)| f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collection::Collection;
+
+    fn frame(seed: u8) -> (RgbImage, GrayImage) {
+        let rgb = RgbImage::from_fn(40, 30, |x, y| image::Rgb([seed, x as u8, y as u8]));
+        let mask = GrayImage::from_fn(40, 30, |x, y| image::Luma([if (10..30).contains(&x) && (5..25).contains(&y) { 255 } else { 0 }]));
+        (rgb, mask)
+    }
+
+    #[test]
+    fn frames_persist_across_reopen_and_load_as_a_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Intrinsics::from_fov_y(40.0, 40, 30).unwrap();
+        {
+            let mut store = CollectionStore::open(dir.path(), "mugs").unwrap();
+            let (rgb, mask) = frame(1);
+            assert_eq!(store.append(&rgb, Some(&mask), Some(&k), (10, 5), "cam").unwrap(), 0);
+            let (rgb, _) = frame(2);
+            assert_eq!(store.append(&rgb, None, None, (11, 0), "cam").unwrap(), 1);
+        }
+        let mut store = CollectionStore::open(dir.path(), "mugs").unwrap();
+        assert_eq!(store.len(), 2, "reopening keeps what was stored");
+        let (rgb, mask) = frame(3);
+        assert_eq!(store.append(&rgb, Some(&mask), None, (12, 0), "cam").unwrap(), 2);
+        assert_eq!(store.frame_at((11, 1000), 10_000).map(|f| f.index), Some(1));
+        assert!(store.frame_at((50, 0), 10_000).is_none());
+
+        let c = Collection::load(store.root()).unwrap();
+        assert_eq!(c.images.len(), 3);
+        assert_eq!(c.images[0].intrinsics.map(|i| i.fx), Some(k.fx));
+        let loaded = c.load_image(2).unwrap();
+        assert_eq!(loaded.rgb.get_pixel(0, 0).0[0], 3);
+        assert!(c.load_image(1).is_err(), "a frame without mask cannot be posed yet");
+    }
+
+    #[test]
+    fn bad_category_and_mismatched_mask_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "../x", ".hidden", "a/b", "sp ace"] {
+            assert!(CollectionStore::open(dir.path(), bad).is_err(), "{bad}");
+        }
+        let mut store = CollectionStore::open(dir.path(), "ok").unwrap();
+        let (rgb, _) = frame(1);
+        let small = GrayImage::new(4, 4);
+        let err = store.append(&rgb, Some(&small), None, (0, 0), "cam").unwrap_err().to_string();
+        assert!(err.contains("4x4"), "{err}");
+        assert!(store.is_empty());
+    }
+}

@@ -1,0 +1,235 @@
+//! Approximate-time matching of an image stream with an optional mask stream and an optional
+//! camera-info stream, by header stamp (r2r has no message_filters).
+//!
+//! Policy: an image is matched with the mask whose stamp is nearest within `slop`; camera info is
+//! taken from the nearest info message within `slop`, or else the most recent one (intrinsics rarely
+//! change). When masks are expected, images wait (in a bounded queue) for their mask; an image whose
+//! mask can no longer arrive (a newer mask beyond its slop has been seen) is dropped and counted.
+//! All queues are bounded and drop their oldest entries, counting what they drop.
+
+use std::collections::VecDeque;
+
+/// A message with its header stamp in nanoseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stamped<T> {
+    /// Header stamp, nanoseconds since the epoch of the clock.
+    pub stamp_ns: i64,
+    /// The message.
+    pub value: T,
+}
+
+/// Matching settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SyncConfig {
+    /// Largest stamp difference for a match, nanoseconds.
+    pub slop_ns: i64,
+    /// Capacity of each queue.
+    pub queue: usize,
+    /// Wait for a mask for every image (a mask topic is in use).
+    pub wait_for_mask: bool,
+}
+
+/// One matched input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matched<I, M, C> {
+    /// The image.
+    pub image: Stamped<I>,
+    /// Its mask, if masks are expected and one matched.
+    pub mask: Option<M>,
+    /// Camera info, if any has been seen.
+    pub info: Option<C>,
+}
+
+/// Counters of dropped messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Images dropped because the queue was full.
+    pub images_overflow: u64,
+    /// Images dropped because no mask matched them.
+    pub images_unmatched: u64,
+    /// Masks dropped (queue full or never matched).
+    pub masks: u64,
+}
+
+/// The synchroniser.
+#[derive(Debug)]
+pub struct ApproxTimeSync<I, M, C> {
+    cfg: SyncConfig,
+    images: VecDeque<Stamped<I>>,
+    masks: VecDeque<Stamped<M>>,
+    infos: VecDeque<Stamped<C>>,
+    dropped: Dropped,
+}
+
+impl<I, M: Clone, C: Clone> ApproxTimeSync<I, M, C> {
+    /// A synchroniser with empty queues.
+    pub fn new(cfg: SyncConfig) -> Self {
+        let cfg = SyncConfig { queue: cfg.queue.max(1), slop_ns: cfg.slop_ns.max(0), ..cfg };
+        Self { cfg, images: VecDeque::new(), masks: VecDeque::new(), infos: VecDeque::new(), dropped: Dropped::default() }
+    }
+
+    /// What has been dropped so far.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+    }
+
+    /// Images waiting for a mask.
+    pub fn pending_images(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Changes whether images wait for masks (e.g. when a mask publisher appears or disappears).
+    pub fn set_wait_for_mask(&mut self, wait: bool) -> Vec<Matched<I, M, C>> {
+        self.cfg.wait_for_mask = wait;
+        self.drain()
+    }
+
+    /// Adds camera info.
+    pub fn push_info(&mut self, info: Stamped<C>) {
+        if self.infos.len() == self.cfg.queue {
+            self.infos.pop_front();
+        }
+        self.infos.push_back(info);
+    }
+
+    /// Adds an image; returns whatever is now matched.
+    pub fn push_image(&mut self, image: Stamped<I>) -> Vec<Matched<I, M, C>> {
+        if self.images.len() == self.cfg.queue {
+            self.images.pop_front();
+            self.dropped.images_overflow += 1;
+        }
+        self.images.push_back(image);
+        self.drain()
+    }
+
+    /// Adds a mask; returns whatever is now matched.
+    pub fn push_mask(&mut self, mask: Stamped<M>) -> Vec<Matched<I, M, C>> {
+        if self.masks.len() == self.cfg.queue {
+            self.masks.pop_front();
+            self.dropped.masks += 1;
+        }
+        self.masks.push_back(mask);
+        self.drain()
+    }
+
+    fn info_for(&self, stamp: i64) -> Option<C> {
+        let nearest = self
+            .infos
+            .iter()
+            .filter(|i| (i.stamp_ns - stamp).abs() <= self.cfg.slop_ns)
+            .min_by_key(|i| (i.stamp_ns - stamp).abs());
+        nearest.or_else(|| self.infos.back()).map(|i| i.value.clone())
+    }
+
+    fn drain(&mut self) -> Vec<Matched<I, M, C>> {
+        let mut out = Vec::new();
+        if !self.cfg.wait_for_mask {
+            while let Some(image) = self.images.pop_front() {
+                let info = self.info_for(image.stamp_ns);
+                out.push(Matched { image, mask: None, info });
+            }
+            return out;
+        }
+        let slop = self.cfg.slop_ns;
+        let mut kept = VecDeque::with_capacity(self.images.len());
+        while let Some(image) = self.images.pop_front() {
+            let best = self
+                .masks
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| (m.stamp_ns - image.stamp_ns).abs() <= slop)
+                .min_by_key(|(_, m)| (m.stamp_ns - image.stamp_ns).abs())
+                .map(|(k, _)| k);
+            if let Some(k) = best {
+                let mask = self.masks.remove(k).map(|m| m.value);
+                let info = self.info_for(image.stamp_ns);
+                out.push(Matched { image, mask, info });
+            } else if self.masks.iter().any(|m| m.stamp_ns > image.stamp_ns + slop) {
+                // Masks arrive in stamp order: a newer one beyond the slop means this image's mask
+                // was lost.
+                self.dropped.images_unmatched += 1;
+            } else {
+                kept.push_back(image);
+            }
+        }
+        self.images = kept;
+        // Masks older than every waiting image (minus slop) can never match.
+        if let Some(oldest) = self.images.front().map(|i| i.stamp_ns) {
+            let before = self.masks.len();
+            self.masks.retain(|m| m.stamp_ns >= oldest - slop);
+            self.dropped.masks += (before - self.masks.len()) as u64;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s<T>(stamp_ns: i64, value: T) -> Stamped<T> {
+        Stamped { stamp_ns, value }
+    }
+
+    fn cfg(wait: bool) -> SyncConfig {
+        SyncConfig { slop_ns: 10, queue: 4, wait_for_mask: wait }
+    }
+
+    #[test]
+    fn images_without_masks_pass_through_with_latest_info() {
+        let mut sync: ApproxTimeSync<u32, u32, &str> = ApproxTimeSync::new(cfg(false));
+        assert_eq!(sync.push_image(s(0, 1)).len(), 1);
+        sync.push_info(s(100, "k1"));
+        let m = sync.push_image(s(500, 2));
+        assert_eq!(m[0].info, Some("k1"), "falls back to the latest info");
+        sync.push_info(s(600, "k2"));
+        sync.push_info(s(1000, "k3"));
+        assert_eq!(sync.push_image(s(605, 3))[0].info, Some("k2"), "nearest within slop");
+    }
+
+    #[test]
+    fn images_match_nearest_mask_within_slop_in_either_order() {
+        let mut sync: ApproxTimeSync<u32, u32, ()> = ApproxTimeSync::new(cfg(true));
+        assert!(sync.push_image(s(100, 1)).is_empty(), "waits for its mask");
+        let m = sync.push_mask(s(104, 11));
+        assert_eq!(m.len(), 1);
+        assert_eq!((m[0].image.value, m[0].mask), (1, Some(11)));
+        assert!(sync.push_mask(s(203, 12)).is_empty(), "mask first");
+        let m = sync.push_image(s(200, 2));
+        assert_eq!((m[0].image.value, m[0].mask), (2, Some(12)));
+        // Two masks in range: the nearest wins.
+        sync.push_mask(s(292, 13));
+        sync.push_mask(s(299, 14));
+        let m = sync.push_image(s(300, 3));
+        assert_eq!(m[0].mask, Some(14));
+    }
+
+    #[test]
+    fn lost_masks_and_overflow_are_counted_and_bounded() {
+        let mut sync: ApproxTimeSync<u32, u32, ()> = ApproxTimeSync::new(cfg(true));
+        sync.push_image(s(100, 1));
+        // A mask far newer than the image: the image's own mask was lost.
+        assert!(sync.push_mask(s(200, 9)).is_empty());
+        assert_eq!(sync.dropped().images_unmatched, 1);
+        assert_eq!(sync.pending_images(), 0);
+        // Flood of images with no masks: queue stays bounded, oldest dropped.
+        for i in 0..100 {
+            sync.push_image(s(1000 + i * 100, i as u32));
+        }
+        assert!(sync.pending_images() <= 4);
+        assert_eq!(sync.dropped().images_overflow, 96);
+        // The newest images still match.
+        let m = sync.push_mask(s(1000 + 99 * 100 + 3, 7));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].image.value, 99);
+    }
+
+    #[test]
+    fn turning_mask_waiting_off_releases_waiting_images() {
+        let mut sync: ApproxTimeSync<u32, u32, ()> = ApproxTimeSync::new(cfg(true));
+        sync.push_image(s(1, 1));
+        sync.push_image(s(2, 2));
+        let out = sync.set_wait_for_mask(false);
+        assert_eq!(out.iter().map(|m| m.image.value).collect::<Vec<_>>(), vec![1, 2]);
+    }
+}

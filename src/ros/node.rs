@@ -1,0 +1,743 @@
+//! `congeal_node`: topics, services, jobs.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use r2r::builtin_interfaces::msg::Time;
+use r2r::congeal_msgs::msg::{CongealResult, ImagePose, Status};
+use r2r::congeal_msgs::srv::{Congeal, GetPose, LoadModel, Register, SaveModel, SetCollecting, TransferKeypoints};
+use r2r::geometry_msgs::msg::{Point, PoseStamped};
+use r2r::sensor_msgs::msg::{CameraInfo, Image};
+use r2r::std_msgs::msg::{ColorRGBA, Header};
+use r2r::visualization_msgs::msg::Marker;
+use r2r::QosProfile;
+use tracing::{error, info, warn};
+
+use crate::collection::Collection;
+use crate::config::Config;
+use crate::congeal::pipeline;
+use crate::congeal::pose_init::{self, CandidateSet};
+use crate::field::render::{render_rays_host, CameraBatch, RenderWhat};
+use crate::ingest::frames::{decode_mask, decode_rgb, intrinsics_from_camera_info};
+use crate::ingest::store::{validate_category, CollectionStore};
+use crate::ingest::sync::{ApproxTimeSync, Stamped, SyncConfig};
+use crate::output::result::RunResult;
+use crate::ros::convert::{nocs_image, pose_stamped, raw_image, stamp_ns};
+use crate::shape::model::{load_model, save_model};
+use crate::shape::{CanonicalShape, ShapeSpec};
+
+/// Node parameters (see `config/congeal_node.yaml` for their documentation).
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Category collected from start-up.
+    pub category: String,
+    /// Where collections (and runs) are kept.
+    pub data_dir: PathBuf,
+    /// Template mesh for `shape = template` when the request gives none.
+    pub template_path: String,
+    /// Pipeline config file (empty = built-in defaults).
+    pub config: String,
+    /// Approximate-time slop, seconds.
+    pub slop_s: f64,
+    /// Queue size of each synchroniser input.
+    pub queue_size: usize,
+    /// Wait for a mask for every image.
+    pub use_mask: bool,
+    /// Frames waiting to be written to disk (oldest dropped beyond this).
+    pub ingest_queue: usize,
+    /// Collect from start-up.
+    pub collect: bool,
+}
+
+fn param<T>(node: &r2r::Node, name: &str, default: T) -> T
+where
+    r2r::ParameterValue: TryInto<T, Error = r2r::WrongParameterType>,
+{
+    node.get_parameter::<T>(name).unwrap_or(default)
+}
+
+impl Params {
+    fn from_node(node: &r2r::Node) -> Self {
+        Self {
+            category: param(node, "category", "object".to_string()),
+            data_dir: PathBuf::from(param(node, "data_dir", "congeal_data".to_string())),
+            template_path: param(node, "template_path", String::new()),
+            config: param(node, "config", String::new()),
+            slop_s: param(node, "slop", 0.05),
+            queue_size: param(node, "queue_size", 10i64).max(1) as usize,
+            use_mask: param(node, "use_mask", true),
+            ingest_queue: param(node, "ingest_queue", 30i64).max(1) as usize,
+            collect: param(node, "collect", true),
+        }
+    }
+}
+
+/// One synchronised frame on its way to disk.
+struct Frame {
+    category: String,
+    image: Image,
+    mask: Option<Image>,
+    info: Option<CameraInfo>,
+}
+
+/// A bounded queue that drops its oldest entry when full (and counts it).
+struct DropOldest<T> {
+    items: Mutex<(VecDeque<T>, u64)>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+impl<T> DropOldest<T> {
+    fn new(capacity: usize) -> Self {
+        Self { items: Mutex::new((VecDeque::new(), 0)), ready: Condvar::new(), capacity }
+    }
+
+    fn push(&self, item: T) -> Option<u64> {
+        let mut g = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = None;
+        if g.0.len() >= self.capacity {
+            g.0.pop_front();
+            g.1 += 1;
+            dropped = Some(g.1);
+        }
+        g.0.push_back(item);
+        self.ready.notify_one();
+        dropped
+    }
+
+    fn pop(&self) -> T {
+        let mut g = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(item) = g.0.pop_front() {
+                return item;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// State of a job, shown on `~/status`.
+#[derive(Clone, Debug)]
+struct JobState {
+    job_id: String,
+    stage: String,
+    progress: f32,
+    done: bool,
+    ok: bool,
+    message: String,
+}
+
+/// A model ready for `~/register`, with its candidate renders cached.
+struct ModelSlot {
+    shape: Arc<CanonicalShape>,
+    candidates: Mutex<Option<Arc<CandidateSet>>>,
+}
+
+/// Everything the callbacks share.
+struct Shared {
+    params: Params,
+    config: Config,
+    collecting: Mutex<Option<String>>,
+    sync: Mutex<ApproxTimeSync<Image, Image, CameraInfo>>,
+    to_disk: DropOldest<Frame>,
+    stores: Mutex<HashMap<String, Arc<Mutex<CollectionStore>>>>,
+    jobs: Mutex<HashMap<String, JobState>>,
+    results: Mutex<HashMap<String, (RunResult, PathBuf)>>,
+    models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// r2r publishers are `Send` but not `Sync`: shared behind a mutex.
+    publishers: Mutex<Publishers>,
+}
+
+#[derive(Clone)]
+struct Publishers {
+    status: r2r::Publisher<Status>,
+    result: r2r::Publisher<CongealResult>,
+    pose: r2r::Publisher<PoseStamped>,
+    nocs: r2r::Publisher<Image>,
+    mesh: r2r::Publisher<Marker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn store(&self, category: &str) -> crate::Result<Arc<Mutex<CollectionStore>>> {
+        let mut stores = lock(&self.stores);
+        if let Some(s) = stores.get(category) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Mutex::new(CollectionStore::open(&self.params.data_dir, category)?));
+        stores.insert(category.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn category_or_default(&self, category: &str) -> String {
+        if category.is_empty() {
+            lock(&self.collecting).clone().unwrap_or_else(|| self.params.category.clone())
+        } else {
+            category.to_string()
+        }
+    }
+
+    fn publish_status(&self, category: &str, s: &JobState) {
+        let msg = Status {
+            category: category.to_string(),
+            job_id: s.job_id.clone(),
+            stage: s.stage.clone(),
+            progress: s.progress,
+            done: s.done,
+            ok: s.ok,
+            message: s.message.clone(),
+        };
+        if let Err(e) = lock(&self.publishers).status.publish(&msg) {
+            warn!("publishing status: {e}");
+        }
+    }
+}
+
+/// Writes synchronised frames to disk, off the executor.
+fn disk_writer(shared: Arc<Shared>) {
+    let mut errors = 0u64;
+    loop {
+        let frame = shared.to_disk.pop();
+        let result = (|| -> crate::Result<usize> {
+            let (rgb, alpha) = decode_rgb(&raw_image(&frame.image))?;
+            let mask = match &frame.mask {
+                Some(m) => Some(decode_mask(&raw_image(m))?),
+                None => alpha,
+            };
+            let intrinsics = match &frame.info {
+                Some(info) => {
+                    let k: [f64; 9] = info.k.as_slice().try_into().map_err(|_| {
+                        crate::Error::InvalidInput(format!("camera_info K has {} values, expected 9", info.k.len()))
+                    })?;
+                    intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height()))?
+                }
+                None => None,
+            };
+            let store = shared.store(&frame.category)?;
+            let mut store = lock(&store);
+            let stamp = &frame.image.header.stamp;
+            store.append(&rgb, mask.as_ref(), intrinsics.as_ref(), (stamp.sec, stamp.nanosec), &frame.image.header.frame_id)
+        })();
+        if let Err(e) = result {
+            errors += 1;
+            if errors <= 20 || errors % 100 == 0 {
+                warn!("dropping a frame ({errors} so far): {e}");
+            }
+        }
+    }
+}
+
+fn job_id() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{}-{:03}", t.as_secs(), t.subsec_millis())
+}
+
+/// Starts a congealing job; returns (accepted, job id, message).
+fn start_job(shared: &Arc<Shared>, req: &Congeal::Request) -> (bool, String, String) {
+    let category = shared.category_or_default(&req.category);
+    if let Err(e) = validate_category(&category) {
+        return (false, String::new(), e.to_string());
+    }
+    let spec = match req.shape.as_str() {
+        "" | "template" => {
+            let path = if !req.template_path.is_empty() { req.template_path.clone() } else { shared.params.template_path.clone() };
+            ShapeSpec::Template((!path.is_empty()).then(|| PathBuf::from(path)))
+        }
+        "sds" => ShapeSpec::Sds,
+        "model" => {
+            let dir = shared.params.data_dir.join(&category).join("model");
+            ShapeSpec::Model(if req.template_path.is_empty() { dir } else { PathBuf::from(&req.template_path) })
+        }
+        other => return (false, String::new(), format!("unknown shape `{other}` (template, sds or model)")),
+    };
+    {
+        let jobs = lock(&shared.jobs);
+        if let Some(j) = jobs.get(&category) {
+            if !j.done {
+                return (false, String::new(), format!("a job ({}) is already running for `{category}`", j.job_id));
+            }
+        }
+    }
+    let root = shared.params.data_dir.join(&category);
+    if !root.join("collection.json").exists() {
+        return (false, String::new(), format!("no images collected for `{category}` yet ({})", root.display()));
+    }
+    let id = job_id();
+    let state = JobState { job_id: id.clone(), stage: "queued".into(), progress: 0.0, done: false, ok: false, message: String::new() };
+    lock(&shared.jobs).insert(category.clone(), state);
+    let sh = shared.clone();
+    let job = id.clone();
+    let spawned = std::thread::Builder::new().name(format!("congeal-{category}")).spawn(move || run_job(sh, category, spec, job));
+    match spawned {
+        Ok(_) => (true, id, "started".into()),
+        Err(e) => (false, String::new(), format!("cannot start a worker thread: {e}")),
+    }
+}
+
+fn stage_weight(stage: &str) -> (f32, f32) {
+    match stage {
+        "load" => (0.0, 0.05),
+        "shape" => (0.05, 0.1),
+        "pose_init" => (0.1, 0.25),
+        "pose_refine" => (0.25, 0.9),
+        _ => (0.9, 1.0),
+    }
+}
+
+fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) {
+    let run_dir = shared.params.data_dir.join(&category).join("runs").join(&job);
+    let progress = |stage: &str, fraction: f32| {
+        let (a, b) = stage_weight(stage);
+        if let Some(j) = lock(&shared.jobs).get_mut(&category) {
+            j.stage = stage.to_string();
+            j.progress = a + (b - a) * fraction.clamp(0.0, 1.0);
+        }
+    };
+    let outcome = (|| -> crate::Result<RunResult> {
+        // Snapshot the collection as it is now (frames keep arriving while the job runs).
+        let collection = Collection::load(&shared.params.data_dir.join(&category))?;
+        pipeline::run(&collection, &spec, &shared.config, &run_dir, &progress)
+    })();
+    let mut jobs = lock(&shared.jobs);
+    let Some(state) = jobs.get_mut(&category) else { return };
+    state.done = true;
+    state.progress = 1.0;
+    match outcome {
+        Ok(result) => {
+            state.ok = true;
+            state.stage = "done".into();
+            state.message = format!("posed {} images ({} skipped)", result.images.len(), result.skipped.len());
+            let snapshot = state.clone();
+            drop(jobs);
+            info!("job {job} on `{category}`: {}", snapshot.message);
+            let model = run_dir.join("model");
+            match load_model(&model, &crate::config::parse_device(&shared.config.device).unwrap_or(candle_core::Device::Cpu)) {
+                Ok(shape) => {
+                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
+                    lock(&shared.models).insert(category.clone(), slot);
+                }
+                Err(e) => warn!("model of job {job}: {e}"),
+            }
+            publish_result(&shared, &category, &job, &result, &run_dir);
+            lock(&shared.results).insert(category.clone(), (result, run_dir));
+            shared.publish_status(&category, &snapshot);
+        }
+        Err(e) => {
+            state.ok = false;
+            state.stage = "failed".into();
+            state.message = e.to_string();
+            let snapshot = state.clone();
+            drop(jobs);
+            error!("job {job} on `{category}` failed: {e}");
+            shared.publish_status(&category, &snapshot);
+        }
+    }
+}
+
+fn header_for(store: &CollectionStore, file: &str) -> Option<Header> {
+    store.frames().iter().find(|f| f.rgb == file).map(|f| Header {
+        stamp: Time { sec: f.stamp_sec, nanosec: f.stamp_nanosec },
+        frame_id: f.frame_id.clone(),
+    })
+}
+
+fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult, run_dir: &Path) {
+    let store = match shared.store(category) {
+        Ok(s) => s,
+        Err(e) => return warn!("{e}"),
+    };
+    let store = lock(&store);
+    let mut images = Vec::new();
+    for im in &result.images {
+        let Ok(pose) = im.pose() else { continue };
+        let header = header_for(&store, &im.file).unwrap_or_default();
+        let msg = pose_stamped(header.clone(), &pose);
+        if let Err(e) = lock(&shared.publishers).pose.publish(&msg) {
+            warn!("publishing pose: {e}");
+        }
+        if let Some(nocs_file) = &im.nocs {
+            if let Ok((w, h, values)) = crate::output::read_nocs_png(&run_dir.join(nocs_file)) {
+                let mask: Vec<bool> = values.iter().map(|v| v.iter().any(|c| *c > 0.0)).collect();
+                if let Err(e) = lock(&shared.publishers).nocs.publish(&nocs_image(header.clone(), w, h, &values, &mask)) {
+                    warn!("publishing nocs: {e}");
+                }
+            }
+        }
+        images.push(ImagePose {
+            pose: msg,
+            fov_deg: im.fov_deg,
+            k: im.k.iter().flatten().copied().collect(),
+            score: im.score,
+            file: im.file.clone(),
+        });
+    }
+    let frame = format!("congeal/{category}");
+    let [x0, y0, z0] = result.canonical.bbox_min;
+    let [x1, y1, z1] = result.canonical.bbox_max;
+    let msg = CongealResult {
+        header: Header { stamp: Time::default(), frame_id: frame.clone() },
+        category: category.to_string(),
+        job_id: job.to_string(),
+        shape_source: result.shape_source.clone(),
+        run_dir: run_dir.display().to_string(),
+        bbox_min: Point { x: x0, y: y0, z: z0 },
+        bbox_max: Point { x: x1, y: y1, z: z1 },
+        images,
+    };
+    if let Err(e) = lock(&shared.publishers).result.publish(&msg) {
+        warn!("publishing result: {e}");
+    }
+    match crate::field::mesh::TriangleMesh::load(&run_dir.join(&result.canonical.mesh)) {
+        Ok(mesh) => {
+            let mut points = Vec::with_capacity(mesh.triangles.len() * 3);
+            let mut colors = Vec::with_capacity(mesh.triangles.len() * 3);
+            for t in &mesh.triangles {
+                for &v in t {
+                    let p = mesh.positions[v as usize];
+                    points.push(Point { x: p[0] as f64, y: p[1] as f64, z: p[2] as f64 });
+                    let c = mesh.vertex_colors.as_ref().map(|c| c[v as usize]).unwrap_or([0.7; 3]);
+                    colors.push(ColorRGBA { r: c[0], g: c[1], b: c[2], a: 1.0 });
+                }
+            }
+            let marker = Marker {
+                header: Header { stamp: Time::default(), frame_id: frame },
+                ns: "congeal".into(),
+                id: 0,
+                type_: 11, // TRIANGLE_LIST
+                action: 0,
+                pose: r2r::geometry_msgs::msg::Pose {
+                    orientation: r2r::geometry_msgs::msg::Quaternion { w: 1.0, ..Default::default() },
+                    ..Default::default()
+                },
+                scale: r2r::geometry_msgs::msg::Vector3 { x: 1.0, y: 1.0, z: 1.0 },
+                color: ColorRGBA { r: 0.7, g: 0.7, b: 0.7, a: 1.0 },
+                points,
+                colors,
+                ..Default::default()
+            };
+            if let Err(e) = lock(&shared.publishers).mesh.publish(&marker) {
+                warn!("publishing mesh: {e}");
+            }
+        }
+        Err(e) => warn!("canonical mesh: {e}"),
+    }
+}
+
+/// Restores the latest finished run of every category on disk (so a restart keeps results).
+fn restore(shared: &Shared) {
+    let Ok(entries) = std::fs::read_dir(&shared.params.data_dir) else { return };
+    for e in entries.flatten() {
+        let category = e.file_name().to_string_lossy().to_string();
+        let runs = e.path().join("runs");
+        let Ok(list) = std::fs::read_dir(&runs) else { continue };
+        let mut dirs: Vec<PathBuf> = list.flatten().map(|d| d.path()).filter(|p| p.join("result.json").exists()).collect();
+        dirs.sort();
+        if let Some(last) = dirs.pop() {
+            if let Ok(result) = RunResult::load(&last) {
+                info!("restored run {} for `{category}`", last.display());
+                if let Ok(shape) = load_model(&last.join("model"), &candle_core::Device::Cpu) {
+                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
+                    lock(&shared.models).insert(category.clone(), slot);
+                }
+                lock(&shared.results).insert(category, (result, last));
+            }
+        }
+    }
+}
+
+fn get_pose(shared: &Shared, req: &GetPose::Request) -> GetPose::Response {
+    let category = shared.category_or_default(&req.category);
+    let fail = |message: String| GetPose::Response { found: false, message, ..Default::default() };
+    let results = lock(&shared.results);
+    let Some((result, _)) = results.get(&category) else {
+        return fail(format!("no result for `{category}` yet: call ~/congeal first"));
+    };
+    let store = match shared.store(&category) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let store = lock(&store);
+    let Some(frame) = store.frame_at((req.stamp.sec, req.stamp.nanosec), 1_000_000) else {
+        return fail(format!("no collected image of `{category}` has stamp {}.{:09}", req.stamp.sec, req.stamp.nanosec));
+    };
+    let Some(image) = result.images.iter().find(|i| i.file == frame.rgb) else {
+        return fail(format!("image {} was collected after the last job (or skipped): run ~/congeal again", frame.rgb));
+    };
+    match image.pose() {
+        Ok(pose) => GetPose::Response {
+            found: true,
+            pose: pose_stamped(Header { stamp: req.stamp.clone(), frame_id: frame.frame_id.clone() }, &pose),
+            fov_deg: image.fov_deg,
+            message: String::new(),
+        },
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+/// Registers one new image against a category's model (blocking: call off the executor).
+fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
+    let fail = |message: String| Register::Response { ok: false, message, ..Default::default() };
+    let category = shared.category_or_default(&req.category);
+    let Some(slot) = lock(&shared.models).get(&category).cloned() else {
+        return fail(format!("no canonical model for `{category}`: run ~/congeal or ~/load_model first"));
+    };
+    let outcome = (|| -> crate::Result<Register::Response> {
+        let (rgb, alpha) = decode_rgb(&raw_image(&req.image))?;
+        let mask = if !req.mask.data.is_empty() {
+            decode_mask(&raw_image(&req.mask))?
+        } else {
+            alpha.ok_or_else(|| crate::Error::InvalidInput("no mask given and the image has no alpha channel".into()))?
+        };
+        crate::collection::validate_mask(&mask, rgb.width(), rgb.height(), Path::new("<register mask>"))?;
+        let info = &req.camera_info;
+        let known = match <[f64; 9]>::try_from(info.k.as_slice()) {
+            Ok(k) => intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height()))?,
+            Err(_) => None,
+        };
+        let field = &slot.shape.field;
+        let set = {
+            let mut cache = lock(&slot.candidates);
+            match cache.as_ref() {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(pose_init::render_candidates(field, &shared.config.pose_init, shared.config.render.chunk_rays)?);
+                    *cache = Some(s.clone());
+                    s
+                }
+            }
+        };
+        let view = pose_init::input_view(&rgb, &mask, known, &shared.config.pose_init)?;
+        let mut timings = Default::default();
+        let reg = pipeline::register_with_candidates(field, &set, &[view], &[&mask], &shared.config, &pipeline::no_progress, &mut timings)?;
+        let pose_n = reg.camera_from_object[0];
+        let k = reg.intrinsics[0];
+        // NOCS at the estimated pose, masked by the input mask.
+        let cams = CameraBatch::from_poses(&[pose_n], &[k], field.device())?;
+        let pixels = crate::field::render::pixel_grid(k.width, k.height, field.device())?;
+        let what = RenderWhat { colour: false, depth: false, nocs: true };
+        let r = render_rays_host(field, &cams.rays(&pixels)?, shared.config.render.samples_per_ray, what, shared.config.render.chunk_rays)?;
+        let m: Vec<bool> = mask.pixels().map(|p| p.0[0] >= 128).collect();
+        let pose = nalgebra::Isometry3::from_parts(
+            nalgebra::Translation3::from(pose_n.translation.vector * field.units_per_normalised),
+            pose_n.rotation,
+        );
+        let header = req.image.header.clone();
+        Ok(Register::Response {
+            ok: true,
+            pose: pose_stamped(header.clone(), &pose),
+            fov_deg: k.fov_y_deg(),
+            score: reg.iou[0],
+            nocs: nocs_image(header, k.width, k.height, &r.nocs, &m),
+            message: String::new(),
+        })
+    })();
+    outcome.unwrap_or_else(|e| fail(e.to_string()))
+}
+
+/// Runs the node until it is killed.
+pub fn run_node() -> anyhow::Result<()> {
+    let ctx = r2r::Context::create()?;
+    let mut node = r2r::Node::create(ctx, "congeal", "")?;
+    let params = Params::from_node(&node);
+    let config = if params.config.is_empty() { Config::default() } else { Config::from_yaml_file(Path::new(&params.config))? };
+    config.validate()?;
+    std::fs::create_dir_all(&params.data_dir)?;
+    info!("congeal node: category `{}`, data in {}", params.category, params.data_dir.display());
+
+    let latched = QosProfile::default().transient_local().keep_last(1);
+    let publishers = Publishers {
+        status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
+        result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
+        pose: node.create_publisher::<PoseStamped>("~/pose", QosProfile::default().keep_last(100))?,
+        nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
+        mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
+    };
+    let sync_cfg = SyncConfig {
+        slop_ns: (params.slop_s * 1e9) as i64,
+        queue: params.queue_size,
+        wait_for_mask: params.use_mask,
+    };
+    let shared = Arc::new(Shared {
+        collecting: Mutex::new(params.collect.then(|| params.category.clone())),
+        sync: Mutex::new(ApproxTimeSync::new(sync_cfg)),
+        to_disk: DropOldest::new(params.ingest_queue),
+        stores: Mutex::new(HashMap::new()),
+        jobs: Mutex::new(HashMap::new()),
+        results: Mutex::new(HashMap::new()),
+        models: Mutex::new(HashMap::new()),
+        params: params.clone(),
+        config,
+        publishers: Mutex::new(publishers),
+    });
+    restore(&shared);
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new().name("congeal-disk".into()).spawn(move || disk_writer(sh))?;
+    }
+
+    let sensor = QosProfile::sensor_data().keep_last(params.queue_size.max(10));
+    let images = node.subscribe::<Image>("image", sensor.clone())?;
+    let masks = node.subscribe::<Image>("mask", sensor.clone())?;
+    let infos = node.subscribe::<CameraInfo>("camera_info", sensor)?;
+    let services = (
+        node.create_service::<Congeal::Service>("~/congeal", QosProfile::default())?,
+        node.create_service::<GetPose::Service>("~/get_pose", QosProfile::default())?,
+        node.create_service::<SetCollecting::Service>("~/set_collecting", QosProfile::default())?,
+        node.create_service::<Register::Service>("~/register", QosProfile::default())?,
+        node.create_service::<SaveModel::Service>("~/save_model", QosProfile::default())?,
+        node.create_service::<LoadModel::Service>("~/load_model", QosProfile::default())?,
+        node.create_service::<TransferKeypoints::Service>("~/transfer_keypoints", QosProfile::default())?,
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let forward = |shared: Arc<Shared>, matched: Vec<crate::ingest::sync::Matched<Image, Image, CameraInfo>>| {
+            let Some(category) = lock(&shared.collecting).clone() else { return };
+            for m in matched {
+                let frame = Frame { category: category.clone(), image: m.image.value, mask: m.mask, info: m.info };
+                if let Some(n) = shared.to_disk.push(frame) {
+                    if n <= 10 || n % 100 == 0 {
+                        warn!("ingestion queue full: dropped the oldest frame ({n} so far)");
+                    }
+                }
+            }
+        };
+        let sh = shared.clone();
+        tokio::spawn(images.for_each(move |msg| {
+            let stamp = stamp_ns(&msg.header.stamp);
+            let matched = lock(&sh.sync).push_image(Stamped { stamp_ns: stamp, value: msg });
+            forward(sh.clone(), matched);
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(masks.for_each(move |msg| {
+            let stamp = stamp_ns(&msg.header.stamp);
+            let matched = lock(&sh.sync).push_mask(Stamped { stamp_ns: stamp, value: msg });
+            forward(sh.clone(), matched);
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(infos.for_each(move |msg| {
+            let stamp = stamp_ns(&msg.header.stamp);
+            lock(&sh.sync).push_info(Stamped { stamp_ns: stamp, value: msg });
+            futures::future::ready(())
+        }));
+        let (congeal_srv, get_pose_srv, collect_srv, register_srv, save_srv, load_srv, transfer_srv) = services;
+        let sh = shared.clone();
+        tokio::spawn(congeal_srv.for_each(move |req| {
+            let (accepted, job_id, message) = start_job(&sh, &req.message);
+            if let Err(e) = req.respond(Congeal::Response { accepted, job_id, message }) {
+                warn!("responding to ~/congeal: {e}");
+            }
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(get_pose_srv.for_each(move |req| {
+            let resp = get_pose(&sh, &req.message);
+            if let Err(e) = req.respond(resp) {
+                warn!("responding to ~/get_pose: {e}");
+            }
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(collect_srv.for_each(move |req| {
+            let cat = req.message.category.clone();
+            let resp = match (req.message.collecting, validate_category(&cat)) {
+                (true, Ok(())) => {
+                    *lock(&sh.collecting) = Some(cat.clone());
+                    SetCollecting::Response { ok: true, message: format!("collecting into `{cat}`") }
+                }
+                (true, Err(e)) => SetCollecting::Response { ok: false, message: e.to_string() },
+                (false, _) => {
+                    *lock(&sh.collecting) = None;
+                    SetCollecting::Response { ok: true, message: "stopped collecting".into() }
+                }
+            };
+            if let Err(e) = req.respond(resp) {
+                warn!("responding to ~/set_collecting: {e}");
+            }
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(register_srv.for_each(move |req| {
+            let sh = sh.clone();
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let resp = register(&sh, &req.message);
+                info!("~/register answered in {:.3}s (ok: {})", t.elapsed().as_secs_f64(), resp.ok);
+                if let Err(e) = req.respond(resp) {
+                    warn!("responding to ~/register: {e}");
+                }
+            });
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(save_srv.for_each(move |req| {
+            let category = sh.category_or_default(&req.message.category);
+            let slot = lock(&sh.models).get(&category).cloned();
+            let resp = match slot {
+                None => SaveModel::Response { ok: false, message: format!("no model for `{category}`") },
+                Some(slot) => match save_model(&slot.shape, Path::new(&req.message.path)) {
+                    Ok(()) => SaveModel::Response { ok: true, message: format!("saved to {}", req.message.path) },
+                    Err(e) => SaveModel::Response { ok: false, message: e.to_string() },
+                },
+            };
+            if let Err(e) = req.respond(resp) {
+                warn!("responding to ~/save_model: {e}");
+            }
+            futures::future::ready(())
+        }));
+        let sh = shared.clone();
+        tokio::spawn(load_srv.for_each(move |req| {
+            let category = sh.category_or_default(&req.message.category);
+            let resp = match (validate_category(&category), load_model(Path::new(&req.message.path), &candle_core::Device::Cpu)) {
+                (Err(e), _) | (_, Err(e)) => LoadModel::Response { ok: false, message: e.to_string() },
+                (Ok(()), Ok(shape)) => {
+                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
+                    lock(&sh.models).insert(category.clone(), slot);
+                    LoadModel::Response { ok: true, message: format!("model for `{category}` loaded") }
+                }
+            };
+            if let Err(e) = req.respond(resp) {
+                warn!("responding to ~/load_model: {e}");
+            }
+            futures::future::ready(())
+        }));
+        tokio::spawn(transfer_srv.for_each(move |req| {
+            let resp = TransferKeypoints::Response {
+                ok: false,
+                message: "keypoint transfer needs the coordinate maps stage (not in this build)".into(),
+                ..Default::default()
+            };
+            if let Err(e) = req.respond(resp) {
+                warn!("responding to ~/transfer_keypoints: {e}");
+            }
+            futures::future::ready(())
+        }));
+        // Status at 2 Hz while any job runs.
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let running: Vec<(String, JobState)> =
+                    lock(&sh.jobs).iter().filter(|(_, j)| !j.done).map(|(c, j)| (c.clone(), j.clone())).collect();
+                for (c, j) in running {
+                    sh.publish_status(&c, &j);
+                }
+            }
+        });
+        // The executor spins on a blocking thread; callbacks above run on the tokio workers.
+        let spin = tokio::task::spawn_blocking(move || loop {
+            node.spin_once(Duration::from_millis(10));
+        });
+        let _ = spin.await;
+    });
+    Ok(())
+}

@@ -1,0 +1,177 @@
+"""rclpy peer test of congeal_node: publish the demo collection (images, masks, camera_info), run
+~/congeal with the template shape, check ~/pose against the ground truth, ~/get_pose, ~/register,
+~/save_model + ~/load_model, the Marker and NOCS messages, bad input, and that services keep
+answering while a job runs."""
+import os, sys, tempfile, time
+
+import numpy as np
+import rclpy
+from congeal_msgs.msg import Status, CongealResult
+from congeal_msgs.srv import Congeal, GetPose, Register, SaveModel, LoadModel, SetCollecting
+from geometry_msgs.msg import PoseStamped
+from sensor_msgs.msg import Image, CameraInfo
+from visualization_msgs.msg import Marker
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import *  # noqa
+
+failures = []
+
+
+def check(cond, what):
+    print(("PASS " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+
+def main():
+    data_dir = tempfile.mkdtemp(prefix="congeal-ros-")
+    log = os.path.join(data_dir, "node.log")
+    proc = start_node(data_dir, log=log)
+    rclpy.init()
+    n = rclpy.create_node("congeal_test_peer")
+    try:
+        run(n, proc, data_dir)
+    finally:
+        alive = proc.poll() is None
+        check(alive, "node still running at the end")
+        proc.kill()
+        proc.wait()
+        n.destroy_node()
+        rclpy.shutdown()
+        if failures:
+            print(open(log, errors="replace").read()[-4000:])
+    print(f"{len(failures) == 0 and 'ALL PASSED' or 'FAILED: ' + '; '.join(failures)}")
+    sys.exit(1 if failures else 0)
+
+
+def run(n, proc, data_dir):
+    frames = load_demo()
+    img_pub = n.create_publisher(Image, "/image", SENSOR)
+    mask_pub = n.create_publisher(Image, "/mask", SENSOR)
+    info_pub = n.create_publisher(CameraInfo, "/camera_info", SENSOR)
+    poses, statuses, results, markers, nocs = [], [], [], [], []
+    n.create_subscription(PoseStamped, "/congeal/pose", poses.append, 100)
+    n.create_subscription(Status, "/congeal/status", statuses.append, 100)
+    n.create_subscription(CongealResult, "/congeal/result", results.append, LATCHED)
+    n.create_subscription(Marker, "/congeal/canonical_mesh", markers.append, LATCHED)
+    n.create_subscription(Image, "/congeal/nocs", nocs.append, 20)
+    congeal = n.create_client(Congeal, "/congeal/congeal")
+    get_pose = n.create_client(GetPose, "/congeal/get_pose")
+    register = n.create_client(Register, "/congeal/register")
+    save = n.create_client(SaveModel, "/congeal/save_model")
+    load = n.create_client(LoadModel, "/congeal/load_model")
+    collect = n.create_client(SetCollecting, "/congeal/set_collecting")
+
+    check(wait_for(lambda: img_pub.get_subscription_count() > 0 and mask_pub.get_subscription_count() > 0, 15, n),
+          "node subscribes to image and mask")
+    check(congeal.wait_for_service(timeout_sec=10), "~/congeal available")
+
+    # Bad input first: nothing of it may be stored, and the node must survive it.
+    bad = [image_msg(np.zeros((4, 4), np.uint16), "16UC1", 1),
+           image_msg(np.zeros((4, 8), np.uint8), "yuv422", 2)]
+    for m in bad:
+        img_pub.publish(m)
+        mask_pub.publish(image_msg(np.zeros((4, 4), np.uint8), "mono8", m.header.stamp.sec))
+    # Mask of the wrong size, and camera_info with NaN.
+    f0 = frames[0]
+    img_pub.publish(image_msg(f0["rgb"], "rgb8", 3))
+    mask_pub.publish(image_msg(np.zeros((10, 10), np.uint8), "mono8", 3))
+    nan_info = info_msg(np.full((3, 3), np.nan), f0["rgb"].shape[1], f0["rgb"].shape[0], 4)
+    info_pub.publish(nan_info)
+    img_pub.publish(image_msg(f0["rgb"], "rgb8", 4))
+    mask_pub.publish(image_msg(f0["mask"], "mono8", 4))
+    wait_for(lambda: False, 1.5, n)
+    check(proc.poll() is None, "node survives bad encodings, wrong mask size, NaN camera_info")
+    check(count_frames(data_dir) == 0, f"bad frames were not stored ({count_frames(data_dir)})")
+
+    # The demo collection, one frame every 0.2 s (BGR for half of them).
+    for i, f in enumerate(frames):
+        sec = 100 + i
+        h, w = f["rgb"].shape[:2]
+        info_pub.publish(info_msg(f["K"], w, h, sec))
+        if i % 2:
+            img_pub.publish(image_msg(np.ascontiguousarray(f["rgb"][:, :, ::-1]), "bgr8", sec))
+        else:
+            img_pub.publish(image_msg(f["rgb"], "rgb8", sec))
+        mask_pub.publish(image_msg(f["mask"], "mono8", sec))
+        wait_for(lambda: False, 0.2, n)
+    check(wait_for(lambda: count_frames(data_dir) == len(frames), 20, n),
+          f"all {len(frames)} frames stored ({count_frames(data_dir)})")
+
+    # The job.
+    req = Congeal.Request(category="duck", shape="template", template_path=os.path.join(DEMO, "template.obj"))
+    resp, _ = call(n, congeal, req)
+    check(resp.accepted and resp.job_id != "", f"~/congeal accepted: {resp.message}")
+    again, _ = call(n, congeal, req)
+    check(not again.accepted and "already running" in again.message, f"second job refused: {again.message}")
+    # Services answer quickly while the job runs.
+    latencies = []
+    for _ in range(5):
+        r, dt = call(n, get_pose, GetPose.Request(category="duck"))
+        latencies.append(dt)
+        wait_for(lambda: False, 0.2, n)
+    check(max(latencies) < 0.5, f"~/get_pose answers while a job runs (max {max(latencies):.3f}s)")
+    done = wait_for(lambda: any(s.done for s in statuses), 300, n)
+    check(done and any(s.ok for s in statuses if s.done), "job finished ok: " + (statuses[-1].message if statuses else "no status"))
+    check(len([s for s in statuses if not s.done]) >= 1, f"status while running ({len(statuses)} messages)")
+    wait_for(lambda: len(poses) >= len(frames) and results and markers, 10, n)
+
+    # Poses against the ground truth, matched by stamp.
+    errs = []
+    for p in poses:
+        i = p.header.stamp.sec - 100
+        if 0 <= i < len(frames):
+            errs.append(rot_err_deg(quat_to_rot(p.pose.orientation), frames[i]["pose"][:3, :3]))
+            check(p.header.frame_id == "camera", "pose header frame is the camera's") if len(errs) == 1 else None
+    med = float(np.median(errs)) if errs else float("inf")
+    check(len(errs) == len(frames) and med <= 15.0, f"~/pose for every image, median rotation error {med:.2f} deg")
+    check(bool(results) and len(results[-1].images) == len(frames), "~/result latched with every image")
+    if markers:
+        m = markers[-1]
+        check(m.type == Marker.TRIANGLE_LIST and m.header.frame_id == "congeal/duck" and len(m.points) % 3 == 0
+              and len(m.points) > 0 and len(m.colors) == len(m.points), f"Marker TRIANGLE_LIST ({len(m.points)} points)")
+    else:
+        check(False, "Marker received")
+    if nocs:
+        im = nocs[0]
+        check(im.encoding == "32FC3" and im.step == im.width * 12 and len(im.data) == im.step * im.height
+              and im.header.frame_id == "camera", "NOCS 32FC3 with the source header")
+    else:
+        check(False, "NOCS image received")
+
+    # get_pose by stamp.
+    r, _ = call(n, get_pose, GetPose.Request(category="duck", stamp=poses[0].header.stamp))
+    check(r.found and r.pose.header.stamp == poses[0].header.stamp and r.fov_deg > 1, f"~/get_pose found: {r.message}")
+    r, _ = call(n, get_pose, GetPose.Request(category="duck"))
+    check(not r.found and r.message, "~/get_pose of an unknown stamp says why")
+
+    # register a known image against the model.
+    f = frames[3]
+    h, w = f["rgb"].shape[:2]
+    req = Register.Request(category="duck", image=image_msg(f["rgb"], "rgb8", 500),
+                           mask=image_msg(f["mask"], "mono8", 500), camera_info=info_msg(f["K"], w, h, 500))
+    r, dt = call(n, register, req, timeout=60)
+    err = rot_err_deg(quat_to_rot(r.pose.pose.orientation), f["pose"][:3, :3]) if r.ok else float("inf")
+    check(r.ok and err < 20 and r.nocs.encoding == "32FC3" and r.nocs.width == w,
+          f"~/register: ok={r.ok} error {err:.1f} deg in {dt:.2f}s {r.message}")
+    r2, dt2 = call(n, register, req, timeout=60)
+    print(f"register latency: first {dt:.3f}s, cached candidates {dt2:.3f}s", flush=True)
+    bad_reg = Register.Request(category="duck", image=image_msg(np.zeros((4, 4), np.uint16), "16UC1", 1))
+    r, _ = call(n, register, bad_reg)
+    check(not r.ok and "16UC1" in r.message, f"~/register rejects a bad image: {r.message}")
+
+    # save / load model.
+    model_dir = os.path.join(data_dir, "saved_model")
+    r, _ = call(n, save, SaveModel.Request(category="duck", path=model_dir))
+    check(r.ok and os.path.exists(os.path.join(model_dir, "model.json")), f"~/save_model: {r.message}")
+    r, _ = call(n, load, LoadModel.Request(category="other", path=model_dir))
+    check(r.ok, f"~/load_model: {r.message}")
+    r, _ = call(n, load, LoadModel.Request(category="other", path="/nonexistent"))
+    check(not r.ok and "nonexistent" in r.message, f"~/load_model of a missing folder says why: {r.message}")
+    r, _ = call(n, collect, SetCollecting.Request(category="../evil", collecting=True))
+    check(not r.ok, f"~/set_collecting refuses a bad category: {r.message}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""congeal_node under stress: a flood of 1000 images at 100 Hz (memory stays bounded, services keep
+answering, the ingestion queue drops the oldest), kill -9 while accumulating and while a job runs,
+restart: the collection on disk is intact and the job can be rerun."""
+import json, os, signal, sys, tempfile, time
+
+import numpy as np
+import rclpy
+from congeal_msgs.msg import Status
+from congeal_msgs.srv import Congeal, GetPose
+from sensor_msgs.msg import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import *  # noqa
+
+failures = []
+
+
+def check(cond, what):
+    print(("PASS " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+
+def collection_ok(data_dir, category):
+    p = os.path.join(data_dir, category, "collection.json")
+    meta = json.load(open(p))  # must parse: the index is written atomically
+    for im in meta["images"]:
+        for key in ("rgb", "mask"):
+            if key in im:
+                assert os.path.exists(os.path.join(data_dir, category, im[key])), im[key]
+    return len(meta["images"])
+
+
+def main():
+    data_dir = tempfile.mkdtemp(prefix="congeal-stress-")
+    log = os.path.join(data_dir, "node.log")
+    rclpy.init()
+    n = rclpy.create_node("congeal_stress_peer")
+    img_pub = n.create_publisher(Image, "/image", SENSOR)
+    mask_pub = n.create_publisher(Image, "/mask", SENSOR)
+    get_pose = n.create_client(GetPose, "/congeal/get_pose")
+    congeal = n.create_client(Congeal, "/congeal/congeal")
+    statuses = []
+    n.create_subscription(Status, "/congeal/status", statuses.append, 100)
+    frames = load_demo()
+
+    # The flood and the first kill go into category `flood`; the restarts collect `duck`.
+    proc = start_node(data_dir, extra=("category:=flood",), log=log)
+    try:
+        check(wait_for(lambda: img_pub.get_subscription_count() > 0, 15, n), "node up")
+        base_rss = rss_mib(proc.pid)
+        # Flood: 1000 640x480 rgb8 images + masks at 100 Hz.
+        rgb = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        mask = np.zeros((480, 640), np.uint8)
+        mask[100:380, 200:440] = 255
+        peak = base_rss
+        worst = 0.0
+        t0 = time.time()
+        for i in range(1000):
+            sec, ns = 1000 + i // 100, (i % 100) * 10_000_000
+            img_pub.publish(image_msg(rgb, "rgb8", sec, ns))
+            mask_pub.publish(image_msg(mask, "mono8", sec, ns))
+            if i % 100 == 0:
+                _, dt = call(n, get_pose, GetPose.Request(category="duck"))
+                worst = max(worst, dt)
+                peak = max(peak, rss_mib(proc.pid))
+            target = t0 + (i + 1) / 100.0
+            while time.time() < target:
+                rclpy.spin_once(n, timeout_sec=max(0.0, target - time.time()))
+        wait_for(lambda: False, 3, n)
+        peak = max(peak, rss_mib(proc.pid))
+        stored = count_frames(data_dir, "flood")
+        print(f"flood: {stored} of 1000 frames stored, RSS {base_rss:.0f} -> peak {peak:.0f} MiB, "
+              f"worst service latency {worst:.3f}s", flush=True)
+        check(proc.poll() is None, "node survives the flood")
+        check(peak - base_rss < 400, f"memory bounded during the flood (+{peak - base_rss:.0f} MiB)")
+        check(worst < 1.0, f"services answer during the flood ({worst:.3f}s)")
+        check(stored > 0, "frames stored during the flood")
+
+        # kill -9 while accumulating.
+        for i in range(40):
+            img_pub.publish(image_msg(rgb, "rgb8", 2000 + i))
+            mask_pub.publish(image_msg(mask, "mono8", 2000 + i))
+            rclpy.spin_once(n, timeout_sec=0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            flood = collection_ok(data_dir, "flood")
+            check(flood >= stored, f"collection intact after kill -9 while accumulating ({flood} frames)")
+        except Exception as e:  # noqa
+            check(False, f"collection intact after kill -9 while accumulating: {e}")
+            flood = 0
+        before = 0
+
+        # Restart: the collection is kept and grows; then kill -9 during a job, restart, rerun.
+        proc = start_node(data_dir, log=log)
+        check(wait_alive(n, get_pose, GetPose.Request(category="duck")), "node restarts")
+        wait_for(lambda: False, 2.0, n)  # let the new subscriptions discover our publishers
+        for i, f in enumerate(frames):
+            img_pub.publish(image_msg(f["rgb"], "rgb8", 3000 + i))
+            mask_pub.publish(image_msg(f["mask"], "mono8", 3000 + i))
+            wait_for(lambda: False, 0.2, n)
+        check(wait_for(lambda: count_frames(data_dir) >= before + len(frames), 20, n),
+              f"the restarted node collects new frames ({count_frames(data_dir)} >= {before + len(frames)})")
+        req = Congeal.Request(category="duck", shape="template", template_path=os.path.join(DEMO, "template.obj"))
+        resp, _ = call(n, congeal, req)
+        check(resp.accepted, f"job started: {resp.message}")
+        wait_for(lambda: any(not s.done for s in statuses), 20, n)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        check(collection_ok(data_dir, "duck") >= len(frames) and collection_ok(data_dir, "flood") == flood,
+              "collections intact after kill -9 during a job")
+        proc = start_node(data_dir, log=log)
+        check(wait_alive(n, get_pose, GetPose.Request(category="duck")), "node restarts after the killed job")
+        statuses.clear()
+        resp, _ = call(n, congeal, req)
+        check(resp.accepted, f"the job can be rerun: {resp.message}")
+        check(wait_for(lambda: any(s.done and s.ok for s in statuses), 300, n), "the rerun job finishes ok")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        n.destroy_node()
+        rclpy.shutdown()
+        if failures:
+            print(open(log, errors="replace").read()[-3000:])
+    print("ALL PASSED" if not failures else "FAILED: " + "; ".join(failures))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
