@@ -64,6 +64,17 @@ enum Command {
         #[arg(long)]
         eval: bool,
     },
+    /// Transfer keypoints between images of a run through the canonical shape (paper Eq. 17).
+    Transfer {
+        /// Run folder written by `congeal run`.
+        run: PathBuf,
+        /// Pairs: `[{"src": "rgb/000.png", "dst": "rgb/004.png", "points": [[x, y], ...]}]`.
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Output: the pairs with `"pred": [[x, y] | null, ...]` added.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Rosbag (MCAP) tools: extract a collection from a bag, write a run as a bag (feature `ros`).
     Bag {
         #[command(subcommand)]
@@ -187,6 +198,15 @@ fn main() -> Result<()> {
                 figures["eval"] = serde_json::to_value(report)?;
             }
             println!("{}", serde_json::to_string_pretty(&figures)?);
+        }
+        Command::Transfer { run, pairs, out } => {
+            let text = std::fs::read_to_string(&pairs).with_context(|| format!("reading {}", pairs.display()))?;
+            let mut list: Vec<congeal::congeal::transfer::TransferPair> =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", pairs.display()))?;
+            congeal::congeal::transfer::transfer_pairs(&run, &mut list)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
+            let (n, found) = list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
+            println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
     }

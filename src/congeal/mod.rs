@@ -4,5 +4,6 @@
 pub mod pipeline;
 pub mod pose_init;
 pub mod pose_refine;
+pub mod transfer;
 
 pub use pipeline::{run, ProgressFn};

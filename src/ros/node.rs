@@ -210,15 +210,17 @@ fn disk_writer(shared: Arc<Shared>) {
                 Some(m) => Some(decode_mask(&raw_image(m))?),
                 None => alpha,
             };
-            let intrinsics = match &frame.info {
-                Some(info) => {
-                    let k: [f64; 9] = info.k.as_slice().try_into().map_err(|_| {
-                        crate::Error::InvalidInput(format!("camera_info K has {} values, expected 9", info.k.len()))
-                    })?;
-                    intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height()))?
-                }
-                None => None,
-            };
+            // A bad camera_info (NaN, zero focal, wrong size) costs the frame its intrinsics, not the
+            // frame: the FoV is then estimated like for an uncalibrated camera.
+            let intrinsics = frame.info.as_ref().and_then(|info| {
+                let checked = <[f64; 9]>::try_from(info.k.as_slice())
+                    .map_err(|_| crate::Error::InvalidInput(format!("camera_info K has {} values, expected 9", info.k.len())))
+                    .and_then(|k| intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height())));
+                checked.unwrap_or_else(|e| {
+                    warn!("ignoring camera_info for the frame at {}.{:09}: {e}", info.header.stamp.sec, info.header.stamp.nanosec);
+                    None
+                })
+            });
             let store = shared.store(&frame.category)?;
             let mut store = lock(&store);
             let stamp = &frame.image.header.stamp;
@@ -480,6 +482,40 @@ fn get_pose(shared: &Shared, req: &GetPose::Request) -> GetPose::Response {
     }
 }
 
+/// Transfers pixels between two collected images (by stamp) through the canonical shape.
+fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> TransferKeypoints::Response {
+    let fail = |message: String| TransferKeypoints::Response { ok: false, message, ..Default::default() };
+    let category = shared.category_or_default(&req.category);
+    if req.points.len() % 2 != 0 {
+        return fail(format!("points must be x, y pairs; got {} numbers", req.points.len()));
+    }
+    let Some((result, run_dir)) = lock(&shared.results).get(&category).cloned() else {
+        return fail(format!("no result for `{category}` yet: call ~/congeal first"));
+    };
+    let store = match shared.store(&category) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (src, dst) = {
+        let store = lock(&store);
+        let file = |t: &Time| store.frame_at((t.sec, t.nanosec), 1_000_000).map(|f| f.rgb.clone());
+        match (file(&req.src_stamp), file(&req.dst_stamp)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return fail("no collected image has one of the given stamps".into()),
+        }
+    };
+    let points: Vec<[f64; 2]> = req.points.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+    match crate::congeal::transfer::transfer(&run_dir, &result, &src, &dst, &points) {
+        Ok(pred) => TransferKeypoints::Response {
+            ok: true,
+            points: pred.iter().flat_map(|p| p.map(|q| [q[0], q[1]]).unwrap_or([f64::NAN; 2])).collect(),
+            valid: pred.iter().map(Option::is_some).collect(),
+            message: String::new(),
+        },
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 /// Registers one new image against a category's model (blocking: call off the executor).
 fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
     let fail = |message: String| Register::Response { ok: false, message, ..Default::default() };
@@ -709,12 +745,9 @@ pub fn run_node() -> anyhow::Result<()> {
             }
             futures::future::ready(())
         }));
+        let sh = shared.clone();
         tokio::spawn(transfer_srv.for_each(move |req| {
-            let resp = TransferKeypoints::Response {
-                ok: false,
-                message: "keypoint transfer needs the coordinate maps stage (not in this build)".into(),
-                ..Default::default()
-            };
+            let resp = transfer_keypoints(&sh, &req.message);
             if let Err(e) = req.respond(resp) {
                 warn!("responding to ~/transfer_keypoints: {e}");
             }

@@ -112,5 +112,13 @@ def count_frames(data_dir, category="duck"):
         return 0
 
 
+def stored_stamps(data_dir, category="duck"):
+    p = os.path.join(data_dir, category, "collection.json")
+    try:
+        return {im["stamp_sec"] for im in json.load(open(p))["images"]}
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
 LATCHED = QoSProfile(depth=1, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL, reliability=QoSReliabilityPolicy.RELIABLE)
 SENSOR = qos_profile_sensor_data

@@ -2,12 +2,12 @@
 ~/congeal with the template shape, check ~/pose against the ground truth, ~/get_pose, ~/register,
 ~/save_model + ~/load_model, the Marker and NOCS messages, bad input, and that services keep
 answering while a job runs."""
-import os, sys, tempfile, time
+import json, os, sys, tempfile, time
 
 import numpy as np
 import rclpy
 from congeal_msgs.msg import Status, CongealResult
-from congeal_msgs.srv import Congeal, GetPose, Register, SaveModel, LoadModel, SetCollecting
+from congeal_msgs.srv import Congeal, GetPose, Register, SaveModel, LoadModel, SetCollecting, TransferKeypoints
 from geometry_msgs.msg import PoseStamped
 from sensor_msgs.msg import Image, CameraInfo
 from visualization_msgs.msg import Marker
@@ -62,6 +62,7 @@ def run(n, proc, data_dir):
     save = n.create_client(SaveModel, "/congeal/save_model")
     load = n.create_client(LoadModel, "/congeal/load_model")
     collect = n.create_client(SetCollecting, "/congeal/set_collecting")
+    transfer = n.create_client(TransferKeypoints, "/congeal/transfer_keypoints")
 
     check(wait_for(lambda: img_pub.get_subscription_count() > 0 and mask_pub.get_subscription_count() > 0, 15, n),
           "node subscribes to image and mask")
@@ -83,21 +84,30 @@ def run(n, proc, data_dir):
     mask_pub.publish(image_msg(f0["mask"], "mono8", 4))
     wait_for(lambda: False, 1.5, n)
     check(proc.poll() is None, "node survives bad encodings, wrong mask size, NaN camera_info")
-    check(count_frames(data_dir) == 0, f"bad frames were not stored ({count_frames(data_dir)})")
+    # Only the good image at stamp 4 may be stored, and without the NaN intrinsics.
+    meta = json.load(open(os.path.join(data_dir, "duck", "collection.json"))) if count_frames(data_dir) else {"images": []}
+    bad_stored = [(im["stamp_sec"], "K" in im) for im in meta["images"]]
+    check(all(stamp == 4 and not has_k for stamp, has_k in bad_stored),
+          f"bad frames were not stored, NaN camera_info was not used ({bad_stored})")
 
-    # The demo collection, one frame every 0.2 s (BGR for half of them).
+    # The demo collection (BGR for half of the frames). Inputs use sensor-data QoS (best effort): on a
+    # loaded machine a frame can be lost, so a frame that did not arrive is sent again.
     for i, f in enumerate(frames):
         sec = 100 + i
         h, w = f["rgb"].shape[:2]
-        info_pub.publish(info_msg(f["K"], w, h, sec))
-        if i % 2:
-            img_pub.publish(image_msg(np.ascontiguousarray(f["rgb"][:, :, ::-1]), "bgr8", sec))
-        else:
-            img_pub.publish(image_msg(f["rgb"], "rgb8", sec))
-        mask_pub.publish(image_msg(f["mask"], "mono8", sec))
-        wait_for(lambda: False, 0.2, n)
-    check(wait_for(lambda: count_frames(data_dir) == len(frames), 20, n),
-          f"all {len(frames)} frames stored ({count_frames(data_dir)})")
+        for attempt in range(4):
+            before = count_frames(data_dir)
+            info_pub.publish(info_msg(f["K"], w, h, sec))
+            if i % 2:
+                img_pub.publish(image_msg(np.ascontiguousarray(f["rgb"][:, :, ::-1]), "bgr8", sec))
+            else:
+                img_pub.publish(image_msg(f["rgb"], "rgb8", sec))
+            mask_pub.publish(image_msg(f["mask"], "mono8", sec))
+            if wait_for(lambda: count_frames(data_dir) > before, 3, n):
+                break
+            print(f"frame {i} not stored yet, sending it again", flush=True)
+    stamps = stored_stamps(data_dir)
+    check(all(100 + i in stamps for i in range(len(frames))), f"all {len(frames)} frames stored ({sorted(stamps)})")
 
     # The job.
     req = Congeal.Request(category="duck", shape="template", template_path=os.path.join(DEMO, "template.obj"))
@@ -115,7 +125,8 @@ def run(n, proc, data_dir):
     done = wait_for(lambda: any(s.done for s in statuses), 300, n)
     check(done and any(s.ok for s in statuses if s.done), "job finished ok: " + (statuses[-1].message if statuses else "no status"))
     check(len([s for s in statuses if not s.done]) >= 1, f"status while running ({len(statuses)} messages)")
-    wait_for(lambda: len(poses) >= len(frames) and results and markers, 10, n)
+    wait_for(lambda: {p.header.stamp.sec for p in poses} >= {100 + i for i in range(len(frames))}
+             and results and markers, 20, n)
 
     # Poses against the ground truth, matched by stamp.
     errs = []
@@ -125,8 +136,9 @@ def run(n, proc, data_dir):
             errs.append(rot_err_deg(quat_to_rot(p.pose.orientation), frames[i]["pose"][:3, :3]))
             check(p.header.frame_id == "camera", "pose header frame is the camera's") if len(errs) == 1 else None
     med = float(np.median(errs)) if errs else float("inf")
-    check(len(errs) == len(frames) and med <= 15.0, f"~/pose for every image, median rotation error {med:.2f} deg")
-    check(bool(results) and len(results[-1].images) == len(frames), "~/result latched with every image")
+    print(f"{len(poses)} poses received, {len(errs)} of the demo frames", flush=True)
+    check(len(errs) >= len(frames) and med <= 15.0, f"~/pose for every image, median rotation error {med:.2f} deg")
+    check(bool(results) and len(results[-1].images) >= len(frames), "~/result latched with every image")
     if markers:
         m = markers[-1]
         check(m.type == Marker.TRIANGLE_LIST and m.header.frame_id == "congeal/duck" and len(m.points) % 3 == 0
@@ -145,6 +157,18 @@ def run(n, proc, data_dir):
     check(r.found and r.pose.header.stamp == poses[0].header.stamp and r.fov_deg > 1, f"~/get_pose found: {r.message}")
     r, _ = call(n, get_pose, GetPose.Request(category="duck"))
     check(not r.found and r.message, "~/get_pose of an unknown stamp says why")
+
+    # transfer: the object centre of image 0 lands on image 1's object; a background pixel has no match.
+    m0, m1 = frames[0]["mask"], frames[1]["mask"]
+    ys, xs = np.nonzero(m0 > 127)
+    src = [float(xs.mean()), float(ys.mean()), 0.0, 0.0]
+    r, _ = call(n, transfer, TransferKeypoints.Request(category="duck", src_stamp=poses[0].header.stamp.__class__(sec=100),
+                                                       dst_stamp=poses[0].header.stamp.__class__(sec=101), points=src))
+    ok = r.ok and len(r.valid) == 2 and r.valid[0] and not r.valid[1]
+    if ok:
+        u, v = int(round(r.points[0])), int(round(r.points[1]))
+        ok = m1[v, u] > 127
+    check(ok, f"~/transfer_keypoints: {list(r.valid)} {list(r.points)} {r.message}")
 
     # register a known image against the model.
     f = frames[3]
