@@ -12,6 +12,16 @@ NODE = os.path.join(ROOT, "target", "release", "congeal_node")
 DEMO = os.path.join(ROOT, "demo", "duck")
 
 
+failures = []
+
+
+def check(cond, what):
+    """Prints a PASS/FAIL line and records failures (the scripts exit non-zero if any)."""
+    print(("PASS " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+
 def start_node(data_dir, extra=(), log=None):
     args = [NODE, "--ros-args", "-p", f"data_dir:={data_dir}", "-p", "category:=duck",
             "-p", f"config:={os.path.join(ROOT, 'config', 'fast.yaml')}", "-p", "slop:=0.01"]

@@ -15,13 +15,6 @@ from visualization_msgs.msg import Marker
 sys.path.insert(0, os.path.dirname(__file__))
 from common import *  # noqa
 
-failures = []
-
-
-def check(cond, what):
-    print(("PASS " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 def main():

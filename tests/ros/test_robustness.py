@@ -12,13 +12,6 @@ from sensor_msgs.msg import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from common import *  # noqa
 
-failures = []
-
-
-def check(cond, what):
-    print(("PASS " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 def collection_ok(data_dir, category):
