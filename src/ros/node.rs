@@ -210,6 +210,10 @@ fn disk_writer(shared: Arc<Shared>) {
                 Some(m) => Some(decode_mask(&raw_image(m))?),
                 None => alpha,
             };
+            if let Some(m) = &mask {
+                // Empty, full or mis-sized masks carry no object: refuse the frame, say why.
+                crate::collection::validate_mask(m, rgb.width(), rgb.height(), Path::new("<mask topic>"))?;
+            }
             // A bad camera_info (NaN, zero focal, wrong size) costs the frame its intrinsics, not the
             // frame: the FoV is then estimated like for an uncalibrated camera.
             let intrinsics = frame.info.as_ref().and_then(|info| {

@@ -75,8 +75,11 @@ def run(n, proc, data_dir):
     info_pub.publish(nan_info)
     img_pub.publish(image_msg(f0["rgb"], "rgb8", 4))
     mask_pub.publish(image_msg(f0["mask"], "mono8", 4))
+    # A good image with an empty mask.
+    img_pub.publish(image_msg(f0["rgb"], "rgb8", 5))
+    mask_pub.publish(image_msg(np.zeros_like(f0["mask"]), "mono8", 5))
     wait_for(lambda: False, 1.5, n)
-    check(proc.poll() is None, "node survives bad encodings, wrong mask size, NaN camera_info")
+    check(proc.poll() is None, "node survives bad encodings, wrong mask size, empty mask, NaN camera_info")
     # Only the good image at stamp 4 may be stored, and without the NaN intrinsics.
     meta = json.load(open(os.path.join(data_dir, "duck", "collection.json"))) if count_frames(data_dir) else {"images": []}
     bad_stored = [(im["stamp_sec"], "K" in im) for im in meta["images"]]
