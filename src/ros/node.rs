@@ -50,6 +50,8 @@ pub struct Params {
     pub ingest_queue: usize,
     /// Collect from start-up.
     pub collect: bool,
+    /// Input QoS reliability: `best_effort` (sensor data, default) or `reliable`.
+    pub input_reliability: String,
 }
 
 fn param<T>(node: &r2r::Node, name: &str, default: T) -> T
@@ -71,6 +73,7 @@ impl Params {
             use_mask: param(node, "use_mask", true),
             ingest_queue: param(node, "ingest_queue", 30i64).max(1) as usize,
             collect: param(node, "collect", true),
+            input_reliability: param(node, "input_reliability", "best_effort".to_string()),
         }
     }
 }
@@ -622,6 +625,11 @@ pub fn run_node() -> anyhow::Result<()> {
     }
 
     let sensor = QosProfile::sensor_data().keep_last(params.queue_size.max(10));
+    let sensor = match params.input_reliability.as_str() {
+        "reliable" => sensor.reliable(),
+        "best_effort" => sensor,
+        other => anyhow::bail!("parameter input_reliability must be best_effort or reliable, got `{other}`"),
+    };
     let images = node.subscribe::<Image>("image", sensor.clone())?;
     let masks = node.subscribe::<Image>("mask", sensor.clone())?;
     let infos = node.subscribe::<CameraInfo>("camera_info", sensor)?;
