@@ -43,8 +43,6 @@ pub struct Registration {
     pub intrinsics: Vec<Intrinsics>,
     /// Final IoU per image.
     pub iou: Vec<f32>,
-    /// The winning initial hypothesis per image.
-    pub init: Vec<PoseHypothesis>,
     /// Candidate info of each winner.
     pub init_info: Vec<CandidateInfo>,
 }
@@ -276,7 +274,7 @@ pub fn register_with_candidates(
             CandidateInfo { azimuth_deg: c.azimuth_deg, elevation_deg: c.elevation_deg, fov_deg: c.fov_deg, score: h.score }
         })
         .collect();
-    Ok(Registration { camera_from_object: poses, intrinsics, iou, init: chosen, init_info })
+    Ok(Registration { camera_from_object: poses, intrinsics, iou, init_info })
 }
 
 /// The square window around an input's mask that refinement and the output renders cover.

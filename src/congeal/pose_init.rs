@@ -3,7 +3,6 @@
 //! tight bbox, and score it against each cropped input. The best `top_k` candidates of each image
 //! become pose hypotheses in the *original* image's pixels.
 
-use candle_core::Tensor;
 use image::GrayImage;
 use nalgebra::{Isometry3, Point2, Rotation3, Translation3, UnitQuaternion, Vector3};
 use rayon::prelude::*;
@@ -386,11 +385,4 @@ pub fn pose_from_candidate(
         return Err(Error::Numerical("pose from candidate is not finite".into()));
     }
     Ok((pose, intrinsics))
-}
-
-/// Helper for tests and benchmarks: a `[1, M, 2]` pixel tensor of a crop's sample points.
-pub fn crop_pixels(crop: &SquareCrop, device: &candle_core::Device) -> Result<Tensor> {
-    let pts = crop.sample_pixels();
-    let flat: Vec<f32> = pts.iter().flat_map(|p| [p.x as f32, p.y as f32]).collect();
-    Ok(Tensor::from_vec(flat, (1, pts.len(), 2), device)?)
 }

@@ -13,12 +13,12 @@ pub fn stamp_ns(t: &Time) -> i64 {
     t.sec as i64 * 1_000_000_000 + t.nanosec as i64
 }
 
-/// The raw bytes of an image message (big-endian data is refused by the decoder's encodings).
+/// The raw bytes of an image message (every accepted encoding is 8-bit, so endianness does not matter).
 pub fn raw_image(msg: &Image) -> RawImage {
     RawImage {
         width: msg.width,
         height: msg.height,
-        encoding: if msg.is_bigendian != 0 && msg.encoding.contains("16") { format!("{} (big endian)", msg.encoding) } else { msg.encoding.clone() },
+        encoding: msg.encoding.clone(),
         step: msg.step,
         data: msg.data.clone(),
     }

@@ -178,6 +178,11 @@ impl Shared {
         Ok(s)
     }
 
+    /// The tensor device of the configuration (models are loaded onto it).
+    fn device(&self) -> candle_core::Device {
+        self.config.device().unwrap_or(candle_core::Device::Cpu)
+    }
+
     fn category_or_default(&self, category: &str) -> String {
         if category.is_empty() {
             lock(&self.collecting).clone().unwrap_or_else(|| self.params.category.clone())
@@ -326,15 +331,17 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
             drop(jobs);
             info!("job {job} on `{category}`: {}", snapshot.message);
             let model = run_dir.join("model");
-            match load_model(&model, &crate::config::parse_device(&shared.config.device).unwrap_or(candle_core::Device::Cpu)) {
+            match load_model(&model, &shared.device()) {
                 Ok(shape) => {
                     let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
                     lock(&shared.models).insert(category.clone(), slot);
                 }
                 Err(e) => warn!("model of job {job}: {e}"),
             }
+            // Make the result queryable before announcing it: a client that reacts to ~/pose or
+            // ~/status by calling ~/get_pose must find it.
+            lock(&shared.results).insert(category.clone(), (result.clone(), run_dir.clone()));
             publish_result(&shared, &category, &job, &result, &run_dir);
-            lock(&shared.results).insert(category.clone(), (result, run_dir));
             shared.publish_status(&category, &snapshot);
         }
         Err(e) => {
@@ -450,7 +457,7 @@ fn restore(shared: &Shared) {
         if let Some(last) = dirs.pop() {
             if let Ok(result) = RunResult::load(&last) {
                 info!("restored run {} for `{category}`", last.display());
-                if let Ok(shape) = load_model(&last.join("model"), &candle_core::Device::Cpu) {
+                if let Ok(shape) = load_model(&last.join("model"), &shared.device()) {
                     let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
                     lock(&shared.models).insert(category.clone(), slot);
                 }
@@ -744,7 +751,7 @@ pub fn run_node() -> anyhow::Result<()> {
         let sh = shared.clone();
         tokio::spawn(load_srv.for_each(move |req| {
             let category = sh.category_or_default(&req.message.category);
-            let resp = match (validate_category(&category), load_model(Path::new(&req.message.path), &candle_core::Device::Cpu)) {
+            let resp = match (validate_category(&category), load_model(Path::new(&req.message.path), &sh.device())) {
                 (Err(e), _) | (_, Err(e)) => LoadModel::Response { ok: false, message: e.to_string() },
                 (Ok(()), Ok(shape)) => {
                     let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
