@@ -80,6 +80,27 @@ enum Command {
         #[command(subcommand)]
         command: BagCommand,
     },
+    /// Benchmark DINOv2 patch features: seconds per image at each input size, and peak memory.
+    BenchFeatures {
+        /// DINOv2 weights (HF-named safetensors, see scripts/setup_weights.sh).
+        #[arg(long, default_value = "weights/dinov2_vits14.safetensors")]
+        weights: PathBuf,
+        /// Square input sizes in pixels (multiples of 14), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "224,448")]
+        sizes: Vec<usize>,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed repetitions after one warm-up pass.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Tokens of this block (0-based) instead of the final normalised output.
+        #[arg(long)]
+        layer: Option<usize>,
+        /// Device: cpu, cuda, cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -209,6 +230,9 @@ fn main() -> Result<()> {
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
+        Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
+            bench_features(&weights, &sizes, batch, reps, layer, &device)?
+        }
     }
     Ok(())
 }
@@ -303,6 +327,60 @@ fn run(collection: &Path, shape: &ShapeSpec, config: &Config, out: &Path) -> Res
     let result = congeal::congeal::run(&collection, shape, config, out, &progress);
     bar.finish_and_clear();
     Ok(result?)
+}
+
+/// `congeal bench-features`: times DINOv2 `patch_features` on random images at each size.
+fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, layer: Option<usize>, device: &str) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use congeal::models::dinov2::Dinov2;
+    let device = match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::new_cuda(n)?,
+            None => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
+        },
+    };
+    if batch == 0 || reps == 0 {
+        bail!("--batch and --reps must be at least 1");
+    }
+    let t = std::time::Instant::now();
+    let model = Dinov2::load(weights, &device)?;
+    let c = model.config();
+    println!(
+        "dinov2 {}: hidden {}, {} blocks, {} heads, {} MLP; loaded in {:.2} s; {} threads",
+        weights.display(),
+        c.hidden_size,
+        c.num_layers,
+        c.num_heads,
+        if c.swiglu { "SwiGLU" } else { "GELU" },
+        t.elapsed().as_secs_f64(),
+        rayon::current_num_threads()
+    );
+    for &size in sizes {
+        let images = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
+        let mut times = Vec::with_capacity(reps);
+        let mut dims = Vec::new();
+        for rep in 0..=reps {
+            let t = std::time::Instant::now();
+            let feats = model.patch_features(&images, layer)?;
+            device.synchronize()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() / batch as f64);
+            }
+            dims = feats.dims().to_vec();
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up), features {dims:?}"
+        );
+    }
+    match peak_rss_mib() {
+        Some(m) => println!("peak RSS {m:.0} MiB"),
+        None => println!("peak RSS unknown"),
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.

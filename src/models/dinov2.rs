@@ -1,0 +1,808 @@
+//! DINOv2 ViT backbone (S/B/L with GELU MLP, G with SwiGLU) in the HuggingFace naming.
+//!
+//! Our own implementation of HF transformers' `Dinov2Model` (inference only):
+//! - patch embedding (conv 14x14, stride 14, done as one matrix product), CLS token, position
+//!   embeddings interpolated bicubically from the stored grid to the input's grid exactly as
+//!   `Dinov2Embeddings.interpolate_pos_encoding` does (torch `interpolate(size=(H/14, W/14),
+//!   mode="bicubic", align_corners=False)`, cubic coefficient -0.75, edge-clamped taps);
+//! - pre-norm blocks (LayerNorm eps 1e-6), multi-head attention batched over heads, LayerScale,
+//!   exact (erf) GELU MLP or SwiGLU (`Dinov2SwiGLUFFN`), final LayerNorm; no classifier head.
+//!
+//! Weights: safetensors in the HF `facebook/dinov2-*` naming (`embeddings.cls_token`,
+//! `embeddings.position_embeddings`, `embeddings.patch_embeddings.projection.{weight,bias}`,
+//! `encoder.layer.{i}.{norm1,norm2}`, `...attention.attention.{query,key,value}`,
+//! `...attention.output.dense`, `...layer_scale{1,2}.lambda1`, `...mlp.fc{1,2}` or
+//! `...mlp.weights_{in,out}`, `layernorm`); a common prefix such as `dinov2.` or `backbone.` is
+//! accepted, `embeddings.mask_token` and any head are ignored. The configuration is inferred from the
+//! tensor shapes; the number of heads is `hidden / 64` (S=6, B=12, L=16, G=24) unless the file's
+//! metadata has `num_attention_heads`. `scripts/setup_weights.sh` writes the ViT-S/14 file
+//! `weights/dinov2_vits14.safetensors`.
+//!
+//! The fast LayerNorm and softmax kernels used here cut candle's autograd graph: no gradient flows
+//! through this model.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// ImageNet mean (RGB) used by DINOv2's preprocessing.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet standard deviation (RGB) used by DINOv2's preprocessing.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Architecture of a DINOv2 backbone (inferred from a weight file by [`Dinov2Config::from_file`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dinov2Config {
+    /// Token width C (S 384, B 768, L 1024, G 1536).
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Attention heads (head dim = hidden_size / num_heads).
+    pub num_heads: usize,
+    /// MLP hidden width (fc1 outputs for GELU; the width after the SwiGLU gate for SwiGLU).
+    pub intermediate_size: usize,
+    /// Patch side in pixels (14).
+    pub patch_size: usize,
+    /// Side of the stored position-embedding grid (37 for the 518-pixel checkpoints).
+    pub pos_grid: usize,
+    /// LayerNorm epsilon (1e-6).
+    pub layer_norm_eps: f64,
+    /// SwiGLU MLP (`mlp.weights_in/weights_out`, ViT-G) instead of GELU (`mlp.fc1/fc2`).
+    pub swiglu: bool,
+}
+
+/// Tensor names and shapes of a safetensors header, plus its `__metadata__`.
+struct Header {
+    tensors: HashMap<String, Vec<usize>>,
+    metadata: HashMap<String, String>,
+}
+
+fn weights_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let bad = |m: &str| weights_err(path, format!("not a safetensors file ({m})"));
+    if bytes.len() < 8 {
+        return Err(bad("shorter than 8 bytes"));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(len8) as usize;
+    let json = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or_else(|| bad("truncated header"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| bad(&format!("header is not JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object"))?;
+    let mut tensors = HashMap::new();
+    let mut metadata = HashMap::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    if let Some(s) = v.as_str() {
+                        metadata.insert(k.clone(), s.to_string());
+                    }
+                }
+            }
+            continue;
+        }
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| bad(&format!("tensor {name} has no valid shape")))?;
+        tensors.insert(name.clone(), shape);
+    }
+    Ok(Header { tensors, metadata })
+}
+
+fn read_header_only(path: &Path) -> Result<Header> {
+    let mut f = std::fs::File::open(path).map_err(|e| weights_err(path, missing_message(&e)))?;
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8)
+        .map_err(|e| weights_err(path, format!("not a safetensors file ({e})")))?;
+    let n = u64::from_le_bytes(len8);
+    if n > 100 << 20 {
+        return Err(weights_err(
+            path,
+            format!("not a safetensors file (header length {n})"),
+        ));
+    }
+    let mut buf = len8.to_vec();
+    buf.resize(8 + n as usize, 0);
+    f.read_exact(&mut buf[8..]).map_err(|e| {
+        weights_err(
+            path,
+            format!("not a safetensors file (truncated header: {e})"),
+        )
+    })?;
+    parse_header(path, &buf)
+}
+
+fn missing_message(e: &std::io::Error) -> String {
+    format!(
+        "cannot read the DINOv2 safetensors file ({e}); expected a HF-named Dinov2Model file such as \
+         weights/dinov2_vits14.safetensors, which scripts/setup_weights.sh writes"
+    )
+}
+
+/// The prefix (e.g. `""`, `"dinov2."`, `"backbone."`) in front of `embeddings.cls_token`.
+fn find_prefix(path: &Path, header: &Header) -> Result<String> {
+    let mut found: Vec<&String> = header
+        .tensors
+        .keys()
+        .filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token"))
+        .collect();
+    found.sort();
+    match found.first() {
+        Some(k) => Ok(k[..k.len() - "embeddings.cls_token".len()].to_string()),
+        None => Err(weights_err(
+            path,
+            format!(
+                "no tensor `embeddings.cls_token`: not a DINOv2 file in the HF Dinov2Model naming \
+                 ({} tensors, e.g. {:?})",
+                header.tensors.len(),
+                header.tensors.keys().take(3).collect::<Vec<_>>()
+            ),
+        )),
+    }
+}
+
+impl Dinov2Config {
+    /// Reads only the header of a safetensors file and infers the architecture from the tensor
+    /// shapes (and `num_attention_heads` / `layer_norm_eps` metadata when present).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let header = read_header_only(path)?;
+        let prefix = find_prefix(path, &header)?;
+        Self::infer(path, &header, &prefix)
+    }
+
+    fn infer(path: &Path, header: &Header, prefix: &str) -> Result<Self> {
+        let get = |name: &str| header.tensors.get(&format!("{prefix}{name}"));
+        let need = |name: &str, rank: usize| -> Result<Vec<usize>> {
+            match get(name) {
+                Some(s) if s.len() == rank => Ok(s.clone()),
+                Some(s) => Err(weights_err(
+                    path,
+                    format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"),
+                )),
+                None => Err(weights_err(path, format!("missing tensor {prefix}{name}"))),
+            }
+        };
+        let hidden_size = need("embeddings.cls_token", 3)?[2];
+        let proj = need("embeddings.patch_embeddings.projection.weight", 4)?;
+        let patch_size = proj[2];
+        let pos = need("embeddings.position_embeddings", 3)?;
+        let n_pos = pos[1].saturating_sub(1);
+        let pos_grid = (n_pos as f64).sqrt().round() as usize;
+        if pos_grid == 0 || pos_grid * pos_grid != n_pos {
+            return Err(weights_err(
+                path,
+                format!("{prefix}embeddings.position_embeddings has shape {pos:?}: expected [1, 1 + G*G, C]"),
+            ));
+        }
+        let mut num_layers = 0;
+        while get(&format!("encoder.layer.{num_layers}.norm1.weight")).is_some() {
+            num_layers += 1;
+        }
+        if num_layers == 0 {
+            return Err(weights_err(
+                path,
+                format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)"),
+            ));
+        }
+        let swiglu = get("encoder.layer.0.mlp.weights_in.weight").is_some();
+        let intermediate_size = if swiglu {
+            need("encoder.layer.0.mlp.weights_out.weight", 2)?[1]
+        } else {
+            need("encoder.layer.0.mlp.fc1.weight", 2)?[0]
+        };
+        let num_heads = match header.metadata.get("num_attention_heads") {
+            Some(s) => s.trim().parse::<usize>().map_err(|_| {
+                weights_err(
+                    path,
+                    format!("metadata num_attention_heads = {s:?} is not a positive integer"),
+                )
+            })?,
+            None => hidden_size / 64,
+        };
+        if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
+            return Err(weights_err(
+                path,
+                format!(
+                    "cannot split hidden size {hidden_size} into heads ({num_heads}); set metadata \
+                     num_attention_heads or use a head dim of 64"
+                ),
+            ));
+        }
+        let layer_norm_eps = match header.metadata.get("layer_norm_eps") {
+            Some(s) => s.trim().parse::<f64>().map_err(|_| {
+                weights_err(
+                    path,
+                    format!("metadata layer_norm_eps = {s:?} is not a number"),
+                )
+            })?,
+            None => 1e-6,
+        };
+        Ok(Self {
+            hidden_size,
+            num_layers,
+            num_heads,
+            intermediate_size,
+            patch_size,
+            pos_grid,
+            layer_norm_eps,
+            swiglu,
+        })
+    }
+
+    /// Every tensor the model reads, with its shape, in the HF naming (no prefix).
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let c = self.hidden_size;
+        let p = self.patch_size;
+        let i = self.intermediate_size;
+        let mut v: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.cls_token".into(), vec![1, 1, c]),
+            (
+                "embeddings.position_embeddings".into(),
+                vec![1, 1 + self.pos_grid * self.pos_grid, c],
+            ),
+            (
+                "embeddings.patch_embeddings.projection.weight".into(),
+                vec![c, 3, p, p],
+            ),
+            (
+                "embeddings.patch_embeddings.projection.bias".into(),
+                vec![c],
+            ),
+            ("layernorm.weight".into(), vec![c]),
+            ("layernorm.bias".into(), vec![c]),
+        ];
+        for l in 0..self.num_layers {
+            let pre = format!("encoder.layer.{l}.");
+            for n in ["norm1", "norm2"] {
+                v.push((format!("{pre}{n}.weight"), vec![c]));
+                v.push((format!("{pre}{n}.bias"), vec![c]));
+            }
+            for n in [
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+            ] {
+                v.push((format!("{pre}{n}.weight"), vec![c, c]));
+                v.push((format!("{pre}{n}.bias"), vec![c]));
+            }
+            v.push((format!("{pre}layer_scale1.lambda1"), vec![c]));
+            v.push((format!("{pre}layer_scale2.lambda1"), vec![c]));
+            if self.swiglu {
+                v.push((format!("{pre}mlp.weights_in.weight"), vec![2 * i, c]));
+                v.push((format!("{pre}mlp.weights_in.bias"), vec![2 * i]));
+                v.push((format!("{pre}mlp.weights_out.weight"), vec![c, i]));
+                v.push((format!("{pre}mlp.weights_out.bias"), vec![c]));
+            } else {
+                v.push((format!("{pre}mlp.fc1.weight"), vec![i, c]));
+                v.push((format!("{pre}mlp.fc1.bias"), vec![i]));
+                v.push((format!("{pre}mlp.fc2.weight"), vec![c, i]));
+                v.push((format!("{pre}mlp.fc2.bias"), vec![c]));
+            }
+        }
+        v
+    }
+
+    /// Checks a header against [`Self::expected_tensors`], naming every missing or misshapen tensor.
+    fn check(&self, path: &Path, header: &Header, prefix: &str) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut wrong = Vec::new();
+        for (name, shape) in self.expected_tensors() {
+            let full = format!("{prefix}{name}");
+            match header.tensors.get(&full) {
+                None => missing.push(full),
+                Some(s) if *s != shape => {
+                    wrong.push(format!("{full}: found {s:?}, expected {shape:?}"))
+                }
+                Some(_) => {}
+            }
+        }
+        if missing.is_empty() && wrong.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "does not match a DINOv2 with hidden {}, {} layers, {} MLP {}:",
+            self.hidden_size,
+            self.num_layers,
+            if self.swiglu { "SwiGLU" } else { "GELU" },
+            self.intermediate_size
+        );
+        if !missing.is_empty() {
+            let shown: Vec<_> = missing.iter().take(8).cloned().collect();
+            msg += &format!(" missing {} tensor(s): {}", missing.len(), shown.join(", "));
+            if missing.len() > shown.len() {
+                msg += ", ...";
+            }
+            msg += ";";
+        }
+        if !wrong.is_empty() {
+            msg += &format!(" wrong shapes: {}", wrong.join("; "));
+        }
+        Err(weights_err(path, msg))
+    }
+}
+
+/// A linear layer stored as the transposed weight `[in, out]` (contiguous) and the bias `[out]`.
+struct Linear {
+    w_t: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
+        let w = vb.get((out_dim, in_dim), &format!("{name}.weight"))?;
+        let b = vb.get(out_dim, &format!("{name}.bias"))?;
+        Ok(Self {
+            w_t: w.t()?.contiguous()?,
+            b,
+        })
+    }
+
+    /// Folds a per-output scale (LayerScale) into the weight and bias.
+    fn scaled(self, scale: &Tensor) -> Result<Self> {
+        Ok(Self {
+            w_t: self.w_t.broadcast_mul(scale)?,
+            b: self.b.mul(scale)?,
+        })
+    }
+
+    /// `x` is `[M, in]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.w_t)?.broadcast_add(&self.b)?)
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder, name: &str, c: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            w: vb.get(c, &format!("{name}.weight"))?,
+            b: vb.get(c, &format!("{name}.bias"))?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.w,
+            &self.b,
+            self.eps,
+        )?)
+    }
+}
+
+enum Mlp {
+    Gelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
+    SwiGlu {
+        w_in: Linear,
+        w_out: Linear,
+        hidden: usize,
+    },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gelu { fc1, fc2 } => fc2.forward(&gelu_erf(&fc1.forward(x)?)?),
+            Mlp::SwiGlu {
+                w_in,
+                w_out,
+                hidden,
+            } => {
+                let h = w_in.forward(x)?;
+                let x1 = h.narrow(1, 0, *hidden)?;
+                let x2 = h.narrow(1, *hidden, *hidden)?;
+                w_out.forward(&candle_nn::ops::silu(&x1)?.mul(&x2)?)
+            }
+        }
+    }
+}
+
+/// Exact-erf GELU, `x/2 (1 + erf(x/sqrt 2))`. On the CPU (contiguous f32) a vectorisable rational
+/// approximation of erf (Eigen's `generic_fast_erf_float`, |error| < 1e-6) replaces candle's scalar libm
+/// erf, which took ~15% of a ViT-S forward; elsewhere candle's `gelu_erf`.
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() {
+        Ok(x.apply_op1_no_bwd(&FastGeluErf)?)
+    } else {
+        Ok(x.gelu_erf()?)
+    }
+}
+
+/// erf for f32 as a ratio of odd/even polynomials on [-4, 4] (Eigen `generic_fast_erf_float`).
+#[inline(always)]
+pub(crate) fn fast_erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+    p = x2.mul_add(p, -2.101_024e-6);
+    p = x2.mul_add(p, -5.692_506_4e-5);
+    p = x2.mul_add(p, -7.349_906_3e-4);
+    p = x2.mul_add(p, -2.954_6e-3);
+    p = x2.mul_add(p, -1.609_603_3e-2);
+    p *= x;
+    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+    q = x2.mul_add(q, -1.682_827e-3);
+    q = x2.mul_add(q, -7.373_329_2e-3);
+    q = x2.mul_add(q, -1.426_474e-2);
+    p / q
+}
+
+struct FastGeluErf;
+
+impl candle_core::CustomOp1 for FastGeluErf {
+    fn name(&self) -> &'static str {
+        "dinov2-fast-gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fast gelu: non-contiguous input".into()))?;
+        let out: Vec<f32> = data[start..end]
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2)))
+            .collect();
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+struct Block {
+    norm1: Norm,
+    /// query, key and value fused: `[C, 3C]`.
+    qkv: Linear,
+    /// attention output projection with `layer_scale1` folded in.
+    proj: Linear,
+    norm2: Norm,
+    /// MLP with `layer_scale2` folded into its output layer.
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: &VarBuilder, cfg: &Dinov2Config) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let att = vb.pp("attention.attention");
+        let q = Linear::load(&att, "query", c, c)?;
+        let k = Linear::load(&att, "key", c, c)?;
+        let v = Linear::load(&att, "value", c, c)?;
+        let qkv = Linear {
+            w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?,
+            b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)?,
+        };
+        let i = cfg.intermediate_size;
+        let ls1 = vb.get(c, "layer_scale1.lambda1")?;
+        let ls2 = vb.get(c, "layer_scale2.lambda1")?;
+        let mlp = if cfg.swiglu {
+            Mlp::SwiGlu {
+                w_in: Linear::load(vb, "mlp.weights_in", 2 * i, c)?,
+                w_out: Linear::load(vb, "mlp.weights_out", c, i)?.scaled(&ls2)?,
+                hidden: i,
+            }
+        } else {
+            Mlp::Gelu {
+                fc1: Linear::load(vb, "mlp.fc1", i, c)?,
+                fc2: Linear::load(vb, "mlp.fc2", c, i)?.scaled(&ls2)?,
+            }
+        };
+        Ok(Self {
+            norm1: Norm::load(vb, "norm1", c, eps)?,
+            qkv,
+            proj: Linear::load(vb, "attention.output.dense", c, c)?.scaled(&ls1)?,
+            norm2: Norm::load(vb, "norm2", c, eps)?,
+            mlp,
+        })
+    }
+
+    /// `x` is `[B, N, C]` (contiguous).
+    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let d = c / heads;
+        let h = self.norm1.forward(x)?.reshape((b * n, c))?;
+        let qkv = self
+            .qkv
+            .forward(&h)?
+            .reshape((b, n, 3, heads, d))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.i(0)?.contiguous()? * (1.0 / (d as f64).sqrt()))?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * n, c))?; // [B*N, C]
+        let o = self.proj.forward(&o)?.reshape((b, n, c))?;
+        let x = (x + o)?;
+        let h = self.norm2.forward(&x)?.reshape((b * n, c))?;
+        let m = self.mlp.forward(&h)?.reshape((b, n, c))?;
+        Ok((x + m)?)
+    }
+}
+
+/// Row-interpolation matrix `[out, inp]` of torch's bicubic upsampling (align_corners=False,
+/// coefficient -0.75, taps clamped to the border), scale = inp / out.
+fn bicubic_matrix(inp: usize, out: usize) -> Vec<f32> {
+    const A: f64 = -0.75;
+    let cubic1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cubic2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = inp as f64 / out as f64;
+    let mut m = vec![0f32; out * inp];
+    for o in 0..out {
+        let src = scale * (o as f64 + 0.5) - 0.5;
+        let i0 = src.floor();
+        let t = src - i0;
+        let w = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)];
+        for (k, wk) in w.iter().enumerate() {
+            let idx = (i0 as i64 - 1 + k as i64).clamp(0, inp as i64 - 1) as usize;
+            m[o * inp + idx] += *wk as f32;
+        }
+    }
+    m
+}
+
+/// A DINOv2 backbone (no head), f32.
+pub struct Dinov2 {
+    cfg: Dinov2Config,
+    cls_token: Tensor,
+    /// `[1, C]`.
+    pos_cls: Tensor,
+    /// `[G, G*C]`: the stored patch grid, rows of the grid flattened with the channels.
+    pos_grid: Tensor,
+    /// `[3*P*P, C]`.
+    patch_w_t: Tensor,
+    patch_b: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    device: Device,
+}
+
+impl Dinov2 {
+    /// Loads a HF-named DINOv2 safetensors file as f32 on `device`, inferring the architecture
+    /// (see the module docs). A missing/unreadable file, or missing/misshapen tensors, give
+    /// [`Error::Weights`] naming the path and what was expected.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| weights_err(path, missing_message(&e)))?;
+        let header = parse_header(path, &bytes)?;
+        let prefix = find_prefix(path, &header)?;
+        let cfg = Dinov2Config::infer(path, &header, &prefix)?;
+        cfg.check(path, &header, &prefix)?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
+            .map_err(|e| weights_err(path, format!("cannot parse safetensors: {e}")))?;
+        let vb = if prefix.is_empty() {
+            vb
+        } else {
+            vb.pp(prefix.trim_end_matches('.'))
+        };
+        Self::from_varbuilder(cfg, vb).map_err(|e| match e {
+            Error::Tensor(e) => weights_err(path, e.to_string()),
+            e => e,
+        })
+    }
+
+    /// Builds the model from a [`VarBuilder`] holding the HF names (no prefix) and an explicit config.
+    pub fn from_varbuilder(cfg: Dinov2Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let p = cfg.patch_size;
+        let g = cfg.pos_grid;
+        if c == 0 || p == 0 || g == 0 || cfg.num_heads == 0 || !c.is_multiple_of(cfg.num_heads) {
+            return Err(Error::Config(format!("invalid DINOv2 config {cfg:?}")));
+        }
+        let device = vb.device().clone();
+        let emb = vb.pp("embeddings");
+        let cls_token = emb.get((1, 1, c), "cls_token")?;
+        let pos = emb.get((1, 1 + g * g, c), "position_embeddings")?;
+        let pos_cls = pos.i((0, 0..1))?.contiguous()?;
+        let pos_grid = pos.i((0, 1..))?.reshape((g, g * c))?.contiguous()?;
+        let proj = emb.pp("patch_embeddings.projection");
+        let patch_w_t = proj
+            .get((c, 3, p, p), "weight")?
+            .reshape((c, 3 * p * p))?
+            .t()?
+            .contiguous()?;
+        let patch_b = proj.get(c, "bias")?;
+        let enc = vb.pp("encoder.layer");
+        let blocks = (0..cfg.num_layers)
+            .map(|l| Block::load(&enc.pp(l), &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = Norm::load(&vb, "layernorm", c, cfg.layer_norm_eps)?;
+        Ok(Self {
+            cfg,
+            cls_token,
+            pos_cls,
+            pos_grid,
+            patch_w_t,
+            patch_b,
+            blocks,
+            norm,
+            device,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &Dinov2Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Position embeddings `[1, 1 + gh*gw, C]` for a `gh x gw` patch grid (bicubic from the stored grid).
+    pub fn position_embeddings(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        let g = self.cfg.pos_grid;
+        let c = self.cfg.hidden_size;
+        let grid = if gh == g && gw == g {
+            self.pos_grid.reshape((g * g, c))?
+        } else {
+            let mh = Tensor::from_vec(bicubic_matrix(g, gh), (gh, g), &self.device)?;
+            let mw = Tensor::from_vec(bicubic_matrix(g, gw), (gw, g), &self.device)?;
+            let rows = mh.matmul(&self.pos_grid)?.reshape((gh, g, c))?; // interpolated along y
+            mw.unsqueeze(0)?
+                .broadcast_as((gh, gw, g))?
+                .contiguous()?
+                .matmul(&rows)?
+                .reshape((gh * gw, c))?
+        };
+        Ok(Tensor::cat(&[&self.pos_cls, &grid], 0)?.unsqueeze(0)?)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
+        let p = self.cfg.patch_size;
+        let dims = x.dims();
+        match dims {
+            &[b, 3, h, w] if b > 0 && h > 0 && w > 0 && h % p == 0 && w % p == 0 => Ok((b, h / p, w / p)),
+            _ => Err(Error::InvalidInput(format!(
+                "DINOv2 expects images [B, 3, H, W] with B >= 1 and H, W positive multiples of {p}, got {dims:?}"
+            ))),
+        }
+    }
+
+    /// Tokens `[B, 1+N, C]` (CLS first, then the patches row by row) after block `layer` (0-based,
+    /// no final norm; = HF `hidden_states[layer + 1]`), or with `None` after the last block followed by
+    /// the final layernorm (= HF `last_hidden_state`). Input: ImageNet-normalised pixels `[B, 3, H, W]`,
+    /// H and W multiples of the patch size.
+    pub fn forward_tokens(&self, pixels: &Tensor, layer: Option<usize>) -> Result<Tensor> {
+        let (b, gh, gw) = self.check_input(pixels)?;
+        if let Some(l) = layer {
+            if l >= self.cfg.num_layers {
+                return Err(Error::InvalidInput(format!(
+                    "DINOv2 layer {l} requested, the model has {} blocks",
+                    self.cfg.num_layers
+                )));
+            }
+        }
+        let p = self.cfg.patch_size;
+        let c = self.cfg.hidden_size;
+        let x = pixels.to_dtype(DType::F32)?;
+        let patches = x
+            .reshape((b, 3, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, 3 * p * p))?;
+        let patches = patches
+            .matmul(&self.patch_w_t)?
+            .broadcast_add(&self.patch_b)?
+            .reshape((b, gh * gw, c))?;
+        let cls = self.cls_token.broadcast_as((b, 1, c))?.contiguous()?;
+        let mut x =
+            Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
+        let last = layer.unwrap_or(self.cfg.num_layers - 1);
+        for block in &self.blocks[..=last] {
+            x = block.forward(&x, self.cfg.num_heads)?;
+        }
+        match layer {
+            Some(_) => Ok(x),
+            None => self.norm.forward(&x),
+        }
+    }
+
+    /// Patch features `[B, C, H/14, W/14]` (CLS dropped) of images `[B, 3, H, W]` with RGB in [0, 1],
+    /// normalised here with the ImageNet mean/std; `layer` as in [`Self::forward_tokens`].
+    pub fn patch_features(&self, images_01: &Tensor, layer: Option<usize>) -> Result<Tensor> {
+        let (b, gh, gw) = self.check_input(images_01)?;
+        let mean = Tensor::from_slice(&IMAGENET_MEAN, (1, 3, 1, 1), images_01.device())?;
+        let std = Tensor::from_slice(&IMAGENET_STD, (1, 3, 1, 1), images_01.device())?;
+        let x = images_01
+            .to_dtype(DType::F32)?
+            .broadcast_sub(&mean)?
+            .broadcast_div(&std)?;
+        let tokens = self.forward_tokens(&x, layer)?;
+        let c = self.cfg.hidden_size;
+        Ok(tokens
+            .i((.., 1..))?
+            .reshape((b, gh, gw, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+}
+
+/// The default location of the shipped ViT-S/14 weights, relative to the repository root.
+pub fn default_weights_path() -> PathBuf {
+    PathBuf::from("weights/dinov2_vits14.safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_erf_matches_candle_erf() {
+        let xs: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 1e-3).collect();
+        let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+        let reference: Vec<f32> = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .erf()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = xs
+            .iter()
+            .zip(&reference)
+            .map(|(x, r)| (fast_erf(*x) - r).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "fast erf max error {worst}");
+        let g: Vec<f32> = gelu_erf(&t).unwrap().to_vec1().unwrap();
+        let gr: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
+        let worst = g
+            .iter()
+            .zip(&gr)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "fast gelu max error {worst}");
+    }
+
+    #[test]
+    fn bicubic_rows_sum_to_one() {
+        for (i, o) in [(37, 16), (4, 7), (4, 2), (37, 37)] {
+            let m = bicubic_matrix(i, o);
+            for r in m.chunks(i) {
+                assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+        let id = bicubic_matrix(5, 5);
+        for r in 0..5 {
+            for c in 0..5 {
+                assert_eq!(id[r * 5 + c], if r == c { 1.0 } else { 0.0 });
+            }
+        }
+    }
+}
