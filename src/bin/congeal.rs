@@ -361,19 +361,26 @@ fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, la
         let images = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
         let mut times = Vec::with_capacity(reps);
         let mut dims = Vec::new();
+        let mut cpu0 = None;
         for rep in 0..=reps {
             let t = std::time::Instant::now();
             let feats = model.patch_features(&images, layer)?;
             device.synchronize()?;
             if rep > 0 {
                 times.push(t.elapsed().as_secs_f64() / batch as f64);
+            } else {
+                cpu0 = process_cpu_s();
             }
             dims = feats.dims().to_vec();
         }
+        let cpu = match (cpu0, process_cpu_s()) {
+            (Some(a), Some(b)) => format!(", {:.3} CPU s/image", (b - a) / (reps * batch) as f64),
+            _ => String::new(),
+        };
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
         println!(
-            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up), features {dims:?}"
+            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up{cpu}), features {dims:?}"
         );
     }
     match peak_rss_mib() {
@@ -381,6 +388,14 @@ fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, la
         None => println!("peak RSS unknown"),
     }
     Ok(())
+}
+
+/// CPU time (user + system, all threads) of this process so far, seconds (Linux, 100 Hz ticks).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.
