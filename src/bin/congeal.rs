@@ -75,6 +75,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Predict foreground masks with the built-in U^2-Net-p segmenter; `--eval` scores them against the
+    /// collection's masks (IoU).
+    Masks {
+        /// Collection folder.
+        collection: PathBuf,
+        /// Write the masks here as PNG (0/255), one per image, named like the image.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// U^2-Net-p weights (default: `masks.weights` of config/default.yaml, weights/u2netp.safetensors).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Print IoU against the collection's masks: median, mean, min and the worst 3 images.
+        #[arg(long)]
+        eval: bool,
+        /// Device override: cpu, cuda, cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Rosbag (MCAP) tools: extract a collection from a bag, write a run as a bag (feature `ros`).
     Bag {
         #[command(subcommand)]
@@ -230,6 +248,9 @@ fn main() -> Result<()> {
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
+        Command::Masks { collection, out, weights, eval, device } => {
+            masks(&collection, out.as_deref(), weights.as_deref(), eval, device.as_deref())?
+        }
         Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
             bench_features(&weights, &sizes, batch, reps, layer, &device)?
         }
@@ -396,6 +417,112 @@ fn process_cpu_s() -> Option<f64> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+/// `congeal masks`: predicts a mask per image with U^2-Net-p, optionally writes them and scores them.
+fn masks(collection: &Path, out: Option<&Path>, weights: Option<&Path>, eval: bool, device: Option<&str>) -> Result<()> {
+    use congeal::collection::segment::{Segmenter, DEFAULT_BATCH};
+    let config = load_config(None, Some(Path::new("config/default.yaml")))?;
+    let weights = match weights {
+        Some(w) => w.to_path_buf(),
+        None => congeal::config::resolve_weights(&config.masks.weights)?,
+    };
+    let device = congeal::config::parse_device(device.unwrap_or(&config.device))?;
+    let coll = Collection::load(collection)?;
+    let seg = Segmenter::load(&weights, &device)?;
+    if let Some(o) = out {
+        std::fs::create_dir_all(o).with_context(|| format!("creating {}", o.display()))?;
+    }
+    let bar = ProgressBar::new(coll.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} masks [{bar:40}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (mut ious, mut failed) = (Vec::<(f64, String)>::new(), Vec::<(String, String)>::new());
+    let mut net_s = 0.0;
+    let indices: Vec<usize> = (0..coll.len()).collect();
+    for chunk in indices.chunks(DEFAULT_BATCH) {
+        let mut rgbs = Vec::with_capacity(chunk.len());
+        let mut gts = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            if eval {
+                let img = coll.load_image(i)?;
+                rgbs.push(img.rgb);
+                gts.push(Some(img.mask));
+            } else {
+                rgbs.push(congeal::collection::load_rgb(&coll.rgb_path(i)?)?);
+                gts.push(None);
+            }
+        }
+        let t = std::time::Instant::now();
+        let masks = seg.mask_batch(&rgbs)?;
+        net_s += t.elapsed().as_secs_f64();
+        for ((&i, mask), gt) in chunk.iter().zip(masks).zip(&gts) {
+            let entry = coll.entry(i)?;
+            let name = entry.rgb.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| i.to_string());
+            let mask = match mask {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    failed.push((name.clone(), e.to_string()));
+                    None
+                }
+            };
+            if let (Some(o), Some(m)) = (out, &mask) {
+                let path = o.join(format!("{name}.png"));
+                m.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(gt) = gt {
+                let (mut inter, mut union) = (0usize, 0usize);
+                let blank = image::GrayImage::new(gt.width(), gt.height());
+                for (a, b) in mask.as_ref().unwrap_or(&blank).as_raw().iter().zip(gt.as_raw()) {
+                    inter += (*a >= 128 && *b >= 128) as usize;
+                    union += (*a >= 128 || *b >= 128) as usize;
+                }
+                ious.push((inter as f64 / union.max(1) as f64, name));
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let n = coll.len().max(1);
+    println!(
+        "{}: {} images, {:.3} s per image ({} threads, device {})",
+        coll.name,
+        coll.len(),
+        net_s / n as f64,
+        rayon::current_num_threads(),
+        device_name(&device)
+    );
+    for (name, why) in &failed {
+        println!("  no mask for {name}: {why}");
+    }
+    if let Some(o) = out {
+        println!("masks: {}", o.display());
+    }
+    if eval && !ious.is_empty() {
+        ious.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let m = ious.len();
+        let median = if m % 2 == 1 { ious[m / 2].0 } else { 0.5 * (ious[m / 2 - 1].0 + ious[m / 2].0) };
+        let mean = ious.iter().map(|x| x.0).sum::<f64>() / m as f64;
+        let worst: Vec<String> = ious.iter().take(3).map(|(v, name)| format!("{name} {v:.3}")).collect();
+        println!(
+            "IoU {}: median {median:.3} mean {mean:.3} min {:.3}; worst: {}",
+            coll.name,
+            ious[0].0,
+            worst.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `cpu` or `cuda` for messages.
+fn device_name(device: &candle_core::Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.

@@ -4,6 +4,7 @@
 mod crop;
 mod images;
 mod json;
+pub mod segment;
 
 use std::path::{Path, PathBuf};
 
