@@ -45,7 +45,7 @@ struct Conv {
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() && std::env::var_os("U2NET_CANDLE_CONV").is_none() {
+        let y = if x.device().is_cpu() {
             self.forward_gemm(x)?
         } else {
             x.conv2d(&self.weight, self.padding, 1, self.dilation, 1)?
