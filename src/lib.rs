@@ -31,6 +31,7 @@ pub mod eval;
 pub mod field;
 pub mod geometry;
 pub mod ingest;
+pub mod models;
 pub mod output;
 pub mod shape;
 #[cfg(feature = "ros")]

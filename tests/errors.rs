@@ -110,3 +110,40 @@ fn config_errors_are_clear() {
         Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{profile}.yaml"))).unwrap();
     }
 }
+
+#[test]
+fn missing_or_wrong_weights_are_clear_errors() {
+    let collection = Collection::load(&common::demo_collection()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    // Missing DINOv2 weights: the error names the file and how to get it.
+    let mut config = tiny();
+    config.features.weights = "/nonexistent/dinov2.safetensors".into();
+    let err = run(&collection, &ShapeSpec::Template(None), &config, out.path(), &no_progress).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/dinov2.safetensors") && err.contains("setup_weights.sh"), "{err}");
+    // A file that is not DINOv2 (the U^2-Net-p weights): names the path and what is missing.
+    let mut config = tiny();
+    config.features.weights = congeal::config::resolve_weights("weights/u2netp.safetensors").unwrap().display().to_string();
+    let err = run(&collection, &ShapeSpec::Template(None), &config, out.path(), &no_progress).unwrap_err().to_string();
+    assert!(err.contains("u2netp.safetensors"), "{err}");
+    // Without features (silhouette scoring, no coordinate maps) no weights are needed at all.
+    let mut config = tiny();
+    config.features.weights = "/nonexistent/dinov2.safetensors".into();
+    config.pose_init.score = congeal::config::PoseScore::Iou;
+    config.coord_maps.enabled = false;
+    run(&collection, &ShapeSpec::Template(None), &config, out.path(), &no_progress).unwrap();
+}
+
+#[test]
+fn images_without_masks_get_built_in_masks() {
+    // A plain folder of images without masks: U^2-Net-p masks them and the run poses them.
+    let src = common::demo_collection();
+    let dir = tempfile::tempdir().unwrap();
+    for k in [0, 5, 10, 15] {
+        std::fs::copy(src.join(format!("rgb/{k:03}.png")), dir.path().join(format!("{k:03}.png"))).unwrap();
+    }
+    let collection = Collection::load(dir.path()).unwrap();
+    assert!(collection.images.iter().all(|e| e.mask.is_none()));
+    let out = tempfile::tempdir().unwrap();
+    let result = run(&collection, &ShapeSpec::Template(Some(src.join("template.obj"))), &tiny(), out.path(), &no_progress).unwrap();
+    assert_eq!(result.images.len(), 4, "skipped: {:?}", result.skipped);
+}

@@ -49,6 +49,31 @@ enum Command {
         /// Also write the JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Keypoint pairs with ground truth (`congeal pairs`): adds PCK@0.1 of the predictions they
+        /// hold (`congeal transfer --out`), or of the run's 3D transfer when they hold none.
+        #[arg(long)]
+        pairs: Option<PathBuf>,
+    },
+    /// Build keypoint-transfer pairs with ground truth from a collection's NOCS maps.
+    Pairs {
+        /// Collection folder with NOCS maps (and poses, for single-instance collections).
+        collection: PathBuf,
+        /// Output PAIRS.json (with `gt`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of image pairs.
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Source points per pair.
+        #[arg(long, default_value_t = 20)]
+        points: usize,
+        /// Seed of the pair selection.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Visibility tolerance (default: 0.01 of the bbox diagonal for single-instance, 0.05
+        /// normalised NOCS for cross-instance collections).
+        #[arg(long)]
+        tolerance: Option<f64>,
     },
     /// Benchmark: run the pipeline and print timings, candidate-render throughput and peak memory.
     Bench {
@@ -74,6 +99,13 @@ enum Command {
         /// Output: the pairs with `"pred": [[x, y] | null, ...]` added.
         #[arg(long)]
         out: PathBuf,
+        /// `3d`: through the canonical shape (Eq. 17); `2d`: the paper's DINOv2 nearest-neighbour
+        /// baseline (Eq. 18, needs the collection and the DINOv2 weights).
+        #[arg(long, default_value = "3d")]
+        method: String,
+        /// Config for `--method 2d` (default: the run's config.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Predict foreground masks with the built-in U^2-Net-p segmenter; `--eval` scores them against the
     /// collection's masks (IoU).
@@ -194,10 +226,19 @@ fn main() -> Result<()> {
                 println!("contact sheet: {}", out.join("contact_sheet.png").display());
             }
         }
-        Command::Eval { collection, run, out } => {
+        Command::Eval { collection, run, out, pairs } => {
             let collection = Collection::load(&collection)?;
             let result = RunResult::load(&run)?;
             let report = congeal::eval::report::evaluate_run(&collection, &result, &run)?;
+            let mut report = serde_json::to_value(&report)?;
+            if let Some(pairs) = pairs {
+                let mut list = read_pairs(&pairs)?;
+                if list.iter().all(|p| p.pred.is_none()) {
+                    congeal::congeal::transfer::transfer_pairs(&run, &mut list)?;
+                }
+                let pck = congeal::eval::pairs::pck_report(&collection, &list, 0.1)?;
+                report["keypoints"] = serde_json::to_value(pck)?;
+            }
             let text = serde_json::to_string_pretty(&report)?;
             println!("{text}");
             if let Some(out) = out {
@@ -238,23 +279,73 @@ fn main() -> Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&figures)?);
         }
-        Command::Transfer { run, pairs, out } => {
-            let text = std::fs::read_to_string(&pairs).with_context(|| format!("reading {}", pairs.display()))?;
-            let mut list: Vec<congeal::congeal::transfer::TransferPair> =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", pairs.display()))?;
-            congeal::congeal::transfer::transfer_pairs(&run, &mut list)?;
+        Command::Pairs { collection, out, pairs, points, seed, tolerance } => {
+            let collection = Collection::load(&collection)?;
+            let cross = collection.kind == congeal::collection::CollectionKind::CrossInstance;
+            let opts = congeal::eval::pairs::PairOptions {
+                pairs,
+                points_per_pair: points,
+                seed,
+                tolerance: tolerance.unwrap_or(if cross { 0.05 } else { 0.01 }),
+            };
+            let list = congeal::eval::pairs::ground_truth_pairs(&collection, &opts)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
+            let visible: usize = list.iter().map(|p| p.gt.as_ref().map_or(0, |g| g.iter().flatten().count())).sum();
+            println!("{} pairs, {visible} visible ground-truth points: {}", list.len(), out.display());
+        }
+        Command::Transfer { run, pairs, out, method, config } => {
+            let mut list = read_pairs(&pairs)?;
+            match method.as_str() {
+                "3d" => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
+                "2d" => transfer_2d(&run, config.as_deref(), &mut list)?,
+                other => bail!("--method must be 3d or 2d, got {other}"),
+            }
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
             let (n, found) = list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
-        Command::Masks { collection, out, weights, eval, device } => {
-            masks(&collection, out.as_deref(), weights.as_deref(), eval, device.as_deref())?
-        }
         Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
             bench_features(&weights, &sizes, batch, reps, layer, &device)?
         }
+        Command::Masks { collection, out, weights, eval, device } => {
+            masks(&collection, out.as_deref(), weights.as_deref(), eval, device.as_deref())?
+        }
     }
+    Ok(())
+}
+
+fn read_pairs(path: &Path) -> Result<Vec<congeal::congeal::transfer::TransferPair>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `congeal transfer --method 2d`: the DINOv2 nearest-neighbour baseline (Eq. 18) on the run's
+/// collection, with the run's feature settings.
+fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal::transfer::TransferPair]) -> Result<()> {
+    let result = RunResult::load(run)?;
+    let stored = run.join("config.yaml");
+    let config = match config {
+        Some(c) => load_config(Some(c), None)?,
+        None => load_config(None, Some(&stored))?,
+    };
+    let collection = Collection::load(Path::new(&result.collection))?;
+    let device = config.device()?;
+    let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
+    let bar = ProgressBar::new(pairs.len() as u64);
+    for pair in pairs.iter_mut() {
+        let pred = congeal::congeal::transfer::transfer_2d(
+            &collection,
+            &extractor,
+            config.pose_init.crop_margin,
+            &pair.src,
+            &pair.dst,
+            &pair.points,
+        )?;
+        pair.pred = Some(pred);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
     Ok(())
 }
 
@@ -348,75 +439,6 @@ fn run(collection: &Path, shape: &ShapeSpec, config: &Config, out: &Path) -> Res
     let result = congeal::congeal::run(&collection, shape, config, out, &progress);
     bar.finish_and_clear();
     Ok(result?)
-}
-
-/// `congeal bench-features`: times DINOv2 `patch_features` on random images at each size.
-fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, layer: Option<usize>, device: &str) -> Result<()> {
-    use candle_core::{Device, Tensor};
-    use congeal::models::dinov2::Dinov2;
-    let device = match device {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::new_cuda(n)?,
-            None => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
-        },
-    };
-    if batch == 0 || reps == 0 {
-        bail!("--batch and --reps must be at least 1");
-    }
-    let t = std::time::Instant::now();
-    let model = Dinov2::load(weights, &device)?;
-    let c = model.config();
-    println!(
-        "dinov2 {}: hidden {}, {} blocks, {} heads, {} MLP; loaded in {:.2} s; {} threads",
-        weights.display(),
-        c.hidden_size,
-        c.num_layers,
-        c.num_heads,
-        if c.swiglu { "SwiGLU" } else { "GELU" },
-        t.elapsed().as_secs_f64(),
-        rayon::current_num_threads()
-    );
-    for &size in sizes {
-        let images = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
-        let mut times = Vec::with_capacity(reps);
-        let mut dims = Vec::new();
-        let mut cpu0 = None;
-        for rep in 0..=reps {
-            let t = std::time::Instant::now();
-            let feats = model.patch_features(&images, layer)?;
-            device.synchronize()?;
-            if rep > 0 {
-                times.push(t.elapsed().as_secs_f64() / batch as f64);
-            } else {
-                cpu0 = process_cpu_s();
-            }
-            dims = feats.dims().to_vec();
-        }
-        let cpu = match (cpu0, process_cpu_s()) {
-            (Some(a), Some(b)) => format!(", {:.3} CPU s/image", (b - a) / (reps * batch) as f64),
-            _ => String::new(),
-        };
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-        println!(
-            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up{cpu}), features {dims:?}"
-        );
-    }
-    match peak_rss_mib() {
-        Some(m) => println!("peak RSS {m:.0} MiB"),
-        None => println!("peak RSS unknown"),
-    }
-    Ok(())
-}
-
-/// CPU time (user + system, all threads) of this process so far, seconds (Linux, 100 Hz ticks).
-fn process_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// `congeal masks`: predicts a mask per image with U^2-Net-p, optionally writes them and scores them.
@@ -523,6 +545,75 @@ fn device_name(device: &candle_core::Device) -> &'static str {
     } else {
         "cpu"
     }
+}
+
+/// `congeal bench-features`: times DINOv2 `patch_features` on random images at each size.
+fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, layer: Option<usize>, device: &str) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use congeal::models::dinov2::Dinov2;
+    let device = match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::new_cuda(n)?,
+            None => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
+        },
+    };
+    if batch == 0 || reps == 0 {
+        bail!("--batch and --reps must be at least 1");
+    }
+    let t = std::time::Instant::now();
+    let model = Dinov2::load(weights, &device)?;
+    let c = model.config();
+    println!(
+        "dinov2 {}: hidden {}, {} blocks, {} heads, {} MLP; loaded in {:.2} s; {} threads",
+        weights.display(),
+        c.hidden_size,
+        c.num_layers,
+        c.num_heads,
+        if c.swiglu { "SwiGLU" } else { "GELU" },
+        t.elapsed().as_secs_f64(),
+        rayon::current_num_threads()
+    );
+    for &size in sizes {
+        let images = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
+        let mut times = Vec::with_capacity(reps);
+        let mut dims = Vec::new();
+        let mut cpu0 = None;
+        for rep in 0..=reps {
+            let t = std::time::Instant::now();
+            let feats = model.patch_features(&images, layer)?;
+            device.synchronize()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() / batch as f64);
+            } else {
+                cpu0 = process_cpu_s();
+            }
+            dims = feats.dims().to_vec();
+        }
+        let cpu = match (cpu0, process_cpu_s()) {
+            (Some(a), Some(b)) => format!(", {:.3} CPU s/image", (b - a) / (reps * batch) as f64),
+            _ => String::new(),
+        };
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up{cpu}), features {dims:?}"
+        );
+    }
+    match peak_rss_mib() {
+        Some(m) => println!("peak RSS {m:.0} MiB"),
+        None => println!("peak RSS unknown"),
+    }
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) of this process so far, seconds (Linux, 100 Hz ticks).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.

@@ -153,6 +153,17 @@ impl Collection {
     /// image's alpha channel `>= 128`), and checks sizes (image vs. the recorded size, mask vs. image)
     /// and that the mask is neither empty nor full.
     pub fn load_image(&self, i: usize) -> Result<LoadedImage> {
+        self.load_image_or_segment(i, None)
+    }
+
+    /// Whether image `i` has a mask file (images without one need their alpha channel or a segmenter).
+    pub fn has_mask_file(&self, i: usize) -> bool {
+        self.images.get(i).is_some_and(|e| e.mask.is_some())
+    }
+
+    /// [`Collection::load_image`], with `segmenter` computing the mask of an image that has neither a
+    /// mask file nor an alpha channel.
+    pub fn load_image_or_segment(&self, i: usize, segmenter: Option<&segment::Segmenter>) -> Result<LoadedImage> {
         let entry = self.entry(i)?;
         let rgb_path = self.root.join(&entry.rgb);
         let img = load_dynamic(&rgb_path)?;
@@ -173,13 +184,15 @@ impl Collection {
                 let p = self.root.join(m);
                 (load_mask(&p)?, p)
             }
-            None => match mask_from_alpha(&img) {
-                Some(m) => (m, rgb_path.clone()),
-                None => {
+            None => match (mask_from_alpha(&img), segmenter) {
+                (Some(m), _) => (m, rgb_path.clone()),
+                (None, Some(seg)) => (seg.mask(&img.to_rgb8())?, rgb_path.clone()),
+                (None, None) => {
                     return Err(Error::Mask {
                         path: rgb_path,
-                        message: "no mask was found for this image (no mask file, no alpha channel) and none can \
-                                  be computed yet; add a mask/<stem>.png"
+                        message: "no mask was found for this image (no mask file, no alpha channel) and no \
+                                  segmenter was given; add a mask/<stem>.png or the U^2-Net-p weights \
+                                  (scripts/setup_weights.sh)"
                             .into(),
                     })
                 }

@@ -1,6 +1,8 @@
 //! Congealing proper: pose initialisation, pose refinement and the pipeline that chains the stages
 //! (paper Algorithm 1).
 
+pub mod coord_maps;
+pub mod features;
 pub mod pipeline;
 pub mod pose_init;
 pub mod pose_refine;

@@ -10,6 +10,8 @@ use tracing::{info, warn};
 
 use crate::collection::{Collection, LoadedImage, SquareCrop};
 use crate::config::Config;
+use crate::congeal::coord_maps::{optimise_warps, Warp, WarpProblem};
+use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::congeal::pose_init::{self, InputView, PoseHypothesis};
 use crate::congeal::pose_refine::{refine_poses, RefineResult, RefineSettings, RefineTarget};
 use crate::error::{Error, Result};
@@ -58,9 +60,23 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     let t = Instant::now();
     let mut prepared = Vec::new();
     let mut skipped = Vec::new();
+    // Built-in masks (U^2-Net-p) for images without a mask file, if the weights are there.
+    let segmenter = if (0..collection.images.len()).any(|i| !collection.has_mask_file(i)) {
+        match crate::config::resolve_weights(&config.masks.weights)
+            .and_then(|p| crate::collection::segment::Segmenter::load(&p, &device))
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("images without masks must carry an alpha channel: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     for (i, entry) in collection.images.iter().enumerate() {
         let file = entry.rgb.to_string_lossy().to_string();
-        let loaded = collection.load_image(i).and_then(|image| {
+        let loaded = collection.load_image_or_segment(i, segmenter.as_ref()).and_then(|image| {
             let view = pose_init::input_view(&image.rgb, &image.mask, entry.intrinsics, &config.pose_init)?;
             Ok((image, view))
         });
@@ -81,6 +97,21 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     }
     timings.insert("load".to_string(), t.elapsed().as_secs_f64());
 
+    // Semantic features of the inputs (Sec. 3.2), computed once.
+    let t = Instant::now();
+    let extractor = if config.needs_features() { Some(FeatureExtractor::load(&config.features, &device)?) } else { None };
+    if let Some(ex) = &extractor {
+        let mut views: Vec<InputView> = prepared.iter().map(|p| p.view.clone()).collect();
+        let images: Vec<(&image::RgbImage, &image::GrayImage)> =
+            prepared.iter().map(|p| (&p.image.rgb, &p.image.mask)).collect();
+        attach_input_features(&mut views, &images, ex)?;
+        for (p, v) in prepared.iter_mut().zip(views) {
+            p.view = v;
+        }
+        progress("features", 1.0);
+        timings.insert("features_inputs".to_string(), t.elapsed().as_secs_f64());
+    }
+
     // Stage 2: canonical shape.
     let t = Instant::now();
     let shape_built: CanonicalShape = build_shape(shape, collection.template.as_deref(), config, &device)?;
@@ -91,11 +122,20 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     // Stages 3-4: poses.
     let views: Vec<InputView> = prepared.iter().map(|p| p.view.clone()).collect();
     let masks: Vec<&image::GrayImage> = prepared.iter().map(|p| &p.image.mask).collect();
-    let registration = register(&shape_built.field, &views, &masks, config, progress, &mut timings)?;
+    let registration = register(&shape_built.field, &views, &masks, config, extractor.as_ref(), progress, &mut timings)?;
 
-    // Stage 5 (this build: NOCS of the rendering at the refined pose) and outputs.
+    // Stage 5: canonical coordinate maps (Eq. 10-13).
     let t = Instant::now();
     let field = &shape_built.field;
+    let warps: Vec<Option<(SquareCrop, Warp)>> = match (&extractor, config.coord_maps.enabled) {
+        (Some(ex), true) => coordinate_warps(field, &prepared, &registration, ex, config)?.into_iter().map(Some).collect(),
+        _ => vec![None; prepared.len()],
+    };
+    timings.insert("coord_maps".to_string(), t.elapsed().as_secs_f64());
+    progress("coord_maps", 1.0);
+
+    // Outputs.
+    let t = Instant::now();
     let mut images = Vec::with_capacity(prepared.len());
     let mut overlays = Vec::new();
     for (k, p) in prepared.iter().enumerate() {
@@ -108,10 +148,18 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
             if config.output.nocs {
                 let (w, h) = (intr.width, intr.height);
                 let mask: Vec<bool> = p.image.mask.pixels().map(|px| px.0[0] >= 128).collect();
-                let nocs = full_raster(&rendering.nocs, &rect, w, h, [0.0; 3]);
+                let rendered = full_raster(&rendering.nocs, &rect, w, h, [0.0; 3]);
+                let alpha = full_raster(&rendering.opacity, &rect, w, h, 0.0);
+                let rendered_fg: Vec<bool> = alpha.iter().map(|a| *a >= 0.5).collect();
+                let nocs = forward_map(&rendered, &rendered_fg, &mask, w, h, warps[k].as_ref())?;
                 crate::output::write_nocs_png(&out_dir.join(&nocs_file), w, h, &nocs, &mask)?;
+                crate::output::write_nocs_png(&out_dir.join(format!("nocs_render/{:03}.png", p.index)), w, h, &rendered, &rendered_fg)?;
                 let picture = crate::output::nocs_color_image(w, h, &nocs, &mask);
                 crate::output::save_png(&picture, &out_dir.join(format!("nocs_vis/{:03}.png", p.index)))?;
+                if let Some((crop, warp)) = &warps[k] {
+                    let file = out_dir.join(format!("warps/{:03}.json", p.index));
+                    crate::output::write_json(&file, &crate::congeal::transfer::StoredWarp { crop: *crop, warp: warp.clone() })?;
+                }
             }
             if config.output.overlays {
                 let (w, h) = (intr.width, intr.height);
@@ -138,6 +186,8 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
             size: [intr.width, intr.height],
             init: registration.init_info[k].clone(),
             nocs: config.output.nocs.then(|| nocs_file.clone()),
+            nocs_render: config.output.nocs.then(|| format!("nocs_render/{:03}.png", p.index)),
+            warp: (config.output.nocs && warps[k].is_some()).then(|| format!("warps/{:03}.json", p.index)),
         });
         progress("outputs", (k + 1) as f32 / prepared.len() as f32);
     }
@@ -159,7 +209,150 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
         timings_s: timings,
     };
     result.save(out_dir)?;
+    let yaml = serde_yaml::to_string(config).map_err(|e| Error::Config(format!("cannot serialise the configuration: {e}")))?;
+    std::fs::write(out_dir.join("config.yaml"), yaml).map_err(|e| Error::io(out_dir.join("config.yaml"), e))?;
     Ok(result)
+}
+
+/// The square window (image pixels) DINOv2 sees of an input: its pose-initialisation crop at the
+/// extractor's input size.
+pub fn feature_window(view: &InputView, input_size: u32) -> SquareCrop {
+    SquareCrop { size: input_size, ..view.crop }
+}
+
+/// Computes the DINOv2 features of inputs (their masked square crops).
+pub fn attach_input_features(
+    views: &mut [InputView],
+    images: &[(&image::RgbImage, &image::GrayImage)],
+    extractor: &FeatureExtractor,
+) -> Result<()> {
+    if views.len() != images.len() {
+        return Err(Error::InvalidInput(format!("{} views but {} images", views.len(), images.len())));
+    }
+    let crops: Vec<Vec<[f32; 3]>> = views
+        .iter()
+        .zip(images)
+        .map(|(v, (rgb, mask))| masked_crop(rgb, mask, &feature_window(v, extractor.input_size())))
+        .collect();
+    let feats = extractor.extract(&crops)?;
+    for (v, f) in views.iter_mut().zip(feats) {
+        v.features = Some(f);
+    }
+    Ok(())
+}
+
+/// Eq. 10 for every image: render the shape at the estimated pose over the image's feature window,
+/// take its DINOv2 features, and optimise the warp from the input's features to the rendering's.
+fn coordinate_warps(
+    field: &CanonicalField,
+    prepared: &[Prepared],
+    registration: &Registration,
+    extractor: &FeatureExtractor,
+    config: &Config,
+) -> Result<Vec<(SquareCrop, Warp)>> {
+    let size = extractor.input_size();
+    let windows: Vec<SquareCrop> = prepared.iter().map(|p| feature_window(&p.view, size)).collect();
+    let device = field.device();
+    let pixels_one = crate::field::render::pixel_grid(size, size, device)?;
+    let mut crops = Vec::with_capacity(prepared.len());
+    for (k, window) in windows.iter().enumerate() {
+        let intr = window_intrinsics(&registration.intrinsics[k], window);
+        let cams = CameraBatch::from_poses(&[registration.camera_from_object[k]], &[intr], device)?;
+        let rays = cams.rays(&pixels_one)?;
+        let what = RenderWhat { colour: true, ..Default::default() };
+        let host = render_rays_host(field, &rays, config.render.samples_per_ray, what, config.render.chunk_rays)?;
+        crops.push(host.colour);
+    }
+    let rendered = extractor.extract(&crops)?;
+    let mut problems = Vec::with_capacity(prepared.len());
+    for (k, p) in prepared.iter().enumerate() {
+        let input = p.view.features.as_ref().ok_or_else(|| Error::InvalidInput("input features missing".into()))?;
+        let window = windows[k];
+        let mask = &p.image.mask;
+        let fg = |x: f64, y: f64| -> bool {
+            let q = window.image_from_crop(nalgebra::Point2::new(x * size as f64 - 0.5, y * size as f64 - 0.5));
+            let (px, py) = (q.x.round(), q.y.round());
+            px >= 0.0
+                && py >= 0.0
+                && (px as u32) < mask.width()
+                && (py as u32) < mask.height()
+                && mask.get_pixel(px as u32, py as u32)[0] >= 128
+        };
+        problems.push(WarpProblem::new(input, &rendered[k], &fg, config.coord_maps.grid)?);
+    }
+    let warps = optimise_warps(&problems, &config.coord_maps)?;
+    for (k, (p, w)) in problems.iter().zip(&warps).enumerate() {
+        info!(
+            "{}: coordinate map semantic distance {:.3} -> {:.3}",
+            prepared[k].file,
+            p.semantic_distance(&Warp::identity(w.grid)),
+            p.semantic_distance(w)
+        );
+    }
+    Ok(windows.into_iter().zip(warps).collect())
+}
+
+/// Intrinsics that render the square `window` of an image with intrinsics `k` as a
+/// `window.size²` image.
+pub fn window_intrinsics(k: &Intrinsics, window: &SquareCrop) -> Intrinsics {
+    let s = window.size as f64 / window.side;
+    let h = 0.5 * (window.size as f64 - 1.0);
+    Intrinsics {
+        fx: k.fx * s,
+        fy: k.fy * s,
+        cx: (k.cx - window.centre_x) * s + h,
+        cy: (k.cy - window.centre_y) * s + h,
+        width: window.size,
+        height: window.size,
+    }
+}
+
+/// The forward canonical coordinate map (Eq. 11 after Eq. 10) on an image's mask pixels: each
+/// pixel's warped position ũ (itself when there is no warp) looks up the rendered NOCS; where ũ
+/// misses the rendered silhouette, the nearest rendered pixel is used.
+pub fn forward_map(
+    rendered: &[[f32; 3]],
+    rendered_fg: &[bool],
+    mask: &[bool],
+    width: u32,
+    height: u32,
+    warp: Option<&(SquareCrop, Warp)>,
+) -> Result<Vec<[f32; 3]>> {
+    use kiddo::{KdTree, SquaredEuclidean};
+    let n = (width * height) as usize;
+    if rendered.len() != n || rendered_fg.len() != n || mask.len() != n {
+        return Err(Error::InvalidInput("forward map rasters differ in size".into()));
+    }
+    let mut tree: KdTree<f64, 2> = KdTree::new();
+    for (i, _) in rendered_fg.iter().enumerate().filter(|(_, f)| **f) {
+        tree.add(&[(i as u32 % width) as f64, (i as u32 / width) as f64], i as u64);
+    }
+    if tree.size() == 0 {
+        return Err(Error::Numerical("the rendering at the estimated pose is empty".into()));
+    }
+    let mut out = vec![[0f32; 3]; n];
+    for i in (0..n).filter(|&i| mask[i]) {
+        let p = nalgebra::Point2::new((i as u32 % width) as f64, (i as u32 / width) as f64);
+        let q = match warp {
+            Some((crop, w)) => {
+                let c = crop.crop_from_image(p);
+                let size = crop.size as f64;
+                let u = w.apply([(c.x + 0.5) / size, (c.y + 0.5) / size]);
+                crop.image_from_crop(nalgebra::Point2::new(u[0] * size - 0.5, u[1] * size - 0.5))
+            }
+            None => p,
+        };
+        let (x, y) = (q.x.round(), q.y.round());
+        let direct = (x >= 0.0 && y >= 0.0 && x < width as f64 && y < height as f64)
+            .then(|| (y as u32 * width + x as u32) as usize)
+            .filter(|&j| rendered_fg[j]);
+        let j = match direct {
+            Some(j) => j,
+            None => tree.nearest_one::<SquaredEuclidean>(&[q.x, q.y]).item as usize,
+        };
+        out[i] = rendered[j];
+    }
+    Ok(out)
 }
 
 /// Stages 3-4 for a set of prepared inputs: candidate search, then refinement of the `top_k`
@@ -169,11 +362,27 @@ pub fn register(
     views: &[InputView],
     masks: &[&image::GrayImage],
     config: &Config,
+    extractor: Option<&FeatureExtractor>,
     progress: ProgressFn,
     timings: &mut BTreeMap<String, f64>,
 ) -> Result<Registration> {
-    let set = pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?;
+    let mut set = pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?;
     timings.insert("pose_init_candidate_render".to_string(), set.render_seconds);
+    if config.pose_init.score.is_semantic() {
+        let ex = extractor.ok_or_else(|| Error::Config("semantic pose scoring needs DINOv2 features".into()))?;
+        let groups = pose_init::needed_fov_groups(&set, views, &config.pose_init);
+        pose_init::attach_candidate_features(
+            &mut set,
+            field,
+            ex,
+            &config.features,
+            config.pose_init.samples_per_ray,
+            config.render.chunk_rays,
+            groups.as_deref(),
+        )?;
+        timings.insert("pose_init_candidate_features".to_string(), set.feature_seconds);
+        *timings.entry("pose_init".to_string()).or_default() += set.feature_seconds;
+    }
     progress("pose_init", 0.5);
     let registration = register_with_candidates(field, &set, views, masks, config, progress, timings)?;
     // pose_init = candidate rendering + scoring.
@@ -246,7 +455,7 @@ pub fn register_with_candidates(
         for (r, &(i, j)) in owner.iter().enumerate() {
             // Refined silhouette fit, minus the colour disagreement of the candidate (if scored):
             // silhouettes cannot tell a symmetric object's front from its back.
-            let fit = result.iou[r] - hypotheses[i][j].colour_penalty;
+            let fit = result.iou[r] - hypotheses[i][j].penalty;
             if fit > best[i] {
                 best[i] = fit;
                 poses[i] = result.camera_from_object[r];

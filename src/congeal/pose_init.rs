@@ -8,7 +8,9 @@ use nalgebra::{Isometry3, Point2, Rotation3, Translation3, UnitQuaternion, Vecto
 use rayon::prelude::*;
 
 use crate::collection::{mask_bbox, PixelBox, SquareCrop};
-use crate::config::{PoseInitConfig, PoseScore};
+use crate::config::{FeaturesConfig, PoseInitConfig, PoseScore};
+use crate::congeal::coord_maps::FeatureGrid;
+use crate::congeal::features::{semantic_distance, token_mask, FeatureExtractor};
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::field::render::{pixel_grid, render_rays_host, CameraBatch, RenderWhat};
@@ -42,6 +44,8 @@ pub struct Candidate {
     pub silhouette: Vec<f32>,
     /// Cropped colour resampled to `score_size^2`.
     pub colour: Vec<[f32; 3]>,
+    /// DINOv2 features of the cropped rendering (semantic scoring; `None` until computed).
+    pub features: Option<FeatureGrid>,
 }
 
 /// All candidates of a collection, rendered once.
@@ -53,6 +57,8 @@ pub struct CandidateSet {
     pub score_size: u32,
     /// Seconds spent rendering.
     pub render_seconds: f64,
+    /// Seconds spent rendering and extracting candidate features.
+    pub feature_seconds: f64,
 }
 
 /// A cropped input image ready for scoring.
@@ -72,6 +78,8 @@ pub struct InputView {
     pub colour: Vec<[f32; 3]>,
     /// Known intrinsics, when the collection or camera_info gives them.
     pub known_intrinsics: Option<Intrinsics>,
+    /// DINOv2 features of the masked crop (semantic scoring; `None` until computed).
+    pub features: Option<FeatureGrid>,
 }
 
 /// A pose hypothesis for one image, in its original pixels.
@@ -83,8 +91,9 @@ pub struct PoseHypothesis {
     pub intrinsics: Intrinsics,
     /// Candidate score (higher is better).
     pub score: f32,
-    /// The colour part of the score (weight x colour distance; 0 when scoring silhouettes only).
-    pub colour_penalty: f32,
+    /// Appearance penalty used when choosing among refined hypotheses: `semantic_weight` x (semantic
+    /// distance - the image's best), or the colour term of `iou_colour`; 0 for plain IoU.
+    pub penalty: f32,
     /// Index of the candidate it came from.
     pub candidate: usize,
 }
@@ -150,13 +159,19 @@ pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_ray
                 crop,
                 silhouette,
                 colour: crop_colour,
+                features: None,
             });
         }
     }
     if candidates.is_empty() {
         return Err(Error::Numerical("every candidate rendering was empty: is the field empty?".into()));
     }
-    Ok(CandidateSet { candidates, score_size: cfg.score_size, render_seconds: start.elapsed().as_secs_f64() })
+    Ok(CandidateSet {
+        candidates,
+        score_size: cfg.score_size,
+        render_seconds: start.elapsed().as_secs_f64(),
+        feature_seconds: 0.0,
+    })
 }
 
 /// Crops a square rendering (row-major opacity, optional colour) to its silhouette; `None` when the
@@ -209,7 +224,108 @@ pub fn input_view(
         bbox,
         crop,
         known_intrinsics,
+        features: None,
     })
+}
+
+/// Computes the DINOv2 features of the candidates in the FoV groups `groups` (all when `None`): each
+/// candidate's crop window is rendered in colour at `features.render_size`, composited on black,
+/// and resampled to the extractor's input size.
+pub fn attach_candidate_features(
+    set: &mut CandidateSet,
+    field: &CanonicalField,
+    extractor: &FeatureExtractor,
+    fcfg: &FeaturesConfig,
+    samples_per_ray: usize,
+    chunk_rays: usize,
+    groups: Option<&[usize]>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let size = fcfg.render_size;
+    let device = field.device().clone();
+    let pixels_one = pixel_grid(size, size, &device)?;
+    let wanted: Vec<usize> = (0..set.candidates.len())
+        .filter(|&i| groups.is_none_or(|g| g.contains(&set.candidates[i].fov_group)))
+        .filter(|&i| set.candidates[i].features.is_none())
+        .collect();
+    let per_batch = (chunk_rays / (size * size) as usize).clamp(1, 64);
+    for batch in wanted.chunks(per_batch) {
+        let poses: Vec<_> = batch.iter().map(|&i| set.candidates[i].camera_from_object).collect();
+        let intr: Vec<_> = batch.iter().map(|&i| crop_intrinsics(&set.candidates[i], size)).collect();
+        let cams = CameraBatch::from_poses(&poses, &intr, &device)?;
+        let pixels = pixels_one.broadcast_as((batch.len(), (size * size) as usize, 2))?.contiguous()?;
+        let rays = cams.rays(&pixels)?;
+        let what = RenderWhat { colour: true, ..Default::default() };
+        let host = render_rays_host(field, &rays, samples_per_ray, what, chunk_rays)?;
+        let n_px = (size * size) as usize;
+        let crops: Vec<Vec<[f32; 3]>> = (0..batch.len())
+            .map(|k| resize_square(&host.colour[k * n_px..(k + 1) * n_px], size, extractor.input_size()))
+            .collect();
+        let feats = extractor.extract(&crops)?;
+        for (&i, f) in batch.iter().zip(feats) {
+            set.candidates[i].features = Some(f);
+        }
+    }
+    set.feature_seconds = start.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Intrinsics that render a candidate's square crop window as a `size x size` image.
+fn crop_intrinsics(cand: &Candidate, size: u32) -> Intrinsics {
+    let k = &cand.intrinsics;
+    let s = size as f64 / cand.crop.side;
+    let h = 0.5 * (size as f64 - 1.0);
+    Intrinsics {
+        fx: k.fx * s,
+        fy: k.fy * s,
+        cx: (k.cx - cand.crop.centre_x) * s + h,
+        cy: (k.cy - cand.crop.centre_y) * s + h,
+        width: size,
+        height: size,
+    }
+}
+
+/// Bilinear resampling of a square row-major RGB raster (pixel-centre aligned).
+pub fn resize_square(src: &[[f32; 3]], from: u32, to: u32) -> Vec<[f32; 3]> {
+    if from == to {
+        return src.to_vec();
+    }
+    let (n, m) = (from as usize, to as usize);
+    let scale = from as f64 / to as f64;
+    let mut out = Vec::with_capacity(m * m);
+    for y in 0..m {
+        let sy = ((y as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
+        let (y0, fy) = (sy.floor() as usize, (sy - sy.floor()) as f32);
+        let y1 = (y0 + 1).min(n - 1);
+        for x in 0..m {
+            let sx = ((x as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
+            let (x0, fx) = (sx.floor() as usize, (sx - sx.floor()) as f32);
+            let x1 = (x0 + 1).min(n - 1);
+            let px = |yy: usize, xx: usize| src.get(yy * n + xx).copied().unwrap_or([0.0; 3]);
+            let (a, b, c, d) = (px(y0, x0), px(y0, x1), px(y1, x0), px(y1, x1));
+            out.push(std::array::from_fn(|k| {
+                (a[k] * (1.0 - fx) + b[k] * fx) * (1.0 - fy) + (c[k] * (1.0 - fx) + d[k] * fx) * fy
+            }));
+        }
+    }
+    out
+}
+
+/// The FoV groups that inputs with known intrinsics will be scored against; `None` when some input
+/// has no intrinsics (then every group is searched).
+pub fn needed_fov_groups(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInitConfig) -> Option<Vec<usize>> {
+    if !cfg.use_known_intrinsics {
+        return None;
+    }
+    let mut groups = Vec::new();
+    for input in inputs {
+        let k = input.known_intrinsics?;
+        let g = best_fov_group(set, input, &k, cfg.fovs_deg.len());
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    Some(groups)
 }
 
 /// Soft IoU of two equally sized rasters in [0, 1].
@@ -268,13 +384,28 @@ pub fn colour_distance(sil_a: &[f32], col_a: &[[f32; 3]], sil_b: &[f32], col_b: 
     }
 }
 
-/// Scores one input against one candidate (higher is better).
-pub fn score(input: &InputView, cand: &Candidate, cfg: &PoseInitConfig) -> f32 {
-    let iou = soft_iou(&input.silhouette, &cand.silhouette);
+/// The semantic distance (Eq. 7 over the union of foregrounds) between an input and a candidate;
+/// `None` when either lacks features.
+pub fn candidate_semantic_distance(input: &InputView, cand: &Candidate, score_size: u32) -> Option<f32> {
+    let (a, b) = (input.features.as_ref()?, cand.features.as_ref()?);
+    let tokens = a.width;
+    let fa = token_mask(&input.silhouette, score_size, tokens);
+    let fb = token_mask(&cand.silhouette, score_size, tokens);
+    Some(semantic_distance(a, &fa, b, &fb))
+}
+
+/// Scores one input against one candidate (higher is better); `None` when the score needs features
+/// that are missing.
+pub fn score(input: &InputView, cand: &Candidate, cfg: &PoseInitConfig) -> Option<f32> {
+    let iou = || soft_iou(&input.silhouette, &cand.silhouette);
     match cfg.score {
-        PoseScore::Iou => iou,
-        PoseScore::IouColour => {
-            iou - cfg.colour_weight * colour_distance(&input.silhouette, &input.colour, &cand.silhouette, &cand.colour)
+        PoseScore::Iou => Some(iou()),
+        PoseScore::IouColour => Some(
+            iou() - cfg.colour_weight * colour_distance(&input.silhouette, &input.colour, &cand.silhouette, &cand.colour),
+        ),
+        PoseScore::Semantic => candidate_semantic_distance(input, cand, cfg.score_size).map(|d| -d),
+        PoseScore::SemanticIou => {
+            candidate_semantic_distance(input, cand, cfg.score_size).map(|d| iou() - cfg.semantic_weight * d)
         }
     }
 }
@@ -293,8 +424,13 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| group.is_none_or(|g| c.fov_group == g))
-                .map(|(i, c)| (score(input, c, cfg), i))
+                .filter_map(|(i, c)| score(input, c, cfg).map(|s| (s, i)))
                 .collect();
+            if scored.is_empty() {
+                return Err(Error::InvalidInput(
+                    "no candidate could be scored (semantic scoring needs features of the input and candidates)".into(),
+                ));
+            }
             scored.sort_by(|a, b| b.0.total_cmp(&a.0));
             // Distinct hypotheses: skip candidates within `min_separation_deg` of a better one, so
             // the top k are different modes (e.g. a symmetric object's front and back), not
@@ -310,13 +446,23 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                     picked.push((s, i));
                 }
             }
+            let semantic: Vec<f32> = picked
+                .iter()
+                .map(|&(_, i)| candidate_semantic_distance(input, &set.candidates[i], set.score_size).unwrap_or(0.0))
+                .collect();
+            let best_semantic = semantic.iter().copied().fold(f32::INFINITY, f32::min);
             picked
                 .iter()
-                .map(|&(s, i)| {
+                .zip(&semantic)
+                .map(|(&(s, i), &d)| {
                     let known = if cfg.use_known_intrinsics { input.known_intrinsics } else { None };
                     let (pose, intrinsics) = pose_from_candidate(&set.candidates[i], input, known)?;
-                    let colour_penalty = soft_iou(&input.silhouette, &set.candidates[i].silhouette) - s;
-                    Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, colour_penalty, candidate: i })
+                    let penalty = match cfg.score {
+                        PoseScore::Iou => 0.0,
+                        PoseScore::IouColour => soft_iou(&input.silhouette, &set.candidates[i].silhouette) - s,
+                        PoseScore::Semantic | PoseScore::SemanticIou => cfg.semantic_weight * (d - best_semantic),
+                    };
+                    Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, penalty, candidate: i })
                 })
                 .collect()
         })

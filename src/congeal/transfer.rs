@@ -1,18 +1,45 @@
-//! Keypoint transfer through the canonical shape (paper Eq. 12-13, 17): a source pixel's canonical
-//! point comes from the source image's forward map (its NOCS map), and the target pixel is the
-//! reverse map of the target image at that point: the target mask pixel whose NOCS is nearest
-//! (a k-d-tree-free nearest neighbour over the target's mask pixels, which number a few thousand).
+//! Keypoint transfer.
 //!
-//! In this build the forward map is the NOCS rendering at the refined pose (the semantic warp of
-//! Eq. 10 refines it later without changing this interface).
+//! Through the canonical shape (paper Eq. 17): a source pixel's canonical point comes from the source
+//! image's forward map (`nocs/NNN.png`, Eq. 10-11), and the target pixel is the target's reverse map
+//! of that point (Eq. 12-13, [`ReverseMap`]: the rendered pixel with the nearest NOCS, then the input
+//! pixel whose warped position is nearest). Runs without coordinate maps fall back to the target
+//! pixel whose forward NOCS is nearest.
+//!
+//! The paper's 2D baseline (Eq. 18, [`transfer_2d`]): the target mask pixel whose DINOv2 feature is
+//! nearest (cosine) to the source pixel's.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::collection::{Collection, SquareCrop};
+use crate::congeal::coord_maps::{ReverseMap, Warp};
+use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::error::{Error, Result};
 use crate::output::read_nocs_png;
 use crate::output::result::RunResult;
+
+/// A coordinate-map warp as stored in a run (`warps/NNN.json`): the image's square feature window
+/// and the warp over its unit square.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StoredWarp {
+    /// The window (image pixels) whose unit square the warp is defined on.
+    pub crop: SquareCrop,
+    /// The warp u -> ũ.
+    pub warp: Warp,
+}
+
+impl StoredWarp {
+    /// ũ of image pixel `p`, in image pixels.
+    pub fn apply_pixel(&self, p: [f64; 2]) -> [f64; 2] {
+        let c = self.crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
+        let size = self.crop.size as f64;
+        let u = self.warp.apply([(c.x + 0.5) / size, (c.y + 0.5) / size]);
+        let q = self.crop.image_from_crop(nalgebra::Point2::new(u[0] * size - 0.5, u[1] * size - 0.5));
+        [q.x, q.y]
+    }
+}
 
 /// Largest NOCS distance (normalised units) at which a target pixel still counts as the same point;
 /// beyond it the point is reported as not visible in the target.
@@ -78,27 +105,139 @@ pub struct TransferPair {
     pub gt: Option<Vec<Option<[f64; 2]>>>,
 }
 
-/// Transfers points from `src` to `dst` of a run.
+/// Builds the reverse map (Eq. 12-13) of a run's image from its NOCS rendering, its warp (identity
+/// when the run has none) and its forward map's pixels.
+pub fn reverse_map(run_dir: &Path, run: &RunResult, file: &str) -> Result<Option<ReverseMap>> {
+    let image = find_image(run_dir, run, file)?;
+    let (Some(render_file), Some(nocs_file)) = (&image.nocs_render, &image.nocs) else { return Ok(None) };
+    let rendered = NocsMap::load(&run_dir.join(render_file))?;
+    let forward = NocsMap::load(&run_dir.join(nocs_file))?;
+    let warp: Option<StoredWarp> = match &image.warp {
+        Some(w) => {
+            let path = run_dir.join(w);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            Some(serde_json::from_str(&text).map_err(|e| Error::Run { path, message: e.to_string() })?)
+        }
+        None => None,
+    };
+    let pixel = |i: usize, w: u32| [(i as u32 % w) as f64, (i as u32 / w) as f64];
+    let rendering: Vec<([f64; 2], [f32; 3])> =
+        rendered.nocs.iter().enumerate().filter_map(|(i, n)| n.map(|n| (pixel(i, rendered.width), n))).collect();
+    let warped: Vec<([f64; 2], [f64; 2])> = forward
+        .nocs
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.is_some())
+        .map(|(i, _)| {
+            let p = pixel(i, forward.width);
+            (p, warp.as_ref().map_or(p, |w| w.apply_pixel(p)))
+        })
+        .collect();
+    if rendering.is_empty() || warped.is_empty() {
+        return Ok(None);
+    }
+    ReverseMap::new(&rendering, &warped).map(Some)
+}
+
+fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> Result<&'a crate::output::result::ImageResult> {
+    run.images.iter().find(|i| i.file == file).ok_or_else(|| Error::Run {
+        path: run_dir.join("result.json"),
+        message: format!("image {file} is not in the run"),
+    })
+}
+
+/// Transfers points from `src` to `dst` of a run (Eq. 17); `None` for points off the source mask or
+/// not visible in the target.
 pub fn transfer(run_dir: &Path, run: &RunResult, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
     let map = |file: &str| -> Result<NocsMap> {
-        let image = run.images.iter().find(|i| i.file == file).ok_or_else(|| Error::Run {
-            path: run_dir.join("result.json"),
-            message: format!("image {file} is not in the run"),
-        })?;
+        let image = find_image(run_dir, run, file)?;
         let nocs = image.nocs.as_ref().ok_or_else(|| Error::Run {
             path: run_dir.join("result.json"),
             message: format!("image {file} has no NOCS map (run with output.nocs: true)"),
         })?;
         NocsMap::load(&run_dir.join(nocs))
     };
-    let (a, b) = (map(src)?, map(dst)?);
+    let a = map(src)?;
+    let reverse = reverse_map(run_dir, run, dst)?;
+    let fallback = if reverse.is_none() { Some(map(dst)?) } else { None };
     Ok(points
         .iter()
         .map(|p| {
             if !(p[0].is_finite() && p[1].is_finite()) {
                 return None;
             }
-            a.at(p[0], p[1]).and_then(|n| b.find(n, MAX_NOCS_DISTANCE))
+            let n = a.at(p[0], p[1])?;
+            match (&reverse, &fallback) {
+                (Some(r), _) => r.find(n, MAX_NOCS_DISTANCE as f64),
+                (None, Some(b)) => b.find(n, MAX_NOCS_DISTANCE),
+                (None, None) => None,
+            }
+        })
+        .collect())
+}
+
+/// The 2D baseline (Eq. 18): for each source point on the source mask, the target mask pixel whose
+/// DINOv2 feature (bilinear between tokens) has the largest cosine with the source point's. Both
+/// images are seen as in pose initialisation: masked square crops around the mask, `crop_margin`
+/// padding. Points off the source mask give `None`.
+pub fn transfer_2d(
+    collection: &Collection,
+    extractor: &FeatureExtractor,
+    crop_margin: f64,
+    src: &str,
+    dst: &str,
+    points: &[[f64; 2]],
+) -> Result<Vec<Option<[f64; 2]>>> {
+    let load = |file: &str| -> Result<_> {
+        let i = collection.images.iter().position(|e| e.rgb.to_string_lossy() == file).ok_or_else(|| Error::Collection {
+            path: collection.root.clone(),
+            message: format!("image {file} is not in the collection"),
+        })?;
+        let img = collection.load_image(i)?;
+        let bbox = crate::collection::mask_bbox(&img.mask)
+            .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
+        let crop = SquareCrop::around(&bbox, crop_margin, extractor.input_size())?;
+        let feats = extractor.extract(&[masked_crop(&img.rgb, &img.mask, &crop)])?.remove(0);
+        Ok((img, crop, feats))
+    };
+    let (a, crop_a, fa) = load(src)?;
+    let (b, crop_b, fb) = load(dst)?;
+    let size = extractor.input_size() as f64;
+    let unit = |crop: &SquareCrop, p: [f64; 2]| {
+        let c = crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
+        [(c.x + 0.5) / size, (c.y + 0.5) / size]
+    };
+    // Target candidates: every mask pixel, with its interpolated, normalised feature.
+    let targets: Vec<([f64; 2], Vec<f32>)> = b
+        .mask
+        .enumerate_pixels()
+        .filter(|(_, _, v)| v[0] >= 128)
+        .map(|(x, y, _)| {
+            let p = [x as f64, y as f64];
+            let u = unit(&crop_b, p);
+            (p, fb.sample_normalised(u[0], u[1]))
+        })
+        .collect();
+    Ok(points
+        .iter()
+        .map(|p| {
+            if !(p[0].is_finite() && p[1].is_finite()) {
+                return None;
+            }
+            let (x, y) = (p[0].round(), p[1].round());
+            if x < 0.0 || y < 0.0 || x >= a.mask.width() as f64 || y >= a.mask.height() as f64 {
+                return None;
+            }
+            if a.mask.get_pixel(x as u32, y as u32)[0] < 128 {
+                return None;
+            }
+            let u = unit(&crop_a, *p);
+            let q = fa.sample_normalised(u[0], u[1]);
+            targets
+                .iter()
+                .map(|(t, f)| (t, f.iter().zip(&q).map(|(m, n)| m * n).sum::<f32>()))
+                .max_by(|x, y| x.1.total_cmp(&y.1))
+                .map(|(t, _)| *t)
         })
         .collect())
 }

@@ -200,6 +200,14 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     img.save_with_format(path, ImageFormat::Png).map_err(|e| write_error(path, e))
 }
 
+/// Writes `value` as pretty JSON, creating parent folders.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    create_parent(path)?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::InvalidInput(format!("cannot serialise {}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests;
 pub mod result;

@@ -53,9 +53,16 @@ pub struct ImageResult {
     pub size: [u32; 2],
     /// The initial candidate that won.
     pub init: CandidateInfo,
-    /// NOCS map file relative to the run folder, if written.
+    /// NOCS map file relative to the run folder, if written: the forward canonical coordinate map
+    /// (Eq. 10-11) on the image's mask pixels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nocs: Option<String>,
+    /// The NOCS rendering at the estimated pose (Eq. 11 at ũ = u), for the reverse map (Eq. 12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nocs_render: Option<String>,
+    /// The coordinate-map warp u -> ũ (Eq. 10) as JSON, for the reverse map (Eq. 13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warp: Option<String>,
 }
 
 /// An input that could not be used, and why.

@@ -136,7 +136,8 @@ struct JobState {
 /// A model ready for `~/register`, with its candidate renders cached.
 struct ModelSlot {
     shape: Arc<CanonicalShape>,
-    candidates: Mutex<Option<Arc<CandidateSet>>>,
+    /// Candidate renders (and, for semantic scoring, the features of the FoV groups used so far).
+    candidates: Mutex<Option<CandidateSet>>,
 }
 
 /// Everything the callbacks share.
@@ -150,6 +151,10 @@ struct Shared {
     jobs: Mutex<HashMap<String, JobState>>,
     results: Mutex<HashMap<String, (RunResult, PathBuf)>>,
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// DINOv2, loaded on first use (semantic pose scoring in ~/register).
+    features: Mutex<Option<Arc<crate::congeal::features::FeatureExtractor>>>,
+    /// U^2-Net-p, loaded on first use (~/register requests without a mask).
+    segmenter: Mutex<Option<Arc<crate::collection::segment::Segmenter>>>,
     /// r2r publishers are `Send` but not `Sync`: shared behind a mutex.
     publishers: Mutex<Publishers>,
 }
@@ -161,6 +166,31 @@ struct Publishers {
     pose: r2r::Publisher<PoseStamped>,
     nocs: r2r::Publisher<Image>,
     mesh: r2r::Publisher<Marker>,
+}
+
+impl Shared {
+    /// DINOv2, loaded on first use.
+    fn features(&self) -> crate::Result<Arc<crate::congeal::features::FeatureExtractor>> {
+        let mut slot = lock(&self.features);
+        if let Some(f) = slot.as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(crate::congeal::features::FeatureExtractor::load(&self.config.features, &self.config.device()?)?);
+        *slot = Some(f.clone());
+        Ok(f)
+    }
+
+    /// U^2-Net-p, loaded on first use.
+    fn segmenter(&self) -> crate::Result<Arc<crate::collection::segment::Segmenter>> {
+        let mut slot = lock(&self.segmenter);
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let path = crate::config::resolve_weights(&self.config.masks.weights)?;
+        let s = Arc::new(crate::collection::segment::Segmenter::load(&path, &self.config.device()?)?);
+        *slot = Some(s.clone());
+        Ok(s)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -542,7 +572,10 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
         let mask = if !req.mask.data.is_empty() {
             decode_mask(&raw_image(&req.mask))?
         } else {
-            alpha.ok_or_else(|| crate::Error::InvalidInput("no mask given and the image has no alpha channel".into()))?
+            match alpha {
+                Some(a) => a,
+                None => shared.segmenter()?.mask(&rgb)?,
+            }
         };
         crate::collection::validate_mask(&mask, rgb.width(), rgb.height(), Path::new("<register mask>"))?;
         let info = &req.camera_info;
@@ -551,20 +584,31 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
             Err(_) => None,
         };
         let field = &slot.shape.field;
-        let set = {
-            let mut cache = lock(&slot.candidates);
-            match cache.as_ref() {
-                Some(s) => s.clone(),
-                None => {
-                    let s = Arc::new(pose_init::render_candidates(field, &shared.config.pose_init, shared.config.render.chunk_rays)?);
-                    *cache = Some(s.clone());
-                    s
-                }
-            }
-        };
-        let view = pose_init::input_view(&rgb, &mask, known, &shared.config.pose_init)?;
+        let config = &shared.config;
+        let mut view = pose_init::input_view(&rgb, &mask, known, &config.pose_init)?;
+        let mut cache = lock(&slot.candidates);
+        if cache.is_none() {
+            *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
+        }
+        let set = cache.as_mut().ok_or_else(|| crate::Error::InvalidInput("candidate cache is empty".into()))?;
+        if config.pose_init.score.is_semantic() {
+            let ex = shared.features()?;
+            pipeline::attach_input_features(std::slice::from_mut(&mut view), &[(&rgb, &mask)], &ex)?;
+            // Features of the FoV groups this request needs, computed once per model and group.
+            let groups = pose_init::needed_fov_groups(set, std::slice::from_ref(&view), &config.pose_init);
+            pose_init::attach_candidate_features(
+                set,
+                field,
+                &ex,
+                &config.features,
+                config.pose_init.samples_per_ray,
+                config.render.chunk_rays,
+                groups.as_deref(),
+            )?;
+        }
         let mut timings = Default::default();
-        let reg = pipeline::register_with_candidates(field, &set, &[view], &[&mask], &shared.config, &pipeline::no_progress, &mut timings)?;
+        let reg = pipeline::register_with_candidates(field, set, &[view], &[&mask], config, &pipeline::no_progress, &mut timings)?;
+        drop(cache);
         let pose_n = reg.camera_from_object[0];
         let k = reg.intrinsics[0];
         // NOCS at the estimated pose, masked by the input mask.
@@ -621,6 +665,8 @@ pub fn run_node() -> anyhow::Result<()> {
         jobs: Mutex::new(HashMap::new()),
         results: Mutex::new(HashMap::new()),
         models: Mutex::new(HashMap::new()),
+        features: Mutex::new(None),
+        segmenter: Mutex::new(None),
         params: params.clone(),
         config,
         publishers: Mutex::new(publishers),
