@@ -128,7 +128,7 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     let t = Instant::now();
     let field = &shape_built.field;
     let warps: Vec<Option<(SquareCrop, Warp)>> = match (&extractor, config.coord_maps.enabled) {
-        (Some(ex), true) => coordinate_warps(field, &prepared, &registration, ex, config)?.into_iter().map(Some).collect(),
+        (Some(ex), true) => coordinate_warps(field, &prepared, &registration, ex, config, &mut timings)?.into_iter().map(Some).collect(),
         _ => vec![None; prepared.len()],
     };
     timings.insert("coord_maps".to_string(), t.elapsed().as_secs_f64());
@@ -249,7 +249,9 @@ fn coordinate_warps(
     registration: &Registration,
     extractor: &FeatureExtractor,
     config: &Config,
+    timings: &mut BTreeMap<String, f64>,
 ) -> Result<Vec<(SquareCrop, Warp)>> {
+    let t = Instant::now();
     let size = extractor.input_size();
     let windows: Vec<SquareCrop> = prepared.iter().map(|p| feature_window(&p.view, size)).collect();
     let device = field.device();
@@ -280,7 +282,10 @@ fn coordinate_warps(
         };
         problems.push(WarpProblem::new(input, &rendered[k], &fg, config.coord_maps.grid)?);
     }
+    timings.insert("coord_maps_renders_features".to_string(), t.elapsed().as_secs_f64());
+    let t = Instant::now();
     let warps = optimise_warps(&problems, &config.coord_maps)?;
+    timings.insert("coord_maps_optimise".to_string(), t.elapsed().as_secs_f64());
     for (k, (p, w)) in problems.iter().zip(&warps).enumerate() {
         info!(
             "{}: coordinate map semantic distance {:.3} -> {:.3}",

@@ -36,7 +36,7 @@ pub struct TemplateOptions {
 
 impl Default for TemplateOptions {
     fn default() -> Self {
-        Self { resolution: 96, padding_voxels: 2, smoothing: true }
+        Self { resolution: 96, padding_voxels: 2, smoothing: false }
     }
 }
 
