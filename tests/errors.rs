@@ -106,7 +106,7 @@ fn config_errors_are_clear() {
     assert!(err.contains("tpu"), "{err}");
     std::fs::write(&p, "pose_refine:\n  lr: .nan\n").unwrap();
     assert!(Config::from_yaml_file(&p).is_err());
-    for profile in ["default", "fast", "tiny"] {
+    for profile in ["default", "fast", "fast_224", "tiny"] {
         Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{profile}.yaml"))).unwrap();
     }
 }
