@@ -11,8 +11,9 @@ use tracing::{info, warn};
 use crate::collection::{Collection, LoadedImage, SquareCrop};
 use crate::config::Config;
 use crate::congeal::coord_maps::{optimise_warps, Warp, WarpProblem};
+use crate::congeal::transfer::StoredWarp;
 use crate::congeal::features::{masked_crop, FeatureExtractor};
-use crate::congeal::pose_init::{self, InputView, PoseHypothesis};
+use crate::congeal::pose_init::{self, window_intrinsics, InputView, PoseHypothesis};
 use crate::congeal::pose_refine::{refine_poses, RefineResult, RefineSettings, RefineTarget};
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
@@ -127,7 +128,7 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     // Stage 5: canonical coordinate maps (Eq. 10-13).
     let t = Instant::now();
     let field = &shape_built.field;
-    let warps: Vec<Option<(SquareCrop, Warp)>> = match (&extractor, config.coord_maps.enabled) {
+    let warps: Vec<Option<StoredWarp>> = match (&extractor, config.coord_maps.enabled) {
         (Some(ex), true) => coordinate_warps(field, &prepared, &registration, ex, config, &mut timings)?.into_iter().map(Some).collect(),
         _ => vec![None; prepared.len()],
     };
@@ -156,9 +157,8 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
                 crate::output::write_nocs_png(&out_dir.join(format!("nocs_render/{:03}.png", p.index)), w, h, &rendered, &rendered_fg)?;
                 let picture = crate::output::nocs_color_image(w, h, &nocs, &mask);
                 crate::output::save_png(&picture, &out_dir.join(format!("nocs_vis/{:03}.png", p.index)))?;
-                if let Some((crop, warp)) = &warps[k] {
-                    let file = out_dir.join(format!("warps/{:03}.json", p.index));
-                    crate::output::write_json(&file, &crate::congeal::transfer::StoredWarp { crop: *crop, warp: warp.clone() })?;
+                if let Some(stored) = &warps[k] {
+                    crate::output::write_json(&out_dir.join(format!("warps/{:03}.json", p.index)), stored)?;
                 }
             }
             if config.output.overlays {
@@ -250,7 +250,7 @@ fn coordinate_warps(
     extractor: &FeatureExtractor,
     config: &Config,
     timings: &mut BTreeMap<String, f64>,
-) -> Result<Vec<(SquareCrop, Warp)>> {
+) -> Result<Vec<StoredWarp>> {
     let t = Instant::now();
     let size = extractor.input_size();
     let windows: Vec<SquareCrop> = prepared.iter().map(|p| feature_window(&p.view, size)).collect();
@@ -294,22 +294,7 @@ fn coordinate_warps(
             p.semantic_distance(w)
         );
     }
-    Ok(windows.into_iter().zip(warps).collect())
-}
-
-/// Intrinsics that render the square `window` of an image with intrinsics `k` as a
-/// `window.size²` image.
-pub fn window_intrinsics(k: &Intrinsics, window: &SquareCrop) -> Intrinsics {
-    let s = window.size as f64 / window.side;
-    let h = 0.5 * (window.size as f64 - 1.0);
-    Intrinsics {
-        fx: k.fx * s,
-        fy: k.fy * s,
-        cx: (k.cx - window.centre_x) * s + h,
-        cy: (k.cy - window.centre_y) * s + h,
-        width: window.size,
-        height: window.size,
-    }
+    Ok(windows.into_iter().zip(warps).map(|(crop, warp)| StoredWarp { crop, warp }).collect())
 }
 
 /// The forward canonical coordinate map (Eq. 11 after Eq. 10) on an image's mask pixels: each
@@ -321,7 +306,7 @@ pub fn forward_map(
     mask: &[bool],
     width: u32,
     height: u32,
-    warp: Option<&(SquareCrop, Warp)>,
+    warp: Option<&StoredWarp>,
 ) -> Result<Vec<[f32; 3]>> {
     use kiddo::{KdTree, SquaredEuclidean};
     let n = (width * height) as usize;
@@ -339,11 +324,9 @@ pub fn forward_map(
     for i in (0..n).filter(|&i| mask[i]) {
         let p = nalgebra::Point2::new((i as u32 % width) as f64, (i as u32 / width) as f64);
         let q = match warp {
-            Some((crop, w)) => {
-                let c = crop.crop_from_image(p);
-                let size = crop.size as f64;
-                let u = w.apply([(c.x + 0.5) / size, (c.y + 0.5) / size]);
-                crop.image_from_crop(nalgebra::Point2::new(u[0] * size - 0.5, u[1] * size - 0.5))
+            Some(w) => {
+                let q = w.apply_pixel([p.x, p.y]);
+                nalgebra::Point2::new(q[0], q[1])
             }
             None => p,
         };

@@ -251,7 +251,10 @@ pub fn attach_candidate_features(
     let per_batch = (chunk_rays / (size * size) as usize).clamp(1, 64);
     for batch in wanted.chunks(per_batch) {
         let poses: Vec<_> = batch.iter().map(|&i| set.candidates[i].camera_from_object).collect();
-        let intr: Vec<_> = batch.iter().map(|&i| crop_intrinsics(&set.candidates[i], size)).collect();
+        let intr: Vec<_> = batch
+            .iter()
+            .map(|&i| window_intrinsics(&set.candidates[i].intrinsics, &SquareCrop { size, ..set.candidates[i].crop }))
+            .collect();
         let cams = CameraBatch::from_poses(&poses, &intr, &device)?;
         let pixels = pixels_one.broadcast_as((batch.len(), (size * size) as usize, 2))?.contiguous()?;
         let rays = cams.rays(&pixels)?;
@@ -270,18 +273,18 @@ pub fn attach_candidate_features(
     Ok(())
 }
 
-/// Intrinsics that render a candidate's square crop window as a `size x size` image.
-fn crop_intrinsics(cand: &Candidate, size: u32) -> Intrinsics {
-    let k = &cand.intrinsics;
-    let s = size as f64 / cand.crop.side;
-    let h = 0.5 * (size as f64 - 1.0);
+/// Intrinsics that render the square `window` of an image with intrinsics `k` as a
+/// `window.size²` image.
+pub fn window_intrinsics(k: &Intrinsics, window: &SquareCrop) -> Intrinsics {
+    let s = window.size as f64 / window.side;
+    let h = 0.5 * (window.size as f64 - 1.0);
     Intrinsics {
         fx: k.fx * s,
         fy: k.fy * s,
-        cx: (k.cx - cand.crop.centre_x) * s + h,
-        cy: (k.cy - cand.crop.centre_y) * s + h,
-        width: size,
-        height: size,
+        cx: (k.cx - window.centre_x) * s + h,
+        cy: (k.cy - window.centre_y) * s + h,
+        width: window.size,
+        height: window.size,
     }
 }
 
