@@ -4,3 +4,4 @@
 
 pub mod dinov2;
 pub mod u2net;
+pub mod ops;
