@@ -145,9 +145,7 @@ fn gradient_check(name: &str, skip: usize) {
     // Causality: the last token's embedding cannot change earlier outputs, so with a probe on the
     // first token only, its gradient is exactly zero.
     let mut mask = vec![0f64; embeds.elem_count()];
-    for k in 0..c {
-        mask[k] = 1.0;
-    }
+    mask[..c].fill(1.0);
     let first_only = Tensor::from_vec(mask, embeds.dims(), &Device::Cpu).unwrap();
     let var2 = Var::from_tensor(&embeds).unwrap();
     let l2 = (model.forward_embeddings(var2.as_tensor(), skip).unwrap() * first_only).unwrap().sum_all().unwrap();

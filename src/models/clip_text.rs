@@ -119,6 +119,8 @@ impl ClipTextConfig {
     /// Reads only the header of a safetensors file and infers the sizes from the tensor shapes; the
     /// heads and activation come from the `__metadata__` keys `num_attention_heads` and `hidden_act`
     /// when present, else `hidden / 64` heads and GELU. Eps is 1e-5 unless metadata `layer_norm_eps`.
+    /// diffusers' files carry no such metadata: right for SD 2.x (16 heads, GELU); for SD 1.x's CLIP
+    /// ViT-L set `activation = Activation::QuickGelu` afterwards (its `config.json` says `quick_gelu`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let header = read_header(path)?;
         let prefix = if header.shapes.contains_key("text_model.embeddings.token_embedding.weight") {
@@ -196,7 +198,7 @@ impl ClipTextConfig {
         {
             return Err(Error::InvalidInput(format!("CLIP text config with a zero size: {self:?}")));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::InvalidInput(format!(
                 "CLIP text config: hidden size {} is not divisible into {} heads",
                 self.hidden_size, self.num_attention_heads
