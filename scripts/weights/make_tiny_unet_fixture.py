@@ -28,10 +28,15 @@ Variants (NAME), each a weight file `tests/fixtures/NAME.safetensors` in diffuse
                     camera-to-world matrices on a circle), `out` (4 views) and `out_1view` (the same model
                     and inputs with num_views = 1, i.e. per-view self-attention), which must differ.
 
+Also `tests/fixtures/unet_sd21_shapes.json`: the name -> shape of every tensor of the full-size
+Stable Diffusion 2.1 (base) UNet (`stabilityai/stable-diffusion-2-1-base` unet/config.json, built on
+torch's meta device, no weights), which the candle loader must request exactly.
+
 Usage: python make_tiny_unet_fixture.py [--out tests/fixtures]
   (needs: pip install torch==2.5.1 diffusers==0.31.0 transformers safetensors numpy, in a throwaway venv)
 """
 import argparse
+import json
 import math
 import os
 
@@ -188,6 +193,26 @@ def mvdream(name, seed, out_dir):
               os.path.join(out_dir, f"{name}_outputs.safetensors"), metadata=meta())
 
 
+SD21_BASE = dict(
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, dual_cross_attention=False, flip_sin_to_cos=True, freq_shift=0, in_channels=4,
+    layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4,
+    sample_size=64, up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    use_linear_projection=True)
+
+
+def sd21_shapes(out_dir):
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**SD21_BASE)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    with open(os.path.join(out_dir, "unet_sd21_shapes.json"), "w") as f:
+        json.dump({"diffusers": diffusers.__version__, "config": SD21_BASE, "shapes": shapes}, f, indent=0,
+                  sort_keys=True)
+    print("sd21", len(shapes), "tensors,", sum(math.prod(s) for s in shapes.values()), "parameters")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures"))
@@ -196,6 +221,7 @@ def main():
     plain("unet_tiny_sd", (8, 8, 16), (2, 2, 4), True, (8, 6), 0, args.out)
     plain("unet_tiny_conv", (8, 16), (2, 4), False, (8, 8), 1, args.out)
     mvdream("unet_tiny_mvdream", 2, args.out)
+    sd21_shapes(args.out)
 
 
 if __name__ == "__main__":
