@@ -5,3 +5,5 @@
 pub mod dinov2;
 pub mod u2net;
 pub mod ops;
+/// Converter from MVDream's LDM/OpenCLIP checkpoint to our diffusers/HF-named safetensors files.
+pub mod convert;
