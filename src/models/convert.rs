@@ -902,7 +902,9 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
         "__metadata__".into(),
         serde_json::to_value(&model.metadata).map_err(|e| weights_err(path, e.to_string()))?,
     );
-    let mut data: Vec<u8> = Vec::new();
+    // Offsets come from the shapes, so tensors are streamed to the file after the header instead of
+    // being gathered in memory (the real UNet is 3.4 GB).
+    let mut offset = 0usize;
     for (name, t) in &model.tensors {
         let dtype = safetensors_dtype(t.dtype()).ok_or_else(|| {
             weights_err(
@@ -913,10 +915,11 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
                 ),
             )
         })?;
-        let start = data.len();
-        t.write_bytes(&mut data)?;
-        let entry = serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [start, data.len()] });
+        let end = offset + t.elem_count() * t.dtype().size_in_bytes();
+        let entry =
+            serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [offset, end] });
         header.insert(name.clone(), entry);
+        offset = end;
     }
     let mut header = serde_json::to_vec(&header).map_err(|e| weights_err(path, e.to_string()))?;
     while header.len() % 8 != 0 {
@@ -927,12 +930,13 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
     }
     let mut f =
         std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    let write = |f: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8]| {
-        f.write_all(bytes).map_err(|e| Error::io(path, e))
-    };
-    write(&mut f, &(header.len() as u64).to_le_bytes())?;
-    write(&mut f, &header)?;
-    write(&mut f, &data)?;
+    f.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| f.write_all(&header))
+        .map_err(|e| Error::io(path, e))?;
+    for (name, t) in &model.tensors {
+        t.write_bytes(&mut f)
+            .map_err(|e| weights_err(path, format!("cannot write tensor {name}: {e}")))?;
+    }
     f.flush().map_err(|e| Error::io(path, e))
 }
 
