@@ -3,11 +3,13 @@
 //! diffusion prior of the `sds` shape source: the CLIP text encoder (`clip_text`, SD 2.1's
 //! OpenCLIP-H) with its BPE tokenizer (`tokenizer`), the Stable Diffusion 2.1 / MVDream denoising
 //! UNet (`unet`) and the latent autoencoder (`vae`), all differentiable for textual inversion and
-//! score distillation. `ops` holds the differentiable building blocks they share; `random` makes
-//! seeded random weights for the tiny configuration and benchmarks.
+//! score distillation. `convert` turns MVDream's original LDM/OpenCLIP checkpoint into our files.
+//! `ops` holds the differentiable building blocks they share; `random` makes seeded random weights
+//! for the tiny configuration and benchmarks.
 //! Weights are read from local safetensors files in our naming (see `scripts/setup_weights.sh`).
 
 pub mod clip_text;
+pub mod convert;
 pub mod dinov2;
 pub mod ops;
 pub mod random;
