@@ -31,6 +31,179 @@ pub struct Config {
     pub masks: MasksConfig,
     /// What `congeal run` writes besides result.json.
     pub output: OutputConfig,
+    /// Shape source `sds`: textual inversion (Eq. 5) and score distillation (Eq. 2-4).
+    pub sds: SdsConfig,
+}
+
+/// Which diffusion model guides score distillation.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Guidance {
+    /// MVDream 4-view UNet when `weights_dir` has one (`mvdream/unet.safetensors`), else SD 2.1.
+    Auto,
+    /// MVDream sd-v2.1-base-4view: 4 views per step with camera conditioning.
+    Mvdream,
+    /// Stable Diffusion 2.1 base, single-view guidance.
+    Sd,
+}
+
+/// Textual inversion and score distillation (paper stages 1-2). Defaults are the paper's settings
+/// and what makes MVDream-threestudio converge; `config/tiny.yaml` runs them with random tiny models.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SdsConfig {
+    /// Folder with the diffusion weights in the diffusers layout (`unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, optional `mvdream/unet.safetensors`); `--weights-dir` overrides it.
+    pub weights_dir: Option<String>,
+    /// Use seeded random tiny models instead of weight files (mechanics only, no shape quality).
+    pub random_models: bool,
+    /// Guidance model.
+    pub guidance: Guidance,
+    /// Prompt whose placeholder words are optimised (paper: "a photo of sks object").
+    pub prompt: String,
+    /// Words of the prompt whose token embeddings textual inversion optimises.
+    pub placeholder_words: Vec<String>,
+    /// Negative (unconditional) prompt for classifier-free guidance.
+    pub negative_prompt: String,
+    /// Textual inversion iterations (paper: 1000).
+    pub ti_iterations: usize,
+    /// Textual inversion AdamW learning rate (paper: 0.02).
+    pub ti_lr: f64,
+    /// Textual inversion AdamW weight decay (paper: 0.01).
+    pub ti_weight_decay: f64,
+    /// Images per textual-inversion step.
+    pub ti_batch: usize,
+    /// Side of the square crops fed to the VAE in textual inversion (512 for SD 2.1, 256 for MVDream).
+    pub ti_resolution: u32,
+    /// Score distillation iterations (paper: 10000).
+    pub iterations: usize,
+    /// AdamW learning rate of non-grid parameters (paper: 1e-3).
+    pub lr: f64,
+    /// AdamW learning rate of the density/colour grid (0.01 as for grid/hash encodings).
+    pub grid_lr: f64,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// Views rendered per step (MVDream: 4, at azimuths 90 degrees apart).
+    pub views: usize,
+    /// Timestep range (fractions of the training schedule) at the first step.
+    pub t_start: [f64; 2],
+    /// Timestep range reached after `anneal_steps`.
+    pub t_end: [f64; 2],
+    /// Steps over which the timestep range is annealed linearly.
+    pub anneal_steps: usize,
+    /// Rescale of the x0 reconstruction's standard deviation (MVDream `recon_std_rescale`).
+    pub recon_std_rescale: f64,
+    /// Render side before `high_res_from`.
+    pub low_res: u32,
+    /// Render side from `high_res_from` on.
+    pub high_res: u32,
+    /// Step at which renders switch to `high_res`.
+    pub high_res_from: usize,
+    /// Side of the square images given to the VAE encoder (MVDream: 256).
+    pub guidance_resolution: u32,
+    /// Density/colour grid cells per side.
+    pub grid: usize,
+    /// Samples per ray when rendering the field.
+    pub samples_per_ray: usize,
+    /// Magic3D density blob: peak bias added to the raw density at the centre.
+    pub blob_density: f64,
+    /// Magic3D density blob radius (normalised units; the field spans [-0.5, 0.5]^3).
+    pub blob_radius: f64,
+    /// Density = softplus(raw + blob) x this (1 / normalised units).
+    pub density_scale: f64,
+    /// Weight of the orientation regulariser (Ref-NeRF: normals facing away from the camera).
+    pub orientation_weight: f64,
+    /// Weight of the sparsity regulariser (mean rendered opacity).
+    pub sparsity_weight: f64,
+    /// Composite renders over a random background colour (else white).
+    pub random_background: bool,
+    /// Camera elevation range (degrees) of the sampled views.
+    pub elevation_deg: [f64; 2],
+    /// Vertical FoV range (degrees) of the sampled views.
+    pub fov_deg: [f64; 2],
+    /// Camera distance as a multiple of the distance at which the unit field just fills the view.
+    pub distance_scale: [f64; 2],
+    /// Seed of every random draw (views, timesteps, noise, random models).
+    pub seed: u64,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        Self {
+            weights_dir: None,
+            random_models: false,
+            guidance: Guidance::Auto,
+            prompt: "a photo of sks object".into(),
+            placeholder_words: vec!["sks".into(), "object".into()],
+            negative_prompt: String::new(),
+            ti_iterations: 1000,
+            ti_lr: 0.02,
+            ti_weight_decay: 0.01,
+            ti_batch: 1,
+            ti_resolution: 512,
+            iterations: 10000,
+            lr: 1e-3,
+            grid_lr: 0.01,
+            guidance_scale: 50.0,
+            views: 4,
+            t_start: [0.98, 0.98],
+            t_end: [0.02, 0.50],
+            anneal_steps: 8000,
+            recon_std_rescale: 0.5,
+            low_res: 64,
+            high_res: 256,
+            high_res_from: 5000,
+            guidance_resolution: 256,
+            grid: 64,
+            samples_per_ray: 64,
+            blob_density: 10.0,
+            blob_radius: 0.25,
+            density_scale: 2.0,
+            orientation_weight: 0.0,
+            sparsity_weight: 0.0,
+            random_background: true,
+            elevation_deg: [0.0, 30.0],
+            fov_deg: [15.0, 60.0],
+            distance_scale: [0.8, 1.0],
+            seed: 0,
+        }
+    }
+}
+
+impl SdsConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        let pos = [self.ti_lr, self.lr, self.grid_lr, self.guidance_scale, self.density_scale, self.blob_radius];
+        if pos.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::Config("sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into()));
+        }
+        let ranges = [self.t_start, self.t_end];
+        if ranges.iter().any(|r| !(r[0].is_finite() && r[1].is_finite() && 0.0 < r[0] && r[0] <= r[1] && r[1] < 1.0)) {
+            return Err(Error::Config("sds: timestep ranges must satisfy 0 < lo <= hi < 1".into()));
+        }
+        if self.views == 0 || self.grid < 4 || self.samples_per_ray < 2 || self.low_res < 8 || self.high_res < 8 {
+            return Err(Error::Config("sds: views >= 1, grid >= 4, samples_per_ray >= 2, low/high_res >= 8".into()));
+        }
+        if self.ti_batch == 0 || self.ti_resolution < 8 || self.guidance_resolution < 8 {
+            return Err(Error::Config("sds: ti_batch >= 1, ti_resolution and guidance_resolution >= 8".into()));
+        }
+        if self.placeholder_words.is_empty() {
+            return Err(Error::Config("sds: placeholder_words must name at least one word of the prompt".into()));
+        }
+        let pairs = [self.elevation_deg, self.fov_deg, self.distance_scale];
+        if pairs.iter().any(|r| !(r[0].is_finite() && r[1].is_finite() && r[0] <= r[1]))
+            || self.fov_deg[0] <= 1.0
+            || self.fov_deg[1] >= 170.0
+            || self.distance_scale[0] <= 0.0
+        {
+            return Err(Error::Config("sds: elevation/fov/distance ranges must be ordered, fov in (1, 170), distance > 0".into()));
+        }
+        let weights = [self.ti_weight_decay, self.recon_std_rescale, self.orientation_weight, self.sparsity_weight, self.blob_density];
+        if weights.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(Error::Config("sds: weights, weight decay and blob_density must be finite and >= 0".into()));
+        }
+        Ok(())
+    }
 }
 
 /// DINOv2 features.
@@ -242,6 +415,7 @@ impl Default for Config {
             features: FeaturesConfig::default(),
             masks: MasksConfig::default(),
             output: OutputConfig::default(),
+            sds: SdsConfig::default(),
         }
     }
 }
@@ -362,6 +536,7 @@ impl Config {
             return Err(Error::Config("pose_init.semantic_weight must be finite and >= 0".into()));
         }
         self.coord_maps.validate()?;
+        self.sds.validate()?;
         parse_device(&self.device).map(|_| ())
     }
 

@@ -378,7 +378,11 @@ fn bad_weight_files_and_inputs_are_errors() {
     let m = invalid(unet.forward(s, t, e, Some(c), 3));
     println!("batch 4 with 3 views: {m}");
     invalid(unet.forward(s, t, e, Some(c), 0));
-    invalid(unet.forward(s, t, e, None, 4));
+    // No camera: no camera term (as MVDream's forward), so the output differs from the camera's.
+    let without = unet.forward(s, t, e, None, 4).unwrap();
+    let with = unet.forward(s, t, e, Some(c), 4).unwrap();
+    let d = (without - with).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d > 1e-3, "camera term had no effect ({d})");
     invalid(unet.forward(s, &t.narrow(0, 0, 3).unwrap(), e, Some(c), 4));
     invalid(unet.forward(s, t, &e.narrow(2, 0, 8).unwrap(), Some(c), 4));
     invalid(unet.forward(s, t, e, Some(&c.narrow(1, 0, 12).unwrap()), 4));

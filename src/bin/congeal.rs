@@ -39,6 +39,10 @@ enum Command {
         /// Device override: cpu, cuda, cuda:N.
         #[arg(long)]
         device: Option<String>,
+        /// Diffusion weights for `--shape sds` (diffusers layout of stable-diffusion-2-1-base, plus
+        /// `mvdream/unet.safetensors` for MVDream guidance); overrides `sds.weights_dir`.
+        #[arg(long)]
+        weights_dir: Option<PathBuf>,
     },
     /// Evaluate a run against a collection's ground truth; prints JSON.
     Eval {
@@ -151,6 +155,38 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Benchmark the diffusion prior with seeded random weights: UNet forward, one textual-inversion
+    /// step (text encoder + UNet forward and backward) and score-distillation steps, per model size.
+    BenchSds {
+        /// Model sizes: tiny (config/tiny.yaml's), sd21 (Stable Diffusion 2.1 base), mvdream.
+        #[arg(long, value_delimiter = ',', default_value = "tiny,sd21")]
+        models: Vec<String>,
+        /// Latent side (image side / 8): 32 = 256 px (MVDream), 64 = 512 px (SD 2.1 textual inversion).
+        #[arg(long, default_value_t = 32)]
+        latent: usize,
+        /// Timed repetitions after one warm-up.
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Also time score-distillation steps for the full-size models (8 UNet passes each; slow on a CPU).
+        #[arg(long)]
+        sds_full: bool,
+        /// Render side of the timed score-distillation steps.
+        #[arg(long, default_value_t = 64)]
+        render: u32,
+        /// Device: cpu, cuda, cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Convert MVDream's `sd-v2.1-base-4view.pt` (LDM/OpenCLIP naming) into our safetensors files:
+    /// OUT/mvdream/unet.safetensors, OUT/vae/..., OUT/text_encoder/... (use OUT as --weights-dir,
+    /// with a tokenizer/ folder from stable-diffusion-2-1-base).
+    ConvertMvdream {
+        /// The checkpoint (.pt / .ckpt).
+        checkpoint: PathBuf,
+        /// Output weights folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,10 +241,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { collection, out, config, shape, template, device } => {
+        Command::Run { collection, out, config, shape, template, device, weights_dir } => {
             let mut config = load_config(config.as_deref(), Some(Path::new("config/default.yaml")))?;
             if let Some(d) = device {
                 config.device = d;
+            }
+            if let Some(w) = weights_dir {
+                config.sds.weights_dir = Some(w.to_string_lossy().into_owned());
+                config.sds.random_models = false;
             }
             let shape = shape_spec(&shape, template)?;
             let result = run(&collection, &shape, &config, &out)?;
@@ -307,6 +347,14 @@ fn main() -> Result<()> {
         Command::Bag { command } => bag(command)?,
         Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
             bench_features(&weights, &sizes, batch, reps, layer, &device)?
+        }
+        Command::BenchSds { models, latent, reps, sds_full, render, device } => {
+            bench_sds(&models, latent, reps, sds_full, render, &device)?
+        }
+        Command::ConvertMvdream { checkpoint, out } => {
+            let report = congeal::models::convert::convert_mvdream_checkpoint(&checkpoint, &out)?;
+            println!("{report:#?}");
+            println!("weights folder: {} (add tokenizer/ from stable-diffusion-2-1-base)", out.display());
         }
         Command::Masks { collection, out, weights, eval, device } => {
             masks(&collection, out.as_deref(), weights.as_deref(), eval, device.as_deref())?
@@ -622,4 +670,118 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// `congeal bench-sds`: timings of the diffusion prior with random weights.
+fn bench_sds(models: &[String], latent: usize, reps: usize, sds_full: bool, render: u32, device: &str) -> Result<()> {
+    use candle_core::{DType, Tensor, Var};
+    use congeal::models::clip_text::{ClipTextConfig, ClipTextModel};
+    use congeal::models::random::random_varbuilder;
+    use congeal::models::unet::{UNet, UNetConfig};
+    use congeal::shape::sds::{score_distillation, DiffusionModels, GuidanceKind};
+    let device = Config { device: device.to_string(), ..Config::default() }.device()?;
+    if reps == 0 || latent < 8 {
+        bail!("--reps >= 1 and --latent >= 8");
+    }
+    let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        device.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        device.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
+    };
+    println!("device {device:?}, dtype {dtype:?}, {} threads, latent {latent}x{latent}", rayon::current_num_threads());
+    for name in models {
+        let (text_cfg, unet_cfg, views) = match name.as_str() {
+            "tiny" => {
+                let t = ClipTextConfig::tiny();
+                let mut u = UNetConfig::tiny();
+                u.cross_attention_dim = t.hidden_size;
+                u.camera_dim = Some(16);
+                (t, u, 4)
+            }
+            "sd21" => (ClipTextConfig::sd21(), UNetConfig::sd21_base(), 1),
+            "mvdream" => (ClipTextConfig::sd21(), UNetConfig::mvdream_sd21(), 4),
+            other => bail!("unknown model size {other:?} (tiny, sd21, mvdream)"),
+        };
+        let t0 = std::time::Instant::now();
+        let text = ClipTextModel::from_varbuilder(&text_cfg, random_varbuilder(1, dtype, &device))?;
+        let unet = UNet::from_varbuilder(&unet_cfg, random_varbuilder(2, dtype, &device))?;
+        println!("{name}: random weights built in {:.1} s", t0.elapsed().as_secs_f64());
+        let ids = Tensor::from_vec((0..77u32).map(|i| (i * 7) % text_cfg.vocab_size as u32).collect::<Vec<_>>(), (1, 77), &device)?;
+        let cond = text.forward(&ids, 0)?.detach();
+        let b = views;
+        let sample = Tensor::randn(0f32, 1.0, (b, 4, latent, latent), &device)?.to_dtype(dtype)?;
+        let t = Tensor::full(500f32, b, &device)?.to_dtype(dtype)?;
+        let ehs = cond.broadcast_as((b, 77, text_cfg.hidden_size))?.contiguous()?;
+        let cams = if unet_cfg.camera_dim.is_some() { Some(Tensor::zeros((b, 16), dtype, &device)?) } else { None };
+        let fwd = time(&mut || {
+            unet.forward(&sample, &t, &ehs, cams.as_ref(), b)?;
+            Ok(())
+        })?;
+        println!("{name}: UNet forward, batch {b}: {fwd:.3} s ({:.3} s per image)", fwd / b as f64);
+        // One textual-inversion step: two placeholder rows, text encoder + UNet forward and backward.
+        let base = text.embed_tokens(&ids)?.detach();
+        let rows = Var::from_tensor(&base.narrow(1, 4, 2)?.squeeze(0)?)?;
+        let one = sample.narrow(0, 0, 1)?;
+        let t1 = t.narrow(0, 0, 1)?;
+        let step = time(&mut || {
+            let emb = Tensor::cat(&[&base.narrow(1, 0, 4)?, &rows.as_tensor().unsqueeze(0)?, &base.narrow(1, 6, 71)?], 1)?;
+            let c = text.forward_embeddings(&emb, 0)?;
+            let pred = unet.forward(&one, &t1, &c, None, 1)?;
+            let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
+            let g = loss.backward()?;
+            if g.get(rows.as_tensor()).is_none() {
+                bail!("no gradient reached the placeholder rows");
+            }
+            Ok(())
+        })?;
+        println!("{name}: textual-inversion step (batch 1): {step:.3} s");
+        if name == "tiny" || sds_full {
+            let kind = if unet_cfg.camera_dim.is_some() { GuidanceKind::Mvdream } else { GuidanceKind::StableDiffusion };
+            let models = if name == "tiny" {
+                DiffusionModels::random_tiny(0, kind, dtype, &device)?
+            } else {
+                use congeal::models::vae::{Vae, VaeConfig};
+                DiffusionModels {
+                    tokenizer: congeal::models::tokenizer::ClipTokenizer::hashed(text_cfg.vocab_size, 77)?,
+                    text,
+                    text_skip_layers: 0,
+                    unet,
+                    vae: Vae::from_varbuilder(&VaeConfig::sd21(), random_varbuilder(3, dtype, &device))?,
+                    kind,
+                    schedule: congeal::shape::sds::NoiseSchedule::stable_diffusion(),
+                    source: "random".into(),
+                }
+            };
+            let mut cfg = congeal::config::SdsConfig {
+                iterations: reps,
+                low_res: render,
+                high_res: render,
+                views,
+                guidance_resolution: (latent * 8) as u32,
+                ..Default::default()
+            };
+            if name == "tiny" {
+                cfg.guidance_resolution = (latent * 2) as u32;
+                cfg.grid = 24;
+            }
+            let cond = models.encode_prompt("a photo of sks object")?.detach();
+            let uncond = models.encode_prompt("")?.detach();
+            let t0 = std::time::Instant::now();
+            score_distillation(&models, &cond, &uncond, &cfg, &device, &|_| {})?;
+            device.synchronize()?;
+            println!(
+                "{name}: score-distillation step ({views} views, {render} px renders, {} px to the VAE, grid {}^3): {:.3} s",
+                cfg.guidance_resolution,
+                cfg.grid,
+                t0.elapsed().as_secs_f64() / reps as f64
+            );
+        }
+    }
+    Ok(())
 }

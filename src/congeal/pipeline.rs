@@ -53,6 +53,9 @@ pub struct Registration {
 /// Runs the whole pipeline on `collection` and writes the outputs into `out_dir`.
 pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir: &Path, progress: ProgressFn) -> Result<RunResult> {
     config.validate()?;
+    if *shape == ShapeSpec::Sds {
+        crate::shape::sds::DiffusionModels::check_available(&config.sds, None)?;
+    }
     let device = config.device()?;
     let mut timings = BTreeMap::new();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -115,7 +118,19 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
 
     // Stage 2: canonical shape.
     let t = Instant::now();
-    let shape_built: CanonicalShape = build_shape(shape, collection.template.as_deref(), config, &device)?;
+    let shape_built: CanonicalShape = match shape {
+        ShapeSpec::Sds => {
+            // Stages 1-2 learn from the masked inputs themselves.
+            let images: Vec<(&image::RgbImage, &image::GrayImage)> =
+                prepared.iter().map(|p| (&p.image.rgb, &p.image.mask)).collect();
+            let (built, report) =
+                crate::shape::sds::build_sds_shape(&images, &config.sds, None, &device, Some(&out_dir.join("sds")), progress)?;
+            timings.insert("textual_inversion".to_string(), report.ti_seconds);
+            timings.insert("score_distillation".to_string(), report.sds_seconds);
+            built
+        }
+        _ => build_shape(shape, collection.template.as_deref(), config, &device)?,
+    };
     progress("shape", 1.0);
     timings.insert("shape".to_string(), t.elapsed().as_secs_f64());
     info!("canonical field {:?} voxels in {:.1}s", shape_built.field.dims, t.elapsed().as_secs_f64());

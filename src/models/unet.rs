@@ -747,8 +747,9 @@ impl UNet {
 
     /// Predicts the noise (epsilon or v, whatever the checkpoint was trained for) of `sample`
     /// `[B, in_channels, h, w]` at `timesteps` `[B]` (one per sample; a single value is broadcast),
-    /// conditioned on `encoder_hidden_states` `[B, L, cross_attention_dim]` and, for MVDream models
-    /// (required there, refused otherwise), `camera` `[B, camera_dim]`. With `num_views = V > 1` the
+    /// conditioned on `encoder_hidden_states` `[B, L, cross_attention_dim]` and, for MVDream models,
+    /// `camera` `[B, camera_dim]` (refused by models without a camera embedding; `None` leaves the
+    /// camera term out, as MVDream's own forward does). With `num_views = V > 1` the
     /// batch is `B / V` objects of `V` consecutive views whose self-attention is joint; `1` is plain
     /// Stable Diffusion. Returns `[B, out_channels, h, w]`.
     pub fn forward(
@@ -801,7 +802,9 @@ impl UNet {
                 let c = l2.forward(&silu(&l1.forward(&cam.to_dtype(dtype)?)?)?)?;
                 emb = (emb + c)?;
             }
-            (Some(_), None) => return bad("this MVDream model needs a camera [B, 16]".into()),
+            // As MVDream's own forward: no camera, no camera term (textual inversion on images of
+            // unknown pose uses it so).
+            (Some(_), None) => {}
             (None, Some(_)) => {
                 return bad("camera given but the model has no camera embedding".into())
             }

@@ -1,11 +1,13 @@
 //! Shape sources (paper stage 2 is pluggable): every source yields a [`CanonicalField`]; later stages
 //! never see where it came from.
 //! - `template`: a mesh in the canonical frame (CAD model) voxelised into the field ([`template`]).
-//! - `sds`: textual inversion + score distillation (not built yet).
+//! - `sds`: textual inversion + score distillation from a diffusion prior ([`sds`]); it learns from the
+//!   input images, so `congeal::pipeline::run` builds it.
 //! - `model`: a canonical model saved by an earlier run ([`model`]; `congeal run` saves one in
 //!   `RUN_DIR/model/`).
 
 pub mod model;
+pub mod sds;
 pub mod template;
 
 use std::path::{Path, PathBuf};
@@ -85,7 +87,7 @@ pub fn build_shape(spec: &ShapeSpec, default_template: Option<&Path>, config: &C
             template_shape(&mesh, config, device)
         }
         ShapeSpec::Sds => Err(Error::Config(
-            "shape source `sds` (textual inversion + score distillation) is not available in this build yet".into(),
+            "shape source `sds` learns from the input images: build it with congeal::pipeline::run (or shape::sds::build_sds_shape)".into(),
         )),
         ShapeSpec::Model(p) => model::load_model(p, device),
     }
