@@ -77,9 +77,8 @@ pub struct SdsConfig {
     pub ti_resolution: u32,
     /// Score distillation iterations (paper: 10000).
     pub iterations: usize,
-    /// AdamW learning rate of non-grid parameters (paper: 1e-3).
-    pub lr: f64,
-    /// AdamW learning rate of the density/colour grid (0.01 as for grid/hash encodings).
+    /// AdamW learning rate of the density/colour grid (0.01, as for grid/hash encodings; the paper's
+    /// 1e-3 is for its NeRF MLP, which the dense-grid field does not have).
     pub grid_lr: f64,
     /// Classifier-free guidance scale.
     pub guidance_scale: f64,
@@ -142,7 +141,6 @@ impl Default for SdsConfig {
             ti_batch: 1,
             ti_resolution: 512,
             iterations: 10000,
-            lr: 1e-3,
             grid_lr: 0.01,
             guidance_scale: 50.0,
             views: 4,
@@ -173,7 +171,7 @@ impl Default for SdsConfig {
 impl SdsConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
-        let pos = [self.ti_lr, self.lr, self.grid_lr, self.guidance_scale, self.density_scale, self.blob_radius];
+        let pos = [self.ti_lr, self.grid_lr, self.guidance_scale, self.density_scale, self.blob_radius];
         if pos.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(Error::Config("sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into()));
         }

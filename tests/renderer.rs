@@ -35,7 +35,7 @@ fn sphere_mask_depth_and_nocs_match_closed_form() {
     let pose = orbit_camera_from_object(30.0, 20.0, 2.5);
     let cams = CameraBatch::from_poses(&[pose], &[k], &Device::Cpu).unwrap();
     let rays = cams.rays(&pixel_grid(w, h, &Device::Cpu).unwrap()).unwrap();
-    let what = RenderWhat { colour: true, depth: true, nocs: true };
+    let what = RenderWhat { colour: true, depth: true, nocs: true, orientation: false };
     let r = render_rays_host(&field, &rays, 256, what, 1 << 14).unwrap();
     let voxel = field.voxel_size() as f64;
     let (mut checked_in, mut checked_out, mut depth_err, mut nocs_err, mut n_in) = (0, 0, 0.0f64, 0.0f64, 0);
@@ -195,7 +195,7 @@ fn fused_cpu_renderer_matches_tensor_renderer() {
     let cams = CameraBatch::from_poses(&[pose], &[k], &Device::Cpu).unwrap();
     let rays = cams.rays(&pixel_grid(40, 30, &Device::Cpu).unwrap()).unwrap();
     // Values: opacity, colour, depth, NOCS.
-    let what = RenderWhat { colour: true, depth: true, nocs: true };
+    let what = RenderWhat { colour: true, depth: true, nocs: true, orientation: false };
     let fused = render_rays_host(&field, &rays, 64, what, 4096).unwrap();
     let tensor = render_rays_tensor(&field, &rays, 64, what).unwrap();
     let op = tensor.opacity.to_vec1::<f32>().unwrap();

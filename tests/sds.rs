@@ -65,7 +65,7 @@ fn textual_inversion_gradient_matches_finite_differences() {
 }
 
 /// The score-distillation loss against a fixed target, through the VAE encoder and the volume renderer
-/// to the field's density and colour grids.
+/// to the field's density and colour grids, with the sparsity regulariser.
 #[test]
 fn score_distillation_gradient_reaches_the_field() {
     let dev = Device::Cpu;
@@ -78,11 +78,15 @@ fn score_distillation_gradient_reaches_the_field() {
     field.raw_colour.set(&Tensor::randn(0f32, 1.0, (n, 3), &dev).unwrap()).unwrap();
     let views = SdsViews::new(4, 12, 30.0, 15.0, 40.0, 0.9, &dev).unwrap();
     let bg = [0.3f32, 0.6, 0.9];
-    let (lat0, _) = render_latents(&models, &field.field().unwrap(), &views, &bg, 16, 16).unwrap();
+    let (lat0, _) = render_latents(&models, &field.field().unwrap(), &views, &bg, 16, 16, false).unwrap();
     let target = Tensor::randn(0f32, 1.0, lat0.dims(), &dev).unwrap().to_dtype(DType::F64).unwrap();
+    // The latent loss plus the sparsity regulariser. (The orientation penalty detaches the rendering
+    // weights by design, so it has no finite-difference counterpart; its normals are checked below.)
     let loss = |field: &SdsField| -> Tensor {
-        let (lat, _) = render_latents(&models, &field.field().unwrap(), &views, &bg, 16, 16).unwrap();
-        ((lat.to_dtype(DType::F64).unwrap() - &target).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+        let (lat, stats) = render_latents(&models, &field.field().unwrap(), &views, &bg, 16, 16, false).unwrap();
+        let latent = (lat.to_dtype(DType::F64).unwrap() - &target).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5;
+        let sparse = stats.mean_opacity.to_dtype(DType::F64).unwrap() * 20.0;
+        (latent.unwrap() + sparse.unwrap()).unwrap()
     };
     let grads = loss(&field).backward().unwrap();
     for (name, var) in [("density", &field.raw_density), ("colour", &field.raw_colour)] {
@@ -108,6 +112,36 @@ fn score_distillation_gradient_reaches_the_field() {
             assert!(rel < 3e-2, "{name}[{i}]: fd {fd:e} vs autograd {:e}", g[i]);
         }
         println!("score distillation, {name}: worst relative error {worst:.2e} (largest |grad| {:.3e})", g[order[0]].abs());
+    }
+}
+
+/// The density normals behind the orientation regulariser are differentiable in the density.
+#[test]
+fn density_normal_gradient_matches_finite_differences() {
+    let dev = Device::Cpu;
+    let cfg = SdsConfig { grid: 6, blob_density: 0.0, ..SdsConfig::default() };
+    let field = SdsField::new(&cfg, &dev).unwrap();
+    field.raw_density.set(&Tensor::randn(0f32, 2.0, (216, 1), &dev).unwrap()).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (216, 3), &dev).unwrap().to_dtype(DType::F64).unwrap();
+    let loss = |f: &SdsField| -> Tensor {
+        let n = congeal::field::render::density_normals(&f.field().unwrap()).unwrap();
+        (n.to_dtype(DType::F64).unwrap() * &probe).unwrap().sum_all().unwrap()
+    };
+    let g = loss(&field).backward().unwrap().get(field.raw_density.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let base = field.raw_density.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+    for &i in order.iter().take(6) {
+        let h = 1e-2f32;
+        let eval = |delta: f32| {
+            let mut v = base.clone();
+            v[i] += delta;
+            field.raw_density.set(&Tensor::from_vec(v, (216, 1), &dev).unwrap()).unwrap();
+            scalar(&loss(&field))
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
+        let rel = (fd - g[i] as f64).abs() / fd.abs().max(g[i].abs() as f64);
+        assert!(rel < 2e-2, "normals d/d raw[{i}]: fd {fd:e} vs autograd {:e}", g[i]);
     }
 }
 

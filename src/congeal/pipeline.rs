@@ -569,7 +569,7 @@ fn render_full(
     let cams = CameraBatch::from_poses(&[*pose], &[*intr], device)?;
     let pixels = candle_core::Tensor::from_vec(pixels, (1, rect.len(), 2), device)?;
     let rays = cams.rays(&pixels)?;
-    let what = RenderWhat { colour: true, depth: false, nocs: true };
+    let what = RenderWhat { colour: true, nocs: true, ..Default::default() };
     let host = render_rays_host(field, &rays, config.render.samples_per_ray, what, config.render.chunk_rays)?;
     Ok((host, rect))
 }

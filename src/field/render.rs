@@ -108,6 +108,9 @@ pub struct RenderWhat {
     pub depth: bool,
     /// Expected NOCS (Eq. 11), normalised by opacity where the ray hits.
     pub nocs: bool,
+    /// Ref-NeRF's orientation penalty per ray, `sum_i w_i max(0, n_i . d)^2` with the normals
+    /// `n = -grad(density) / |grad(density)|` and the weights detached (as threestudio does).
+    pub orientation: bool,
 }
 
 /// The rendered quantities for a batch of rays.
@@ -121,6 +124,8 @@ pub struct Rendering {
     pub depth: Option<Tensor>,
     /// NOCS, `[R, 3]`, sum of weights x NOCS(p) (divide by opacity for the surface NOCS).
     pub nocs: Option<Tensor>,
+    /// Orientation penalty per ray, `[R]` (see [`RenderWhat::orientation`]).
+    pub orientation: Option<Tensor>,
 }
 
 /// Renders `rays` through `field` with `samples` samples per ray spread evenly over the part of
@@ -130,10 +135,10 @@ pub fn render_rays(field: &CanonicalField, rays: &Rays, samples: usize, what: Re
     if samples < 2 {
         return Err(Error::InvalidInput("need at least 2 samples per ray".into()));
     }
-    if let (Some(grid), false) = (&field.host, what.colour || what.depth || what.nocs) {
+    if let (Some(grid), false) = (&field.host, what.colour || what.depth || what.nocs || what.orientation) {
         let op = FusedOpacity { grid: grid.clone(), samples };
         let opacity = rays.origins.contiguous()?.apply_op2(&rays.directions.contiguous()?, op)?;
-        return Ok(Rendering { opacity, colour: None, depth: None, nocs: None });
+        return Ok(Rendering { opacity, colour: None, depth: None, nocs: None, orientation: None });
     }
     render_rays_tensor(field, rays, samples, what)
 }
@@ -153,15 +158,15 @@ pub fn render_rays_tensor(field: &CanonicalField, rays: &Rays, samples: usize, w
         .broadcast_add(&rays.directions.unsqueeze(1)?.broadcast_mul(&t.unsqueeze(2)?)?)?; // [R, S, 3]
     let points = points.reshape((r * samples, 3))?;
     let dir_len = rays.directions.detach().sqr()?.sum_keepdim(1)?.sqrt()?; // [R, 1]
-    let delta = (span * dir_len)?.affine(1.0 / samples as f64, 0.0)?; // [R, 1] metric step
+    let delta = (span * &dir_len)?.affine(1.0 / samples as f64, 0.0)?; // [R, 1] metric step
 
     let lookup = GridLookup::new(field, &points)?;
     let sigma = lookup.sample(&field.density)?.reshape((r, samples))?;
     let tau = sigma.broadcast_mul(&delta)?; // optical thickness per sample [R, S]
     let total = tau.sum_keepdim(1)?;
     let opacity = total.neg()?.exp()?.affine(-1.0, 1.0)?.squeeze(1)?;
-    if !(what.colour || what.depth || what.nocs) {
-        return Ok(Rendering { opacity, colour: None, depth: None, nocs: None });
+    if !(what.colour || what.depth || what.nocs || what.orientation) {
+        return Ok(Rendering { opacity, colour: None, depth: None, nocs: None, orientation: None });
     }
     // w_i = T_i alpha_i with T_i = exp(-sum_{j<i} tau_j).
     let exclusive = (tau.cumsum(1)? - &tau)?;
@@ -182,7 +187,33 @@ pub fn render_rays_tensor(field: &CanonicalField, rays: &Rays, samples: usize, w
     } else {
         None
     };
-    Ok(Rendering { opacity, colour, depth, nocs })
+    let orientation = if what.orientation {
+        let normals = lookup.sample(&density_normals(field)?)?.reshape((r, samples, 3))?;
+        let unit_dir = rays.directions.detach().broadcast_div(&dir_len)?.unsqueeze(1)?; // [R, 1, 3]
+        let facing_away = normals.broadcast_mul(&unit_dir)?.sum(2)?.relu()?.sqr()?; // [R, S]
+        Some((weights.detach() * facing_away)?.sum(1)?)
+    } else {
+        None
+    };
+    Ok(Rendering { opacity, colour, depth, nocs, orientation })
+}
+
+/// Outward unit normals of the density field per voxel, `[V, 3]`: `-grad / |grad|` with central
+/// differences on the grid (one-sided at the faces), differentiable in the density.
+pub fn density_normals(field: &CanonicalField) -> Result<Tensor> {
+    let [nx, ny, nz] = field.dims;
+    if nx < 2 || ny < 2 || nz < 2 {
+        return Err(Error::InvalidInput(format!("normals need a grid of at least 2 cells per side, got {:?}", field.dims)));
+    }
+    let d = field.density.reshape((nz, ny, nx))?;
+    let diff = |axis: usize, n: usize| -> Result<Tensor> {
+        let next = Tensor::cat(&[d.narrow(axis, 1, n - 1)?, d.narrow(axis, n - 1, 1)?], axis)?;
+        let prev = Tensor::cat(&[d.narrow(axis, 0, 1)?, d.narrow(axis, 0, n - 1)?], axis)?;
+        Ok((next - prev)?)
+    };
+    let grad = Tensor::stack(&[diff(2, nx)?, diff(1, ny)?, diff(0, nz)?], 3)?.reshape((nx * ny * nz, 3))?;
+    let norm = (grad.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+    Ok(grad.broadcast_div(&norm)?.neg()?)
 }
 
 /// Host copies of a rendering, one value (or triple) per ray.

@@ -614,7 +614,7 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
         // NOCS at the estimated pose, masked by the input mask.
         let cams = CameraBatch::from_poses(&[pose_n], &[k], field.device())?;
         let pixels = crate::field::render::pixel_grid(k.width, k.height, field.device())?;
-        let what = RenderWhat { colour: false, depth: false, nocs: true };
+        let what = RenderWhat { nocs: true, ..Default::default() };
         let r = render_rays_host(field, &cams.rays(&pixels)?, shared.config.render.samples_per_ray, what, shared.config.render.chunk_rays)?;
         let m: Vec<bool> = mask.pixels().map(|p| p.0[0] >= 128).collect();
         let pose = nalgebra::Isometry3::from_parts(

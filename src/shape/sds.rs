@@ -777,26 +777,48 @@ fn sample_views(cfg: &SdsConfig, res: u32, rng: &mut Stream, device: &Device) ->
     SdsViews::new(cfg.views, res, az0, el, fov, dist, device)
 }
 
+/// Regularisation statistics of one step's renders (differentiable).
+pub struct RenderStats {
+    /// Mean rendered opacity over all pixels (the sparsity regulariser).
+    pub mean_opacity: Tensor,
+    /// Ref-NeRF orientation penalty summed over the rays and divided by the number of rays the
+    /// object covers (opacity > 0.5), when asked for.
+    pub orientation: Option<Tensor>,
+}
+
 /// Renders the views over `background` (`[3]` in [0, 1]): `[V, 3, res, res]` in [0, 1], and the
-/// mean opacity.
-fn render_views(field: &CanonicalField, views: &SdsViews, background: &[f32; 3], samples: usize) -> Result<(Tensor, Tensor)> {
+/// regulariser statistics.
+fn render_views(
+    field: &CanonicalField,
+    views: &SdsViews,
+    background: &[f32; 3],
+    samples: usize,
+    orientation: bool,
+) -> Result<(Tensor, RenderStats)> {
     let device = field.device();
     let n = views.cameras.len();
     let res = views.res as usize;
     let pixels = pixel_grid(views.res, views.res, device)?.broadcast_as((n, res * res, 2))?.contiguous()?;
     let rays = views.cameras.rays(&pixels)?;
-    let r = render_rays_tensor(field, &rays, samples, RenderWhat { colour: true, ..Default::default() })?;
+    let r = render_rays_tensor(field, &rays, samples, RenderWhat { colour: true, orientation, ..Default::default() })?;
     let colour = r.colour.ok_or_else(|| Error::InvalidInput("renderer returned no colour".into()))?;
     let bg = Tensor::from_vec(background.to_vec(), (1, 3), device)?;
     let alpha = r.opacity.unsqueeze(1)?;
     let rgb = (colour + alpha.affine(-1.0, 1.0)?.broadcast_mul(&bg)?)?;
     let img = rgb.reshape((n, res, res, 3))?.permute((0, 3, 1, 2))?.contiguous()?;
-    Ok((img, r.opacity.mean_all()?))
+    let orientation = match r.orientation {
+        Some(o) => {
+            let covered = r.opacity.detach().ge(0.5)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.max(1.0);
+            Some((o.sum_all()? / covered as f64)?)
+        }
+        None => None,
+    };
+    Ok((img, RenderStats { mean_opacity: r.opacity.mean_all()?, orientation }))
 }
 
 /// Renders `views` of `field` over `background`, resamples them to `guidance_resolution` and encodes
-/// them: the scaled latent means `[V, C, h, w]` (differentiable in the field's grids) and the mean
-/// rendered opacity.
+/// them: the scaled latent means `[V, C, h, w]` (differentiable in the field's grids) and the
+/// regulariser statistics (the orientation penalty when `orientation`).
 pub fn render_latents(
     models: &DiffusionModels,
     field: &CanonicalField,
@@ -804,12 +826,13 @@ pub fn render_latents(
     background: &[f32; 3],
     samples_per_ray: usize,
     guidance_resolution: u32,
-) -> Result<(Tensor, Tensor)> {
-    let (img, mean_opacity) = render_views(field, views, background, samples_per_ray)?;
+    orientation: bool,
+) -> Result<(Tensor, RenderStats)> {
+    let (img, stats) = render_views(field, views, background, samples_per_ray, orientation)?;
     let gr = guidance_resolution as usize;
     let img = resize_bilinear(&img, gr, gr)?.affine(2.0, -1.0)?.to_dtype(models.dtype())?;
     let (mean, _) = models.vae.encode(&img)?;
-    Ok(((mean * models.vae.scaling_factor())?, mean_opacity))
+    Ok(((mean * models.vae.scaling_factor())?, stats))
 }
 
 /// Score distillation (Eq. 2-4, lambda = 0): optimises an [`SdsField`] under the frozen prior
@@ -849,8 +872,15 @@ pub fn score_distillation(
             [1.0; 3]
         };
         let f = field.field()?;
-        let (latents, mean_opacity) =
-            render_latents(models, &f, &views, &background, cfg.samples_per_ray, cfg.guidance_resolution)?;
+        let (latents, stats) = render_latents(
+            models,
+            &f,
+            &views,
+            &background,
+            cfg.samples_per_ray,
+            cfg.guidance_resolution,
+            cfg.orientation_weight > 0.0,
+        )?;
         let noise = rng.normal(latents.dims(), device, dtype)?;
         let ts = vec![t; v];
         let noisy = models.schedule.add_noise(&latents.detach(), &noise, &ts)?;
@@ -879,7 +909,10 @@ pub fn score_distillation(
         let diff = (latents.to_dtype(DType::F32)? - target.detach().to_dtype(DType::F32)?)?;
         let mut loss = (diff.sqr()?.sum_all()? * (0.5 / v as f64))?;
         if cfg.sparsity_weight > 0.0 {
-            loss = (loss + (mean_opacity.to_dtype(DType::F32)? * cfg.sparsity_weight)?)?;
+            loss = (loss + (stats.mean_opacity.to_dtype(DType::F32)? * cfg.sparsity_weight)?)?;
+        }
+        if let Some(o) = &stats.orientation {
+            loss = (loss + (o.to_dtype(DType::F32)? * cfg.orientation_weight)?)?;
         }
         let lv = check_finite(&loss, &format!("score distillation loss at step {step}"))?;
         opt.backward_step(&loss)?;
@@ -1016,9 +1049,27 @@ mod tests {
         assert!((extent - 1.0).abs() < 1e-5, "{extent}");
         let mut rng = Stream::new(1);
         let views = sample_views(&cfg, 16, &mut rng, &Device::Cpu).unwrap();
-        let (img, opacity) = render_views(&field.field().unwrap(), &views, &[1.0, 1.0, 1.0], 32).unwrap();
+        let (img, stats) = render_views(&field.field().unwrap(), &views, &[1.0, 1.0, 1.0], 32, true).unwrap();
         assert_eq!(img.dims(), &[4, 3, 16, 16]);
-        let o = opacity.to_scalar::<f32>().unwrap();
+        let o = stats.mean_opacity.to_scalar::<f32>().unwrap();
+        // A ball's density falls outwards, so the normals where the weight is (its front) face the
+        // cameras: a small penalty (from what light reaches the back half of the soft blob).
+        let ball = stats.orientation.unwrap().to_scalar::<f32>().unwrap();
+        // Turned inside out (no blob; density growing outwards), the normals face away: a large penalty.
+        let inverted = SdsField::new(&SdsConfig { blob_density: 0.0, ..cfg.clone() }, &Device::Cpu).unwrap();
+        let g = 16;
+        let cell = 1.0 / g as f32;
+        let radial: Vec<f32> = (0..g * g * g)
+            .map(|i| {
+                let (x, y, z) = (i % g, (i / g) % g, i / (g * g));
+                let p = [x, y, z].map(|k| -0.5 + (k as f32 + 0.5) * cell);
+                20.0 * (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt() - 4.0
+            })
+            .collect();
+        inverted.raw_density.set(&Tensor::from_vec(radial, (g * g * g, 1), &Device::Cpu).unwrap()).unwrap();
+        let (_, stats) = render_views(&inverted.field().unwrap(), &views, &[1.0, 1.0, 1.0], 32, true).unwrap();
+        let inside_out = stats.orientation.unwrap().to_scalar::<f32>().unwrap();
+        assert!(inside_out > 5.0 * ball, "orientation penalty: ball {ball}, inverted ball {inside_out}");
         assert!(o > 0.02 && o < 0.9, "mean opacity {o}");
         // The frozen field is what pose initialisation renders: its candidates must see it.
         let pcfg = crate::config::Config::default().pose_init;
