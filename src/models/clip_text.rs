@@ -21,8 +21,6 @@
 //! `...layer_norm1`, `...mlp.fc1`, `...mlp.fc2`, `...layer_norm2`, `text_model.final_layer_norm`;
 //! the `text_model.` prefix is optional.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -122,7 +120,7 @@ impl ClipTextConfig {
     /// diffusers' files carry no such metadata: right for SD 2.x (16 heads, GELU); for SD 1.x's CLIP
     /// ViT-L set `activation = Activation::QuickGelu` afterwards (its `config.json` says `quick_gelu`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let header = read_header(path)?;
+        let header = ops::read_safetensors_header(path, WHAT)?;
         let prefix = if header.shapes.contains_key("text_model.embeddings.token_embedding.weight") {
             "text_model."
         } else {
@@ -208,12 +206,6 @@ impl ClipTextConfig {
     }
 }
 
-/// Tensor shapes and `__metadata__` of a safetensors header.
-struct Header {
-    shapes: HashMap<String, Vec<usize>>,
-    metadata: HashMap<String, String>,
-}
-
 fn weights_msg(path: &Path, message: impl Into<String>) -> Error {
     Error::Weights { path: path.to_path_buf(), message: message.into() }
 }
@@ -221,47 +213,6 @@ fn weights_msg(path: &Path, message: impl Into<String>) -> Error {
 const WHAT: &str = "a CLIP text encoder in the HF CLIPTextModel naming (text_model.embeddings..., \
                     text_model.encoder.layers.N..., text_model.final_layer_norm)";
 
-/// Reads the JSON header of a safetensors file (not the tensor data).
-fn read_header(path: &Path) -> Result<Header> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| weights_msg(path, format!("cannot read it ({e}); expected {WHAT}")))?;
-    let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| weights_msg(path, format!("not a safetensors file ({e}); expected {WHAT}")))?;
-    let n = u64::from_le_bytes(len8);
-    if n > 100 << 20 {
-        return Err(weights_msg(path, format!("not a safetensors file (header length {n}); expected {WHAT}")));
-    }
-    let mut json = vec![0u8; n as usize];
-    f.read_exact(&mut json)
-        .map_err(|e| weights_msg(path, format!("not a safetensors file (truncated header: {e})")))?;
-    let value: serde_json::Value = serde_json::from_slice(&json)
-        .map_err(|e| weights_msg(path, format!("not a safetensors file (header is not JSON: {e})")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| weights_msg(path, "not a safetensors file (header is not a JSON object)"))?;
-    let mut shapes = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    if let Some(s) = v.as_str() {
-                        metadata.insert(k.clone(), s.to_string());
-                    }
-                }
-            }
-            continue;
-        }
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| weights_msg(path, format!("not a safetensors file (tensor {name} has no valid shape)")))?;
-        shapes.insert(name.clone(), shape);
-    }
-    Ok(Header { shapes, metadata })
-}
 
 /// One pre-LN transformer layer.
 #[derive(Debug, Clone)]

@@ -6,6 +6,8 @@
 //! algebra, which candle differentiates. Norms are computed in f32 whatever the weights' dtype (f16 on
 //! GPUs) and cast back, as the reference implementations do.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -227,6 +229,51 @@ pub fn open_safetensors(path: &Path, dtype: DType, device: &Device, what: &str) 
         path: path.to_path_buf(),
         message: format!("not a safetensors file ({e}); expected {what}"),
     })
+}
+
+/// Tensor shapes and string `__metadata__` of a safetensors file.
+#[derive(Clone, Debug, Default)]
+pub struct SafetensorsHeader {
+    /// Shape of every tensor, by name.
+    pub shapes: HashMap<String, Vec<usize>>,
+    /// The `__metadata__` entries whose values are strings.
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads only the JSON header of a safetensors file (not its data), to infer a model's configuration
+/// before loading it. Any problem is an [`Error::Weights`] naming the path and `what` was expected.
+pub fn read_safetensors_header(path: &Path, what: &str) -> Result<SafetensorsHeader> {
+    let bad = |m: String| Error::Weights { path: path.to_path_buf(), message: format!("{m}; expected {what}") };
+    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let n = u64::from_le_bytes(len8);
+    if n > 100 << 20 {
+        return Err(bad(format!("not a safetensors file (header length {n})")));
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json).map_err(|e| bad(format!("not a safetensors file (truncated header: {e})")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("not a safetensors file (header is not JSON: {e})")))?;
+    let obj = value.as_object().ok_or_else(|| bad("not a safetensors file (header is not a JSON object)".into()))?;
+    let mut header = SafetensorsHeader::default();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            for (k, v) in v.as_object().into_iter().flatten() {
+                if let Some(s) = v.as_str() {
+                    header.metadata.insert(k.clone(), s.to_string());
+                }
+            }
+            continue;
+        }
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(format!("not a safetensors file (tensor {name} has no valid shape)")))?;
+        header.shapes.insert(name.clone(), shape);
+    }
+    Ok(header)
 }
 
 /// Wraps an error met while building a model from `path` (a missing tensor or a wrong shape, as

@@ -31,8 +31,6 @@
 //! camera. Weights: a diffusers `unet/diffusion_pytorch_model.safetensors` (only
 //! `transformer_layers_per_block = 1`, as in SD 1.x/2.x).
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Shape, Tensor, D};
@@ -161,7 +159,7 @@ impl UNetConfig {
     /// the tensor shapes. Heads come from the metadata `attention_heads` (e.g. `"5,10,20,20"`) when
     /// present, else are `channels / 64` (SD 2.x, MVDream); groups from `norm_num_groups`, else 32.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let (tensors, metadata) = read_header(path)?;
+        let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
         let err = |m: String| ops::weights_error(path, WHAT, m);
         let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match tensors.get(name) {
@@ -245,50 +243,6 @@ impl UNetConfig {
     }
 }
 
-type Header = (HashMap<String, Vec<usize>>, HashMap<String, String>);
-
-/// Tensor shapes and `__metadata__` of a safetensors file, reading only its header.
-fn read_header(path: &Path) -> Result<Header> {
-    let bad = |m: String| ops::weights_error(path, WHAT, m);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
-    let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    let n = u64::from_le_bytes(len8);
-    if n > 100 << 20 {
-        return Err(bad(format!("not a safetensors file (header length {n})")));
-    }
-    let mut json = vec![0u8; n as usize];
-    f.read_exact(&mut json)
-        .map_err(|e| bad(format!("not a safetensors file (truncated header: {e})")))?;
-    let value: serde_json::Value = serde_json::from_slice(&json)
-        .map_err(|e| bad(format!("not a safetensors file (header: {e})")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("not a safetensors file (header not an object)".into()))?;
-    let (mut tensors, mut metadata) = (HashMap::new(), HashMap::new());
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            for (k, v) in v.as_object().into_iter().flatten() {
-                if let Some(s) = v.as_str() {
-                    metadata.insert(k.clone(), s.to_string());
-                }
-            }
-            continue;
-        }
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
-        tensors.insert(name.clone(), shape);
-    }
-    Ok((tensors, metadata))
-}
 
 /// The message of a candle error without the backtrace candle appends when `RUST_BACKTRACE` is set.
 fn without_backtrace(e: candle_core::Error) -> candle_core::Error {

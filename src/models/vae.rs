@@ -23,8 +23,6 @@
 //! or the legacy `query/key/value/proj_attn`. Latents are "unscaled": multiply [`Vae::encode`]'s mean
 //! by [`Vae::scaling_factor`] before the UNet and divide by it before [`Vae::decode`].
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -137,7 +135,7 @@ impl VaeConfig {
     /// the tensor shapes. `norm_num_groups` and `scaling_factor` cannot be seen in shapes: they come
     /// from the file's `__metadata__` when present, else 32 and 0.18215 (the SD values).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let (tensors, metadata) = read_header(path)?;
+        let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
         let err = |m: String| ops::weights_error(path, WHAT, m);
         let shape = |name: &str, rank: usize| -> Result<&Vec<usize>> {
             match tensors.get(name) {
@@ -206,52 +204,6 @@ impl VaeConfig {
     }
 }
 
-/// Tensor shapes and string metadata of a safetensors header.
-type Header = (HashMap<String, Vec<usize>>, HashMap<String, String>);
-
-/// Reads and parses the JSON header of a safetensors file, without its data.
-fn read_header(path: &Path) -> Result<Header> {
-    let err = |m: String| ops::weights_error(path, WHAT, m);
-    let mut f = std::fs::File::open(path).map_err(|e| err(format!("cannot read it ({e})")))?;
-    let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| err(format!("not a safetensors file ({e})")))?;
-    let n = u64::from_le_bytes(len8);
-    if n > 100 << 20 {
-        return Err(err(format!("not a safetensors file (header length {n})")));
-    }
-    let mut json = vec![0u8; n as usize];
-    f.read_exact(&mut json)
-        .map_err(|e| err(format!("not a safetensors file (truncated header: {e})")))?;
-    let value: serde_json::Value = serde_json::from_slice(&json)
-        .map_err(|e| err(format!("not a safetensors file (header: {e})")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| err("not a safetensors file (header is not a JSON object)".into()))?;
-    let mut tensors = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            for (k, v) in v.as_object().into_iter().flatten() {
-                if let Some(s) = v.as_str() {
-                    metadata.insert(k.clone(), s.to_string());
-                }
-            }
-            continue;
-        }
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| err(format!("tensor {name} has no valid shape")))?;
-        tensors.insert(name.clone(), shape);
-    }
-    Ok((tensors, metadata))
-}
 
 /// Errors unless every element of `x` is finite (one reduction, read back to the host).
 fn check_finite(x: &Tensor, what: &str) -> Result<()> {
