@@ -381,15 +381,9 @@ fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal:
     let device = config.device()?;
     let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
     let bar = ProgressBar::new(pairs.len() as u64);
+    let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin);
     for pair in pairs.iter_mut() {
-        let pred = congeal::congeal::transfer::transfer_2d(
-            &collection,
-            &extractor,
-            config.pose_init.crop_margin,
-            &pair.src,
-            &pair.dst,
-            &pair.points,
-        )?;
+        let pred = baseline.transfer(&pair.src, &pair.dst, &pair.points)?;
         pair.pred = Some(pred);
         bar.inc(1);
     }

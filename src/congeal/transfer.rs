@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::collection::{Collection, SquareCrop};
-use crate::congeal::coord_maps::{ReverseMap, Warp};
+use crate::congeal::coord_maps::{FeatureGrid, ReverseMap, Warp};
 use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::error::{Error, Result};
 use crate::output::read_nocs_png;
@@ -179,7 +179,8 @@ pub fn transfer(run_dir: &Path, run: &RunResult, src: &str, dst: &str, points: &
 /// The 2D baseline (Eq. 18): for each source point on the source mask, the target mask pixel whose
 /// DINOv2 feature (bilinear between tokens) has the largest cosine with the source point's. Both
 /// images are seen as in pose initialisation: masked square crops around the mask, `crop_margin`
-/// padding. Points off the source mask give `None`.
+/// padding. Points off the source mask give `None`. For many pairs use [`Transfer2d`], which
+/// featurises each image once.
 pub fn transfer_2d(
     collection: &Collection,
     extractor: &FeatureExtractor,
@@ -188,58 +189,94 @@ pub fn transfer_2d(
     dst: &str,
     points: &[[f64; 2]],
 ) -> Result<Vec<Option<[f64; 2]>>> {
-    let load = |file: &str| -> Result<_> {
+    Transfer2d::new(collection, extractor, crop_margin).transfer(src, dst, points)
+}
+
+/// An image as the 2D baseline sees it: the loaded image, its crop and the crop's features.
+struct FeaturedImage {
+    image: crate::collection::LoadedImage,
+    crop: SquareCrop,
+    features: FeatureGrid,
+}
+
+/// The 2D baseline (Eq. 18) over many pairs of one collection, computing each image's DINOv2
+/// features once.
+pub struct Transfer2d<'a> {
+    collection: &'a Collection,
+    extractor: &'a FeatureExtractor,
+    crop_margin: f64,
+    cache: std::collections::HashMap<String, std::rc::Rc<FeaturedImage>>,
+}
+
+impl<'a> Transfer2d<'a> {
+    /// A baseline over `collection` with `extractor`'s features and the crop padding `crop_margin`.
+    pub fn new(collection: &'a Collection, extractor: &'a FeatureExtractor, crop_margin: f64) -> Self {
+        Self { collection, extractor, crop_margin, cache: Default::default() }
+    }
+
+    fn featured(&mut self, file: &str) -> Result<std::rc::Rc<FeaturedImage>> {
+        if let Some(f) = self.cache.get(file) {
+            return Ok(f.clone());
+        }
+        let collection = self.collection;
         let i = collection.images.iter().position(|e| e.rgb.to_string_lossy() == file).ok_or_else(|| Error::Collection {
             path: collection.root.clone(),
             message: format!("image {file} is not in the collection"),
         })?;
-        let img = collection.load_image(i)?;
-        let bbox = crate::collection::mask_bbox(&img.mask)
+        let image = collection.load_image(i)?;
+        let bbox = crate::collection::mask_bbox(&image.mask)
             .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
-        let crop = SquareCrop::around(&bbox, crop_margin, extractor.input_size())?;
-        let feats = extractor.extract(&[masked_crop(&img.rgb, &img.mask, &crop)])?.remove(0);
-        Ok((img, crop, feats))
-    };
-    let (a, crop_a, fa) = load(src)?;
-    let (b, crop_b, fb) = load(dst)?;
-    let size = extractor.input_size() as f64;
-    let unit = |crop: &SquareCrop, p: [f64; 2]| {
-        let c = crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
-        [(c.x + 0.5) / size, (c.y + 0.5) / size]
-    };
-    // Target candidates: every mask pixel, with its interpolated, normalised feature.
-    let targets: Vec<([f64; 2], Vec<f32>)> = b
-        .mask
-        .enumerate_pixels()
-        .filter(|(_, _, v)| v[0] >= 128)
-        .map(|(x, y, _)| {
-            let p = [x as f64, y as f64];
-            let u = unit(&crop_b, p);
-            (p, fb.sample_normalised(u[0], u[1]))
-        })
-        .collect();
-    Ok(points
-        .iter()
-        .map(|p| {
-            if !(p[0].is_finite() && p[1].is_finite()) {
-                return None;
-            }
-            let (x, y) = (p[0].round(), p[1].round());
-            if x < 0.0 || y < 0.0 || x >= a.mask.width() as f64 || y >= a.mask.height() as f64 {
-                return None;
-            }
-            if a.mask.get_pixel(x as u32, y as u32)[0] < 128 {
-                return None;
-            }
-            let u = unit(&crop_a, *p);
-            let q = fa.sample_normalised(u[0], u[1]);
-            targets
-                .iter()
-                .map(|(t, f)| (t, f.iter().zip(&q).map(|(m, n)| m * n).sum::<f32>()))
-                .max_by(|x, y| x.1.total_cmp(&y.1))
-                .map(|(t, _)| *t)
-        })
-        .collect())
+        let crop = SquareCrop::around(&bbox, self.crop_margin, self.extractor.input_size())?;
+        let features = self.extractor.extract(&[masked_crop(&image.rgb, &image.mask, &crop)])?.remove(0);
+        let f = std::rc::Rc::new(FeaturedImage { image, crop, features });
+        self.cache.insert(file.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Transfers `points` from `src` to `dst` (see [`transfer_2d`]).
+    pub fn transfer(&mut self, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
+        let fa = self.featured(src)?;
+        let fb = self.featured(dst)?;
+        let size = self.extractor.input_size() as f64;
+        let unit = |crop: &SquareCrop, p: [f64; 2]| {
+            let c = crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
+            [(c.x + 0.5) / size, (c.y + 0.5) / size]
+        };
+        let (a, b) = (&fa.image, &fb.image);
+        // Target candidates: every mask pixel, with its interpolated, normalised feature.
+        let targets: Vec<([f64; 2], Vec<f32>)> = b
+            .mask
+            .enumerate_pixels()
+            .filter(|(_, _, v)| v[0] >= 128)
+            .map(|(x, y, _)| {
+                let p = [x as f64, y as f64];
+                let u = unit(&fb.crop, p);
+                (p, fb.features.sample_normalised(u[0], u[1]))
+            })
+            .collect();
+        Ok(points
+            .iter()
+            .map(|p| {
+                if !(p[0].is_finite() && p[1].is_finite()) {
+                    return None;
+                }
+                let (x, y) = (p[0].round(), p[1].round());
+                if x < 0.0 || y < 0.0 || x >= a.mask.width() as f64 || y >= a.mask.height() as f64 {
+                    return None;
+                }
+                if a.mask.get_pixel(x as u32, y as u32)[0] < 128 {
+                    return None;
+                }
+                let u = unit(&fa.crop, *p);
+                let q = fa.features.sample_normalised(u[0], u[1]);
+                targets
+                    .iter()
+                    .map(|(t, f)| (t, f.iter().zip(&q).map(|(m, n)| m * n).sum::<f32>()))
+                    .max_by(|x, y| x.1.total_cmp(&y.1))
+                    .map(|(t, _)| *t)
+            })
+            .collect())
+    }
 }
 
 /// Fills `pred` of every pair.
