@@ -34,12 +34,22 @@ for lib in "$CUDA_HOME"/lib/*.so.*; do
   [ -e "$base" ] || ln -sf "$(basename "$lib")" "$base"
 done
 [ -e "$CUDA_HOME/lib64" ] || ln -sf lib "$CUDA_HOME/lib64"
-# A stub libcuda.so: only its name is needed to link; the driver provides the real one at run time.
+# A stub libcuda.so: candle's cudarc links the driver API directly, so the linker needs every cu*
+# symbol; the stub defines each function that cuda.h declares (and the _v2/_v3 names its macros point
+# at) as a function that fails. The real driver library replaces it at run time on a GPU machine.
 STUB="$VENV/stub"
-if [ ! -e "$STUB/libcuda.so" ]; then
+if [ ! -e "$STUB/libcuda.so" ] || ! grep -q "soname" "$STUB/stub.c" 2>/dev/null; then
   mkdir -p "$STUB"
-  printf 'void cuInit(void) {}\n' > "$STUB/stub.c"
-  cc -shared -fPIC -o "$STUB/libcuda.so.1" "$STUB/stub.c"
+  python3 - "$CUDA_HOME/include/cuda.h" > "$STUB/stub.c" <<'PY'
+import re, sys
+src = open(sys.argv[1]).read()
+names = set(re.findall(r"CUresult\s+CUDAAPI\s+(cu\w+)\s*\(", src))
+names |= set(re.findall(r"#define\s+cu\w+\s+(cu\w+_v\d+)\b", src))
+print("/* stub driver API generated from cuda.h (soname libcuda.so.1): every call fails (999 = CUDA_ERROR_UNKNOWN) */")
+for n in sorted(names):
+    print("int %s(void) { return 999; }" % n)
+PY
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$STUB/stub.c"
   ln -sf libcuda.so.1 "$STUB/libcuda.so"
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
