@@ -146,4 +146,37 @@ fn images_without_masks_get_built_in_masks() {
     let out = tempfile::tempdir().unwrap();
     let result = run(&collection, &ShapeSpec::Template(Some(src.join("template.obj"))), &tiny(), out.path(), &no_progress).unwrap();
     assert_eq!(result.images.len(), 4, "skipped: {:?}", result.skipped);
+    // The computed masks are kept with the run and agree with the ground truth.
+    for (im, k) in result.images.iter().zip([0, 5, 10, 15]) {
+        let rel = im.mask.as_ref().expect("computed mask recorded in result.json");
+        let mask = congeal::collection::load_mask(&out.path().join(rel)).unwrap();
+        let gt = congeal::collection::load_mask(&src.join(format!("mask/{k:03}.png"))).unwrap();
+        let (mut inter, mut union) = (0u32, 0u32);
+        for (a, b) in mask.pixels().zip(gt.pixels()) {
+            let (a, b) = (a[0] >= 128, b[0] >= 128);
+            inter += u32::from(a && b);
+            union += u32::from(a || b);
+        }
+        assert!(inter as f64 / union as f64 > 0.8, "{rel}: IoU {}", inter as f64 / union as f64);
+    }
+    // The 2D baseline on the mask-less collection uses them (it failed with "no mask" before).
+    let pairs = vec![congeal::congeal::transfer::TransferPair {
+        src: result.images[0].file.clone(),
+        dst: result.images[1].file.clone(),
+        points: vec![[160.0, 120.0], [0.0, 0.0]],
+        gt: None,
+        pred: None,
+    }];
+    let pairs_path = out.path().join("pairs.json");
+    std::fs::write(&pairs_path, serde_json::to_string(&pairs).unwrap()).unwrap();
+    let pred_path = out.path().join("pred.json");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_congeal"))
+        .args(["transfer", out.path().to_str().unwrap(), "--pairs", pairs_path.to_str().unwrap(), "--out", pred_path.to_str().unwrap(), "--method", "2d"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let pred: Vec<congeal::congeal::transfer::TransferPair> = serde_json::from_str(&std::fs::read_to_string(&pred_path).unwrap()).unwrap();
+    let p = pred[0].pred.as_ref().unwrap();
+    assert_eq!(p.len(), 2);
+    assert!(p[1].is_none(), "a background point transfers to nothing");
 }

@@ -381,7 +381,8 @@ fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal:
     let device = config.device()?;
     let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
     let bar = ProgressBar::new(pairs.len() as u64);
-    let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin);
+    let mut baseline =
+        congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin).with_run_masks(&result, run);
     for pair in pairs.iter_mut() {
         let pred = baseline.transfer(&pair.src, &pair.dst, &pair.points)?;
         pair.pred = Some(pred);

@@ -190,6 +190,15 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
                 overlays.push(over);
             }
         }
+        // Masks that no file holds (alpha or built-in segmenter) are kept with the run, so that later
+        // commands (e.g. `congeal transfer --method 2d`) see the same foreground.
+        let mask_file = if collection.has_mask_file(p.index) {
+            None
+        } else {
+            let rel = format!("masks/{:03}.png", p.index);
+            crate::output::save_gray_png(&p.image.mask, &out_dir.join(&rel))?;
+            Some(rel)
+        };
         let canonical_pose = to_canonical_units(&pose, field.units_per_normalised);
         images.push(ImageResult {
             file: p.file.clone(),
@@ -203,6 +212,7 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
             nocs: config.output.nocs.then(|| nocs_file.clone()),
             nocs_render: config.output.nocs.then(|| format!("nocs_render/{:03}.png", p.index)),
             warp: (config.output.nocs && warps[k].is_some()).then(|| format!("warps/{:03}.json", p.index)),
+            mask: mask_file,
         });
         progress("outputs", (k + 1) as f32 / prepared.len() as f32);
     }

@@ -206,12 +206,20 @@ pub struct Transfer2d<'a> {
     extractor: &'a FeatureExtractor,
     crop_margin: f64,
     cache: std::collections::HashMap<String, std::rc::Rc<FeaturedImage>>,
+    masks: std::collections::HashMap<String, std::path::PathBuf>,
 }
 
 impl<'a> Transfer2d<'a> {
     /// A baseline over `collection` with `extractor`'s features and the crop padding `crop_margin`.
     pub fn new(collection: &'a Collection, extractor: &'a FeatureExtractor, crop_margin: f64) -> Self {
-        Self { collection, extractor, crop_margin, cache: Default::default() }
+        Self { collection, extractor, crop_margin, cache: Default::default(), masks: Default::default() }
+    }
+
+    /// Uses the masks a run kept for images without a mask file (`ImageResult::mask`, relative to
+    /// `run_dir`), so mask-less collections work as the run saw them.
+    pub fn with_run_masks(mut self, run: &RunResult, run_dir: &Path) -> Self {
+        self.masks = run.images.iter().filter_map(|im| im.mask.as_ref().map(|m| (im.file.clone(), run_dir.join(m)))).collect();
+        self
     }
 
     fn featured(&mut self, file: &str) -> Result<std::rc::Rc<FeaturedImage>> {
@@ -223,7 +231,17 @@ impl<'a> Transfer2d<'a> {
             path: collection.root.clone(),
             message: format!("image {file} is not in the collection"),
         })?;
-        let image = collection.load_image(i)?;
+        let image = match self.masks.get(file) {
+            Some(mask_path) => {
+                let rgb = crate::collection::load_rgb(&collection.rgb_path(i)?)?;
+                let mask = crate::collection::load_mask(mask_path)?;
+                if mask.dimensions() != rgb.dimensions() {
+                    return Err(Error::Mask { path: mask_path.clone(), message: "the run's mask does not match the image size".into() });
+                }
+                crate::collection::LoadedImage { rgb, mask }
+            }
+            None => collection.load_image(i)?,
+        };
         let bbox = crate::collection::mask_bbox(&image.mask)
             .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
         let crop = SquareCrop::around(&bbox, self.crop_margin, self.extractor.input_size())?;

@@ -200,6 +200,12 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     img.save_with_format(path, ImageFormat::Png).map_err(|e| write_error(path, e))
 }
 
+/// Saves a single-channel image (a mask) as PNG, creating parent folders.
+pub fn save_gray_png(img: &image::GrayImage, path: &Path) -> Result<()> {
+    create_parent(path)?;
+    img.save_with_format(path, ImageFormat::Png).map_err(|e| write_error(path, e))
+}
+
 /// Writes `value` as pretty JSON, creating parent folders.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     create_parent(path)?;

@@ -63,6 +63,10 @@ pub struct ImageResult {
     /// The coordinate-map warp u -> ũ (Eq. 10) as JSON, for the reverse map (Eq. 13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warp: Option<String>,
+    /// The foreground mask the run used, relative to the run folder, when the collection has no mask
+    /// file for the image (taken from its alpha channel or computed by the built-in segmenter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 /// An input that could not be used, and why.
