@@ -17,8 +17,9 @@ pub struct RandomInit {
     pub seed: u64,
 }
 
-/// SplitMix64 step: the stream generator (fast, well mixed, fine for test weights).
-fn splitmix(state: &mut u64) -> u64 {
+/// SplitMix64 step: advances `state` and returns the next 64 random bits (fast, well mixed; fine for
+/// test weights and for the sampling streams of score distillation).
+pub fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -33,7 +33,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
@@ -536,16 +536,10 @@ impl UNet {
         })
     }
 
-    /// A model with fixed-seed pseudo-random weights (matrices and convolutions uniform with
-    /// standard deviation `1/sqrt(fan_in)`, norm scales 1, biases 0), e.g. to time the full SD 2.1
-    /// configuration without its checkpoint. Every call gives the same weights.
+    /// A model with fixed-seed pseudo-random weights ([`crate::models::random`]), e.g. to time the
+    /// full SD 2.1 configuration without its checkpoint. Every call gives the same weights.
     pub fn random(cfg: &UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let vb = VarBuilder::from_backend(
-            Box::new(RandomWeights { seed: RANDOM_SEED }),
-            dtype,
-            device.clone(),
-        );
-        Self::from_varbuilder(cfg, vb)
+        Self::from_varbuilder(cfg, crate::models::random::random_varbuilder(RANDOM_SEED, dtype, device))
     }
 
     /// Builds the model from a [`VarBuilder`] holding diffusers-named tensors.
@@ -858,62 +852,3 @@ fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
 /// Seed of [`UNet::random`].
 const RANDOM_SEED: u64 = 0x5d21;
 
-/// A [`VarBuilder`] backend producing seeded pseudo-random weights (see [`UNet::random`]).
-struct RandomWeights {
-    seed: u64,
-}
-
-impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let dims = s.dims().to_vec();
-        let n = s.elem_count();
-        let leaf = name.rsplit('.').nth(1).unwrap_or("");
-        let values: Vec<f32> = if dims.len() == 1 {
-            let v = if name.ends_with(".weight") && leaf.contains("norm") {
-                1.0
-            } else {
-                0.0
-            };
-            vec![v; n]
-        } else {
-            let fan_in = (n / dims[0].max(1)).max(1) as f32;
-            let half_width = (3.0 / fan_in).sqrt();
-            let mut state = self.seed
-                ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
-                    (h ^ c as u64).wrapping_mul(0x0000_0100_0000_01b3)
-                });
-            (0..n)
-                .map(|_| {
-                    state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                    let mut z = state;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    z ^= z >> 31;
-                    let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                    (2.0 * u - 1.0) * half_width
-                })
-                .collect()
-        };
-        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights have no shape for {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
-    }
-}

@@ -16,7 +16,6 @@
 //! UNet without camera conditioning (input poses are unknown then) on crops composited over white;
 //! score distillation encodes the latent mean (no latent sampling).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,7 +32,7 @@ use crate::field::render::{pixel_grid, render_rays_tensor, CameraBatch, RenderWh
 use crate::geometry::se3::orbit_camera_from_object;
 use crate::geometry::Intrinsics;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::random::{normal_samples, random_varbuilder};
+use crate::models::random::{normal_samples, random_varbuilder, splitmix};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -328,40 +327,17 @@ pub struct TextualInversion {
 impl TextualInversion {
     /// Writes y* as safetensors (`embeddings` `[P, C]`; metadata: prompt, words, positions).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut meta = HashMap::new();
-        meta.insert("prompt".to_string(), self.prompt.clone());
-        meta.insert("placeholder_words".to_string(), self.words.join(","));
-        meta.insert("positions".to_string(), self.positions.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","));
+        let metadata = [
+            ("prompt".to_string(), self.prompt.clone()),
+            ("placeholder_words".to_string(), self.words.join(",")),
+            ("positions".to_string(), self.positions.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")),
+        ]
+        .into_iter()
+        .collect();
         let data = self.rows.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let tensors = [("embeddings".to_string(), data)];
-        safetensors_with_metadata(&tensors, meta, path)
+        let tensors = [("embeddings".to_string(), data)].into_iter().collect();
+        crate::models::convert::write_safetensors(path, &crate::models::convert::ConvertedModel { tensors, metadata })
     }
-}
-
-fn safetensors_with_metadata(tensors: &[(String, Tensor)], meta: HashMap<String, String>, path: &Path) -> Result<()> {
-    // candle's writer has no metadata argument: write the header ourselves.
-    let mut header = serde_json::Map::new();
-    let mut blob = Vec::new();
-    for (name, t) in tensors {
-        let values = t.flatten_all()?.to_vec1::<f32>()?;
-        let start = blob.len();
-        for v in values {
-            blob.extend_from_slice(&v.to_le_bytes());
-        }
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [start, blob.len()]}),
-        );
-    }
-    header.insert("__metadata__".into(), serde_json::to_value(meta).map_err(|e| Error::InvalidInput(e.to_string()))?);
-    let mut json = serde_json::to_vec(&header).map_err(|e| Error::InvalidInput(e.to_string()))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend(json);
-    out.extend(blob);
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }
 
 /// A small deterministic random stream (views, timesteps, image picks, noise).
@@ -375,11 +351,7 @@ impl Stream {
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix(&mut self.state)
     }
 
     /// Uniform in [0, 1).
