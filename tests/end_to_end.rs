@@ -26,18 +26,19 @@ fn duck_collection_end_to_end() {
 
     // Accuracy against ground truth (issue target: median rotation error <= 15 deg unaligned).
     let report = evaluate_run(&collection, &result, out.path()).unwrap();
-    let rot = &report.poses.rotation_deg_unaligned;
+    let poses = report.poses.as_ref().expect("the duck has ground-truth poses");
+    let rot = &poses.rotation_deg_unaligned;
     eprintln!(
         "{}: rotation error median {:.2} mean {:.2} <15deg {:.2}; aligned median {:.2}; NOCS {:?}",
         dir.display(),
         rot.median,
         rot.mean,
         rot.frac_below_15deg,
-        report.poses.rotation_deg_aligned.median,
+        poses.rotation_deg_aligned.median,
         report.nocs.as_ref().map(|n| n.median)
     );
     assert!(rot.median <= 15.0, "median rotation error {} deg", rot.median);
-    assert!(report.poses.translation_unaligned.median < 0.15, "translation {:?}", report.poses.translation_unaligned);
+    assert!(poses.translation_unaligned.median < 0.15, "translation {:?}", poses.translation_unaligned);
     let nocs = report.nocs.expect("NOCS maps evaluated");
     assert!(nocs.median < 0.15, "median NOCS error {}", nocs.median);
 

@@ -103,13 +103,18 @@ enum Command {
         /// Output: the pairs with `"pred": [[x, y] | null, ...]` added.
         #[arg(long)]
         out: PathBuf,
-        /// `3d`: through the canonical shape (Eq. 17); `2d`: the paper's DINOv2 nearest-neighbour
-        /// baseline (Eq. 18, needs the collection and the DINOv2 weights).
-        #[arg(long, default_value = "3d")]
+        /// `joint`: 3D-aware matching, DINOv2 feature distance plus `transfer.nocs_weight` x the
+        /// canonical-coordinate distance of the forward maps (needs the collection, the DINOv2
+        /// weights and the run's NOCS maps); `3d`: through the canonical shape alone (Eq. 17);
+        /// `2d`: the paper's DINOv2 nearest-neighbour baseline (Eq. 18).
+        #[arg(long, default_value = "joint")]
         method: String,
-        /// Config for `--method 2d` (default: the run's config.yaml).
+        /// Config for `--method joint|2d` (default: the run's config.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Overrides `transfer.nocs_weight` for `--method joint`.
+        #[arg(long)]
+        nocs_weight: Option<f32>,
     },
     /// Predict foreground masks with the built-in U^2-Net-p segmenter; `--eval` scores them against the
     /// collection's masks (IoU).
@@ -270,6 +275,13 @@ fn main() -> Result<()> {
             let collection = Collection::load(&collection)?;
             let result = RunResult::load(&run)?;
             let report = congeal::eval::report::evaluate_run(&collection, &result, &run)?;
+            if report.poses.is_none() && pairs.is_none() {
+                bail!(
+                    "nothing to evaluate: fewer than {} images of {} have ground-truth poses, and no --pairs given",
+                    congeal::eval::report::MIN_POSES,
+                    collection.root.display()
+                );
+            }
             let mut report = serde_json::to_value(&report)?;
             if let Some(pairs) = pairs {
                 let mut list = read_pairs(&pairs)?;
@@ -333,12 +345,14 @@ fn main() -> Result<()> {
             let visible: usize = list.iter().map(|p| p.gt.as_ref().map_or(0, |g| g.iter().flatten().count())).sum();
             println!("{} pairs, {visible} visible ground-truth points: {}", list.len(), out.display());
         }
-        Command::Transfer { run, pairs, out, method, config } => {
+        Command::Transfer { run, pairs, out, method, config, nocs_weight } => {
             let mut list = read_pairs(&pairs)?;
             match method.as_str() {
                 "3d" => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
-                "2d" => transfer_2d(&run, config.as_deref(), &mut list)?,
-                other => bail!("--method must be 3d or 2d, got {other}"),
+                "2d" => transfer_2d(&run, config.as_deref(), Matching::Features, &mut list)?,
+                "joint" => transfer_2d(&run, config.as_deref(), Matching::Joint(nocs_weight), &mut list)?,
+                "bbox" => transfer_2d(&run, config.as_deref(), Matching::BboxGuess, &mut list)?,
+                other => bail!("--method must be joint, 3d, 2d or bbox, got {other}"),
             }
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
             let (n, found) = list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
@@ -368,9 +382,24 @@ fn read_pairs(path: &Path) -> Result<Vec<congeal::congeal::transfer::TransferPai
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// `congeal transfer --method 2d`: the DINOv2 nearest-neighbour baseline (Eq. 18) on the run's
-/// collection, with the run's feature settings.
-fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal::transfer::TransferPair]) -> Result<()> {
+/// How `congeal transfer` matches points when it does not go through the canonical shape alone.
+enum Matching {
+    /// DINOv2 nearest neighbour (Eq. 18).
+    Features,
+    /// The 3D-aware joint cost with this weight (default: the config's `transfer.nocs_weight`).
+    Joint(Option<f32>),
+    /// Same relative position in the mask bbox.
+    BboxGuess,
+}
+
+/// `congeal transfer --method 2d|joint|bbox` on the run's collection with the run's feature
+/// settings.
+fn transfer_2d(
+    run: &Path,
+    config: Option<&Path>,
+    matching: Matching,
+    pairs: &mut [congeal::congeal::transfer::TransferPair],
+) -> Result<()> {
     let result = RunResult::load(run)?;
     let stored = run.join("config.yaml");
     let config = match config {
@@ -383,8 +412,18 @@ fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal:
     let bar = ProgressBar::new(pairs.len() as u64);
     let mut baseline =
         congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin).with_run_masks(&result, run);
+    if let Matching::Joint(weight) = matching {
+        let weight = weight.unwrap_or(config.transfer.nocs_weight);
+        if !(weight.is_finite() && weight >= 0.0) {
+            bail!("--nocs-weight must be finite and >= 0, got {weight}");
+        }
+        baseline = baseline.with_canonical(&result, run, weight);
+    }
     for pair in pairs.iter_mut() {
-        let pred = baseline.transfer(&pair.src, &pair.dst, &pair.points)?;
+        let pred = match matching {
+            Matching::BboxGuess => baseline.transfer_bbox(&pair.src, &pair.dst, &pair.points)?,
+            _ => baseline.transfer(&pair.src, &pair.dst, &pair.points)?,
+        };
         pair.pred = Some(pred);
         bar.inc(1);
     }

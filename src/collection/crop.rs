@@ -44,6 +44,44 @@ impl PixelBox {
     }
 }
 
+/// The sides of the image that a mask touches (its object is cut by the frame there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BorderContact {
+    /// The mask reaches the first column.
+    pub left: bool,
+    /// The mask reaches the last column.
+    pub right: bool,
+    /// The mask reaches the first row.
+    pub top: bool,
+    /// The mask reaches the last row.
+    pub bottom: bool,
+}
+
+impl BorderContact {
+    /// The sides of a `width` x `height` image that the mask box `bbox` reaches.
+    pub fn of(bbox: &PixelBox, width: u32, height: u32) -> Self {
+        Self {
+            left: bbox.x_min <= 0.0,
+            right: bbox.x_max >= width as f64 - 1.0,
+            top: bbox.y_min <= 0.0,
+            bottom: bbox.y_max >= height as f64 - 1.0,
+        }
+    }
+
+    /// Whether the mask touches any side (the object is truncated by the frame).
+    pub fn any(&self) -> bool {
+        self.left || self.right || self.top || self.bottom
+    }
+
+    /// The touched sides by name (`left`, `right`, `top`, `bottom`).
+    pub fn sides(&self) -> Vec<&'static str> {
+        [(self.left, "left"), (self.right, "right"), (self.top, "top"), (self.bottom, "bottom")]
+            .into_iter()
+            .filter_map(|(b, n)| b.then_some(n))
+            .collect()
+    }
+}
+
 /// The tightest box around the set pixels (`>= 128`) of a mask; `None` if no pixel is set.
 pub fn mask_bbox(mask: &GrayImage) -> Option<PixelBox> {
     let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0u32, 0u32);
@@ -136,6 +174,32 @@ impl SquareCrop {
                     }
                 }
             }
+        }
+    }
+
+    /// The fraction of each crop pixel that lies inside a `width` x `height` image: `size²` row-major
+    /// values in `[0, 1]` (1 inside, 0 beyond the border; the same supersampling as the masks).
+    pub fn resample_inside(&self, width: u32, height: u32) -> Vec<f32> {
+        let n = self.size as usize;
+        let mut acc = vec![0u32; n * n];
+        let (wf, hf) = (width as f64, height as f64);
+        self.for_each_subsample(|k, p| {
+            if p.x >= -0.5 && p.y >= -0.5 && p.x < wf - 0.5 && p.y < hf - 0.5 {
+                acc[k] += 1;
+            }
+        });
+        let d = (SUPERSAMPLE * SUPERSAMPLE) as f32;
+        acc.into_iter().map(|a| a as f32 / d).collect()
+    }
+
+    /// A square window covering a whole `width` x `height` image (centred on it, side = the longer
+    /// side), resampled to `size` x `size`: the frame in which a truncated object is compared.
+    pub fn whole_image(width: u32, height: u32, size: u32) -> Self {
+        Self {
+            centre_x: 0.5 * (width as f64 - 1.0),
+            centre_y: 0.5 * (height as f64 - 1.0),
+            side: width.max(height) as f64,
+            size,
         }
     }
 

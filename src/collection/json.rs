@@ -111,17 +111,12 @@ impl Ctx<'_> {
         Ok((min, max))
     }
 
-    /// `K` as [`Intrinsics`]; the matrix must be `[[fx,0,cx],[0,fy,cy],[0,0,1]]`.
-    fn intrinsics(&self, v: &Value, name: &str, width: u32, height: u32) -> Result<Intrinsics> {
+    /// `K` as [`Intrinsics`]; the matrix must be `[[fx,s,cx],[0,fy,cy],[0,0,1]]` with a negligible
+    /// skew `s` (see [`crate::geometry::camera::MAX_SKEW_RATIO`]); `image` names the image in errors.
+    fn intrinsics(&self, v: &Value, name: &str, image: &str, width: u32, height: u32) -> Result<Intrinsics> {
         let k = self.matrix(v, name, 3, 3)?;
-        let off = [k[0][1], k[1][0], k[2][0], k[2][1], k[2][2] - 1.0];
-        if off.iter().any(|x| x.abs() > 1e-9) {
-            return Err(self.err(format!(
-                "field `{name}` must have the form [[fx,0,cx],[0,fy,cy],[0,0,1]] (no skew), got {k:?}"
-            )));
-        }
         let m = Matrix3::new(k[0][0], k[0][1], k[0][2], k[1][0], k[1][1], k[1][2], k[2][0], k[2][1], k[2][2]);
-        Intrinsics::from_matrix(&m, width, height).map_err(|e| self.err(format!("field `{name}`: {e}")))
+        Intrinsics::from_matrix(&m, width, height).map_err(|e| self.err(format!("{image}: field `{name}`: {e}")))
     }
 
     /// A rigid 4x4 row-major transform as an isometry (rotation orthonormal within [`ORTHONORMAL_TOL`]).
@@ -266,7 +261,7 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
         let width = ctx.size(ctx.req(im, &p, "width")?, &join(&p, "width"))?;
         let height = ctx.size(ctx.req(im, &p, "height")?, &join(&p, "height"))?;
         let k_v = if has_gt { Some(ctx.req(im, &p, "K")?) } else { ctx.opt(im, "K") };
-        let intrinsics = k_v.map(|v| ctx.intrinsics(v, &join(&p, "K"), width, height)).transpose()?;
+        let intrinsics = k_v.map(|v| ctx.intrinsics(v, &join(&p, "K"), &label, width, height)).transpose()?;
         let pose_v = if has_gt { Some(ctx.req(im, &p, "camera_from_object")?) } else { ctx.opt(im, "camera_from_object") };
         let pose = pose_v.map(|v| ctx.pose(v, &join(&p, "camera_from_object"), &label)).transpose()?;
 

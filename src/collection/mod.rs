@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::geometry::Intrinsics;
 
-pub use crop::{mask_bbox, PixelBox, SquareCrop};
+pub use crop::{mask_bbox, BorderContact, PixelBox, SquareCrop};
 pub use images::{binarise, decode_mask, load_dynamic, load_mask, load_rgb, mask_from_alpha, validate_mask};
 
 /// What a collection contains.

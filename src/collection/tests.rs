@@ -155,6 +155,34 @@ fn wrong_types_and_bad_poses_are_rejected() {
     assert!(matches!(Collection::load(tmp.path()), Err(Error::Collection { .. })));
 }
 
+/// Real calibrations: a negligible skew (1e-4 fx) and fx != fy (0.3 %) are accepted (skew dropped,
+/// both focal lengths kept); a skew of 0.1 fx is refused with a message naming the image and file.
+#[test]
+fn real_calibrations_accept_negligible_skew_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = json_of("duck");
+    let fx = v["images"][3]["K"][0][0].as_f64().unwrap();
+    let fy = fx * 1.003;
+    v["images"][3]["K"][0][1] = serde_json::json!(1e-4 * fx);
+    v["images"][3]["K"][1][1] = serde_json::json!(fy);
+    write_json(tmp.path(), &v);
+    let c = Collection::load(tmp.path()).unwrap();
+    let k = c.images[3].intrinsics.unwrap();
+    assert_eq!((k.fx, k.fy), (fx, fy));
+    assert_eq!(k.matrix()[(0, 1)], 0.0);
+
+    v["images"][3]["K"][0][1] = serde_json::json!(0.1 * fx);
+    write_json(tmp.path(), &v);
+    let msg = Collection::load(tmp.path()).unwrap_err().to_string();
+    assert!(msg.contains("rgb/003.png") && msg.contains("images[3].K") && msg.contains("skew"), "{msg}");
+    assert!(msg.contains("collection.json"), "{msg}");
+
+    // The same rule for camera_info-style matrices.
+    let m = |s: f64| nalgebra::Matrix3::new(fx, s, 64.0, 0.0, fy, 64.0, 0.0, 0.0, 1.0);
+    assert!(crate::geometry::Intrinsics::from_matrix(&m(0.9e-3 * fx), 128, 128).is_ok());
+    assert!(crate::geometry::Intrinsics::from_matrix(&m(1.1e-3 * fx), 128, 128).is_err());
+}
+
 /// A copy of image 0 of the duck collection, as a one-image collection in `dir`.
 fn one_image_collection(dir: &Path) -> Collection {
     std::fs::create_dir_all(dir.join("rgb")).unwrap();

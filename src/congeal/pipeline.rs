@@ -213,6 +213,8 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
             nocs_render: config.output.nocs.then(|| format!("nocs_render/{:03}.png", p.index)),
             warp: (config.output.nocs && warps[k].is_some()).then(|| format!("warps/{:03}.json", p.index)),
             mask: mask_file,
+            mask_touches_border: p.view.contact.any(),
+            border_sides: p.view.contact.sides().into_iter().map(String::from).collect(),
         });
         progress("outputs", (k + 1) as f32 / prepared.len() as f32);
     }
@@ -426,8 +428,12 @@ pub fn register_with_candidates(
         .iter()
         .zip(masks)
         .map(|(v, m)| {
-            let crop = SquareCrop::around(&v.bbox, rc.crop_margin, rc.ray_grid)?;
-            Ok(RefineTarget { mask: crop.resample_mask(m), crop })
+            // A truncated object is fitted over the whole image (its cut edges are not its own).
+            let crop = match &v.frame {
+                Some(_) => SquareCrop::whole_image(v.width, v.height, rc.truncated_ray_grid),
+                None => SquareCrop::around(&v.bbox, rc.crop_margin, rc.ray_grid)?,
+            };
+            Ok(RefineTarget::new(crop, m))
         })
         .collect::<Result<_>>()?;
     let free_focal: Vec<bool> = views
@@ -461,7 +467,7 @@ pub fn register_with_candidates(
                 ff.push(free_focal[i]);
             }
         }
-        let result: RefineResult = refine_poses(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
+        let result: RefineResult = refine_grouped(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
             progress("pose_refine", it as f32 / total_iters as f32)
         })?;
         let mut best = vec![f32::NEG_INFINITY; views.len()];
@@ -481,7 +487,7 @@ pub fn register_with_candidates(
     // Phase B: the winners.
     let rest = total_iters - first_iters;
     if rest > 0 {
-        let result = refine_poses(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
+        let result = refine_grouped(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
             progress("pose_refine", (first_iters + it) as f32 / total_iters as f32)
         })?;
         poses = result.camera_from_object;
@@ -499,9 +505,59 @@ pub fn register_with_candidates(
     Ok(Registration { camera_from_object: poses, intrinsics, iou, init_info })
 }
 
+/// [`refine_poses`] over targets of different raster sizes (whole objects and truncated ones): one
+/// batch per size, results in the input order; the loss history is the first batch's.
+fn refine_grouped(
+    field: &CanonicalField,
+    initial: &[Isometry3<f64>],
+    intrinsics: &[Intrinsics],
+    targets: &[RefineTarget],
+    optimise_focal: &[bool],
+    settings: &RefineSettings,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<RefineResult> {
+    let mut sizes: Vec<usize> = targets.iter().map(|t| t.mask.len()).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.len() <= 1 {
+        return refine_poses(field, initial, intrinsics, targets, optimise_focal, settings, progress);
+    }
+    let n = initial.len();
+    let mut out = RefineResult {
+        camera_from_object: initial.to_vec(),
+        intrinsics: intrinsics.to_vec(),
+        iou: vec![0.0; n],
+        loss_history: Vec::new(),
+    };
+    for size in sizes {
+        let idx: Vec<usize> = (0..n).filter(|&i| targets[i].mask.len() == size).collect();
+        let r = refine_poses(
+            field,
+            &idx.iter().map(|&i| initial[i]).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| intrinsics[i]).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| targets[i].clone()).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| optimise_focal[i]).collect::<Vec<_>>(),
+            settings,
+            progress,
+        )?;
+        for (k, &i) in idx.iter().enumerate() {
+            out.camera_from_object[i] = r.camera_from_object[k];
+            out.intrinsics[i] = r.intrinsics[k];
+            out.iou[i] = r.iou[k];
+        }
+        if out.loss_history.is_empty() {
+            out.loss_history = r.loss_history;
+        }
+    }
+    Ok(out)
+}
+
 /// The square window around an input's mask that refinement and the output renders cover.
 fn render_window(view: &InputView, margin: f64) -> Result<SquareCrop> {
-    SquareCrop::around(&view.bbox, margin, view.crop.size)
+    match &view.frame {
+        Some(_) => Ok(SquareCrop::whole_image(view.width, view.height, view.crop.size)),
+        None => SquareCrop::around(&view.bbox, margin, view.crop.size),
+    }
 }
 
 /// An axis-aligned block of integer pixels `[x0, x1) x [y0, y1)`.

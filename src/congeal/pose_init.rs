@@ -7,7 +7,7 @@ use image::GrayImage;
 use nalgebra::{Isometry3, Point2, Rotation3, Translation3, UnitQuaternion, Vector3};
 use rayon::prelude::*;
 
-use crate::collection::{mask_bbox, PixelBox, SquareCrop};
+use crate::collection::{mask_bbox, BorderContact, PixelBox, SquareCrop};
 use crate::config::{FeaturesConfig, PoseInitConfig, PoseScore};
 use crate::congeal::coord_maps::FeatureGrid;
 use crate::congeal::features::{semantic_distance, token_mask, FeatureExtractor};
@@ -40,6 +40,8 @@ pub struct Candidate {
     pub intrinsics: Intrinsics,
     /// Square crop around the rendered silhouette, render pixels.
     pub crop: SquareCrop,
+    /// Tight bbox of the rendered silhouette, render pixels.
+    pub bbox: PixelBox,
     /// Cropped silhouette resampled to `score_size^2`, in [0, 1].
     pub silhouette: Vec<f32>,
     /// Cropped colour resampled to `score_size^2`.
@@ -80,6 +82,35 @@ pub struct InputView {
     pub known_intrinsics: Option<Intrinsics>,
     /// DINOv2 features of the masked crop (semantic scoring; `None` until computed).
     pub features: Option<FeatureGrid>,
+    /// The image sides the mask touches (the object is cut by the frame there).
+    pub contact: BorderContact,
+    /// For a truncated object (`contact.any()` and `truncation_aware`): the mask on a window over
+    /// the whole image, where candidates are compared with the same cut.
+    pub frame: Option<FrameView>,
+}
+
+/// A truncated input seen in its own image frame: its mask on a square raster covering the whole
+/// image, and which raster pixels lie inside the image (outside, nothing is known).
+#[derive(Clone, Debug)]
+pub struct FrameView {
+    /// Window over the whole image ([`SquareCrop::whole_image`]).
+    pub window: SquareCrop,
+    /// Image coordinates of the window's raster pixels, row-major.
+    pub pixels: Vec<Point2<f64>>,
+    /// Input mask on the raster, in [0, 1].
+    pub mask: Vec<f32>,
+    /// Fraction of each raster pixel inside the image.
+    pub inside: Vec<f32>,
+}
+
+/// Where a candidate lands in a truncated input's image: the square its crop maps to, and the
+/// silhouette IoU over the pixels inside the image.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    /// The candidate's crop window mapped into the input image (image pixels).
+    pub crop: SquareCrop,
+    /// Soft IoU with the input mask, over the image only.
+    pub iou: f32,
 }
 
 /// A pose hypothesis for one image, in its original pixels.
@@ -145,7 +176,7 @@ pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_ray
         for (k, spec) in batch.iter().enumerate() {
             let opacity = &host.opacity[k * n_px..(k + 1) * n_px];
             let colour = if host.colour.is_empty() { &[][..] } else { &host.colour[k * n_px..(k + 1) * n_px] };
-            let Some((crop, silhouette, crop_colour)) = crop_rendering(opacity, colour, size, cfg) else {
+            let Some((crop, bbox, silhouette, crop_colour)) = crop_rendering(opacity, colour, size, cfg) else {
                 continue;
             };
             candidates.push(Candidate {
@@ -157,6 +188,7 @@ pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_ray
                 camera_from_object: spec.5,
                 intrinsics: spec.6,
                 crop,
+                bbox,
                 silhouette,
                 colour: crop_colour,
                 features: None,
@@ -181,7 +213,7 @@ fn crop_rendering(
     colour: &[[f32; 3]],
     size: u32,
     cfg: &PoseInitConfig,
-) -> Option<(SquareCrop, Vec<f32>, Vec<[f32; 3]>)> {
+) -> Option<(SquareCrop, PixelBox, Vec<f32>, Vec<[f32; 3]>)> {
     let mask = GrayImage::from_fn(size, size, |x, y| {
         image::Luma([if opacity[(y * size + x) as usize] >= 0.5 { 255 } else { 0 }])
     });
@@ -202,7 +234,7 @@ fn crop_rendering(
         });
         crop.resample_rgb(&rgb)
     };
-    Some((crop, silhouette, crop_colour))
+    Some((crop, bbox, silhouette, crop_colour))
 }
 
 /// Prepares an input image (its binary mask and colours) for scoring.
@@ -216,7 +248,19 @@ pub fn input_view(
         .ok_or_else(|| Error::Mask { path: "<input>".into(), message: "mask is empty".into() })?;
     let crop = SquareCrop::around(&bbox, cfg.crop_margin, cfg.score_size)?;
     let colour = if cfg.score == PoseScore::IouColour { crop.resample_rgb(rgb) } else { Vec::new() };
+    let contact = BorderContact::of(&bbox, mask.width(), mask.height());
+    let frame = (cfg.truncation_aware && contact.any()).then(|| {
+        let window = SquareCrop::whole_image(mask.width(), mask.height(), cfg.frame_size);
+        FrameView {
+            pixels: window.sample_pixels(),
+            mask: window.resample_mask(mask),
+            inside: window.resample_inside(mask.width(), mask.height()),
+            window,
+        }
+    });
     Ok(InputView {
+        contact,
+        frame,
         width: mask.width(),
         height: mask.height(),
         silhouette: crop.resample_mask(mask),
@@ -322,6 +366,10 @@ pub fn needed_fov_groups(set: &CandidateSet, inputs: &[InputView], cfg: &PoseIni
     }
     let mut groups = Vec::new();
     for input in inputs {
+        if input.frame.is_some() {
+            // A truncated object's visible crop says nothing about its angular size: every group.
+            return None;
+        }
         let k = input.known_intrinsics?;
         let g = best_fov_group(set, input, &k, cfg.fovs_deg.len());
         if !groups.contains(&g) {
@@ -413,21 +461,179 @@ pub fn score(input: &InputView, cand: &Candidate, cfg: &PoseInitConfig) -> Optio
     }
 }
 
+/// Scales tried for a candidate placed in a truncated input when no uncut pair of sides fixes it.
+const PLACEMENT_SCALES: usize = 12;
+/// The largest of those scales, relative to the smallest that covers the visible part.
+const PLACEMENT_SCALE_RANGE: f64 = 3.0;
+/// Positions tried along an axis on which the object is cut at both ends.
+const PLACEMENT_OFFSETS: usize = 7;
+
+/// Places a candidate in a truncated input's image: the visible mask edges on the sides the frame
+/// does not cut are the object's own edges, so they fix the scale and position of the candidate's
+/// silhouette where they can; what they leave free (scale when no axis is seen whole, position along
+/// an axis cut at both ends) is searched. Each placement is scored by the soft IoU with the input
+/// mask over the pixels inside the image (outside it the input says nothing); the best one wins.
+/// `None` when the input has no frame view or the candidate's silhouette is degenerate.
+pub fn place_candidate(input: &InputView, frame: &FrameView, cand: &Candidate, score_size: u32) -> Option<Placement> {
+    let vis = &input.bbox;
+    let contact = &input.contact;
+    // Pixel-area edges of the visible mask (image) and of the candidate's silhouette relative to
+    // its crop centre (render pixels).
+    let (vl, vr, vt, vb) = (vis.x_min - 0.5, vis.x_max + 0.5, vis.y_min - 0.5, vis.y_max + 0.5);
+    let cb = &cand.bbox;
+    let (ccx, ccy) = (cand.crop.centre_x, cand.crop.centre_y);
+    let (cl, cr, ct, cbt) = (cb.x_min - 0.5 - ccx, cb.x_max + 0.5 - ccx, cb.y_min - 0.5 - ccy, cb.y_max + 0.5 - ccy);
+    let (cw, ch) = (cr - cl, cbt - ct);
+    if !(cw > 0.0 && ch > 0.0) {
+        return None;
+    }
+    let s_min = ((vr - vl) / cw).max((vb - vt) / ch);
+    let sx = (!contact.left && !contact.right).then(|| (vr - vl) / cw);
+    let sy = (!contact.top && !contact.bottom).then(|| (vb - vt) / ch);
+    let scales: Vec<f64> = match (sx, sy) {
+        (Some(a), Some(b)) => vec![(a * b).sqrt()],
+        (Some(a), None) | (None, Some(a)) => vec![a],
+        (None, None) => (0..PLACEMENT_SCALES)
+            .map(|k| s_min * PLACEMENT_SCALE_RANGE.powf(k as f64 / (PLACEMENT_SCALES - 1) as f64))
+            .collect(),
+    };
+    // Centre positions along one axis for scale `s`: uncut edges meet the candidate's edges; an
+    // axis cut at both ends keeps the candidate covering the visible extent.
+    let positions = |s: f64, lo_cut: bool, hi_cut: bool, vlo: f64, vhi: f64, clo: f64, chi: f64| -> Vec<f64> {
+        match (lo_cut, hi_cut) {
+            (false, false) => vec![0.5 * ((vlo - s * clo) + (vhi - s * chi))],
+            (false, true) => vec![vlo - s * clo],
+            (true, false) => vec![vhi - s * chi],
+            (true, true) => {
+                let (a, b) = (vhi - s * chi, vlo - s * clo);
+                if b <= a {
+                    vec![0.5 * (a + b)]
+                } else {
+                    (0..PLACEMENT_OFFSETS).map(|k| a + (b - a) * k as f64 / (PLACEMENT_OFFSETS - 1) as f64).collect()
+                }
+            }
+        }
+    };
+    let n = score_size as usize;
+    let sample = |u: f64, v: f64| -> f32 {
+        // Bilinear lookup of the candidate silhouette at unit crop coordinates (0 outside).
+        let (x, y) = (u * n as f64 - 0.5, v * n as f64 - 0.5);
+        if !(x > -1.0 && y > -1.0 && x < n as f64 && y < n as f64) {
+            return 0.0;
+        }
+        let (x0, y0) = (x.floor(), y.floor());
+        let (fx, fy) = ((x - x0) as f32, (y - y0) as f32);
+        let at = |xx: f64, yy: f64| -> f32 {
+            if xx < 0.0 || yy < 0.0 || xx >= n as f64 || yy >= n as f64 {
+                0.0
+            } else {
+                cand.silhouette[yy as usize * n + xx as usize]
+            }
+        };
+        (at(x0, y0) * (1.0 - fx) + at(x0 + 1.0, y0) * fx) * (1.0 - fy)
+            + (at(x0, y0 + 1.0) * (1.0 - fx) + at(x0 + 1.0, y0 + 1.0) * fx) * fy
+    };
+    let mut best: Option<Placement> = None;
+    for &s in &scales {
+        let side = s * cand.crop.side;
+        for &x in &positions(s, contact.left, contact.right, vl, vr, cl, cr) {
+            for &y in &positions(s, contact.top, contact.bottom, vt, vb, ct, cbt) {
+                let (mut inter, mut sum) = (0f32, 0f32);
+                for ((p, &m), &w) in frame.pixels.iter().zip(&frame.mask).zip(&frame.inside) {
+                    if w <= 0.0 {
+                        continue;
+                    }
+                    let c = sample((p.x - x) / side + 0.5, (p.y - y) / side + 0.5);
+                    inter += w * m * c;
+                    sum += w * (m + c);
+                }
+                let union = sum - inter;
+                let iou = if union > 0.0 { inter / union } else { 0.0 };
+                if best.is_none_or(|b| iou > b.iou) {
+                    let crop = SquareCrop { centre_x: x, centre_y: y, side, size: input.crop.size };
+                    best = Some(Placement { crop, iou });
+                }
+            }
+        }
+    }
+    best
+}
+
+/// The semantic distance (Eq. 7) between a truncated input and a candidate placed in its image:
+/// the candidate's tokens are looked up where the placement puts them in the input's feature
+/// window; tokens outside the image do not count (nothing is seen there). `None` without features.
+pub fn placed_semantic_distance(input: &InputView, cand: &Candidate, placed: &Placement, score_size: u32) -> Option<f32> {
+    let (a, b) = (input.features.as_ref()?, cand.features.as_ref()?);
+    let (ta, tb) = (a.width, b.width);
+    let fg_a = token_mask(&input.silhouette, score_size, ta);
+    let fg_b = token_mask(&cand.silhouette, score_size, tb);
+    let c = a.channels.min(b.channels);
+    let n = input.crop.size as f64;
+    let (w, h) = (input.width as f64, input.height as f64);
+    let (mut sum, mut count) = (0f32, 0u32);
+    for ty in 0..a.height {
+        for tx in 0..ta {
+            let q = Point2::new((tx as f64 + 0.5) / ta as f64 * n - 0.5, (ty as f64 + 0.5) / a.height as f64 * n - 0.5);
+            let p = input.crop.image_from_crop(q);
+            if p.x < -0.5 || p.y < -0.5 || p.x >= w - 0.5 || p.y >= h - 0.5 {
+                continue;
+            }
+            let u = (p.x - placed.crop.centre_x) / placed.crop.side + 0.5;
+            let v = (p.y - placed.crop.centre_y) / placed.crop.side + 0.5;
+            let token_b = (u >= 0.0 && v >= 0.0 && u < 1.0 && v < 1.0)
+                .then(|| ((v * b.height as f64) as usize).min(b.height - 1) * tb + ((u * tb as f64) as usize).min(tb - 1));
+            let ia = ty * ta + tx;
+            let in_b = token_b.is_some_and(|k| fg_b.get(k).copied().unwrap_or(false));
+            if !(fg_a.get(ia).copied().unwrap_or(false) || in_b) {
+                continue;
+            }
+            let xa = &a.data[ia * a.channels..ia * a.channels + c];
+            let dot = token_b.map_or(0.0, |k| {
+                let xb = &b.data[k * b.channels..k * b.channels + c];
+                xa.iter().zip(xb).map(|(p, q)| p * q).sum::<f32>()
+            });
+            sum += 1.0 - dot;
+            count += 1;
+        }
+    }
+    Some(if count == 0 { 1.0 } else { sum / count as f32 })
+}
+
+/// Scores a truncated input against a placed candidate (higher is better), as [`score`] does for
+/// whole objects: the placement's IoU, the placed semantic distance, or both.
+pub fn score_placed(input: &InputView, cand: &Candidate, placed: &Placement, cfg: &PoseInitConfig, score_size: u32) -> Option<f32> {
+    match cfg.score {
+        PoseScore::Iou | PoseScore::IouColour => Some(placed.iou),
+        PoseScore::Semantic => placed_semantic_distance(input, cand, placed, score_size).map(|d| -d),
+        PoseScore::SemanticIou => {
+            placed_semantic_distance(input, cand, placed, score_size).map(|d| placed.iou - cfg.semantic_weight * d)
+        }
+    }
+}
+
 /// The best `cfg.top_k` pose hypotheses of each input, best first.
 pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInitConfig) -> Result<Vec<Vec<PoseHypothesis>>> {
     inputs
         .par_iter()
         .map(|input| {
-            let group = match (cfg.use_known_intrinsics, input.known_intrinsics) {
-                (true, Some(k)) => Some(best_fov_group(set, input, &k, cfg.fovs_deg.len())),
+            let group = match (cfg.use_known_intrinsics, input.known_intrinsics, &input.frame) {
+                (true, Some(k), None) => Some(best_fov_group(set, input, &k, cfg.fovs_deg.len())),
                 _ => None,
+            };
+            // Truncated objects: each candidate is first placed in the image (same cut), then scored.
+            let placements: Vec<Option<Placement>> = match &input.frame {
+                Some(frame) => set.candidates.iter().map(|c| place_candidate(input, frame, c, set.score_size)).collect(),
+                None => Vec::new(),
             };
             let mut scored: Vec<(f32, usize)> = set
                 .candidates
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| group.is_none_or(|g| c.fov_group == g))
-                .filter_map(|(i, c)| score(input, c, cfg).map(|s| (s, i)))
+                .filter_map(|(i, c)| match &input.frame {
+                    Some(_) => placements[i].and_then(|p| score_placed(input, c, &p, cfg, set.score_size)).map(|s| (s, i)),
+                    None => score(input, c, cfg).map(|s| (s, i)),
+                })
                 .collect();
             if scored.is_empty() {
                 return Err(Error::InvalidInput(
@@ -451,7 +657,14 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
             }
             let semantic: Vec<f32> = picked
                 .iter()
-                .map(|&(_, i)| candidate_semantic_distance(input, &set.candidates[i], set.score_size).unwrap_or(0.0))
+                .map(|&(_, i)| {
+                    let cand = &set.candidates[i];
+                    match placements.get(i).copied().flatten() {
+                        Some(p) => placed_semantic_distance(input, cand, &p, set.score_size),
+                        None => candidate_semantic_distance(input, cand, set.score_size),
+                    }
+                    .unwrap_or(0.0)
+                })
                 .collect();
             let best_semantic = semantic.iter().copied().fold(f32::INFINITY, f32::min);
             picked
@@ -459,11 +672,16 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                 .zip(&semantic)
                 .map(|(&(s, i), &d)| {
                     let known = if cfg.use_known_intrinsics { input.known_intrinsics } else { None };
-                    let (pose, intrinsics) = pose_from_candidate(&set.candidates[i], input, known)?;
-                    let penalty = match cfg.score {
-                        PoseScore::Iou => 0.0,
-                        PoseScore::IouColour => soft_iou(&input.silhouette, &set.candidates[i].silhouette) - s,
-                        PoseScore::Semantic | PoseScore::SemanticIou => cfg.semantic_weight * (d - best_semantic),
+                    let placed = placements.get(i).copied().flatten();
+                    let (pose, intrinsics) = match placed {
+                        Some(p) => pose_from_candidate(&set.candidates[i], &InputView { crop: p.crop, ..input.clone() }, known)?,
+                        None => pose_from_candidate(&set.candidates[i], input, known)?,
+                    };
+                    let penalty = match (cfg.score, placed) {
+                        (PoseScore::Iou, _) => 0.0,
+                        (PoseScore::IouColour, Some(_)) => 0.0,
+                        (PoseScore::IouColour, None) => soft_iou(&input.silhouette, &set.candidates[i].silhouette) - s,
+                        (PoseScore::Semantic | PoseScore::SemanticIou, _) => cfg.semantic_weight * (d - best_semantic),
                     };
                     Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, penalty, candidate: i })
                 })

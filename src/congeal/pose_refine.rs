@@ -30,6 +30,16 @@ pub struct RefineTarget {
     pub crop: SquareCrop,
     /// Input mask on that raster, in [0, 1].
     pub mask: Vec<f32>,
+    /// Fraction of each raster pixel inside the image ([`SquareCrop::resample_inside`]): the IoU
+    /// counts rendered opacity only there, so an object cut by the frame is fitted with the same cut.
+    pub inside: Vec<f32>,
+}
+
+impl RefineTarget {
+    /// The target of an image's `mask` on `window`.
+    pub fn new(window: SquareCrop, mask: &image::GrayImage) -> Self {
+        Self { mask: window.resample_mask(mask), inside: window.resample_inside(mask.width(), mask.height()), crop: window }
+    }
 }
 
 /// Settings of one refinement run.
@@ -153,21 +163,29 @@ pub fn soft_iou_batch(opacity: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok((inter / (union + 1e-6)?)?)
 }
 
-/// The pixel raster of every target as a `[N, M, 2]` tensor and the masks as `[N, M]`.
-fn target_tensors(targets: &[RefineTarget], device: &Device) -> Result<(Tensor, Tensor)> {
+/// The pixel raster of every target as a `[N, M, 2]` tensor, the masks and the inside-the-image
+/// weights as `[N, M]`.
+fn target_tensors(targets: &[RefineTarget], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let n = targets.len();
     let m = targets.first().map(|t| t.mask.len()).unwrap_or(0);
     let mut pixels = Vec::with_capacity(n * m * 2);
     let mut masks = Vec::with_capacity(n * m);
+    let mut inside = Vec::with_capacity(n * m);
+    let unit = |v: &f32| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
     for t in targets {
         let pts = t.crop.sample_pixels();
-        if pts.len() != m || t.mask.len() != m {
+        if pts.len() != m || t.mask.len() != m || t.inside.len() != m {
             return Err(Error::InvalidInput("refinement targets must share one raster size".into()));
         }
         pixels.extend(pts.iter().flat_map(|p| [p.x as f32, p.y as f32]));
-        masks.extend(t.mask.iter().map(|v| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 }));
+        masks.extend(t.mask.iter().map(unit));
+        inside.extend(t.inside.iter().map(unit));
     }
-    Ok((Tensor::from_vec(pixels, (n, m, 2), device)?, Tensor::from_vec(masks, (n, m), device)?))
+    Ok((
+        Tensor::from_vec(pixels, (n, m, 2), device)?,
+        Tensor::from_vec(masks, (n, m), device)?,
+        Tensor::from_vec(inside, (n, m), device)?,
+    ))
 }
 
 /// Refines all cameras together. `optimise_focal[i]` says whether image i's focal length is free.
@@ -191,7 +209,7 @@ pub fn refine_poses(
         )));
     }
     let device = field.device().clone();
-    let (pixels, masks) = target_tensors(targets, &device)?;
+    let (pixels, masks, inside) = target_tensors(targets, &device)?;
     let m = masks.dims2()?.1;
     let xi = Var::zeros((n, 6), DType::F64, &device)?;
     let log_focal = Var::zeros(n, DType::F32, &device)?;
@@ -205,7 +223,7 @@ pub fn refine_poses(
     for it in 0..settings.iterations {
         let cams = corrected_cameras(initial, intrinsics, xi.as_tensor(), log_focal.as_tensor(), &focal_mask)?;
         let rays = cams.rays(&pixels)?;
-        let opacity = render_rays(field, &rays, settings.samples_per_ray, what)?.opacity.reshape((n, m))?;
+        let opacity = (render_rays(field, &rays, settings.samples_per_ray, what)?.opacity.reshape((n, m))? * &inside)?;
         let loss = soft_iou_batch(&opacity, &masks)?.affine(-1.0, 1.0)?.mean_all()?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
@@ -220,7 +238,7 @@ pub fn refine_poses(
     // Final poses and IoU.
     let cams = corrected_cameras(initial, intrinsics, xi.as_tensor(), log_focal.as_tensor(), &focal_mask)?;
     let rays = cams.rays(&pixels)?;
-    let opacity = render_rays(field, &rays, settings.samples_per_ray, what)?.opacity.reshape((n, m))?;
+    let opacity = (render_rays(field, &rays, settings.samples_per_ray, what)?.opacity.reshape((n, m))? * &inside)?;
     let iou = soft_iou_batch(&opacity, &masks)?.to_vec1::<f32>()?;
     let rot = cams.rotation.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let trans = cams.translation.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;

@@ -199,20 +199,91 @@ struct FeaturedImage {
     features: FeatureGrid,
 }
 
-/// The 2D baseline (Eq. 18) over many pairs of one collection, computing each image's DINOv2
-/// features once.
+/// NOCS distance charged to a target pixel that has no canonical coordinate (on the mask but off
+/// the forward map) in the joint cost: the unit box's half diagonal, i.e. "far".
+pub const MISSING_NOCS_DISTANCE: f32 = 0.87;
+
+/// The 3D-aware joint matching cost of a target pixel (lower is better):
+/// `(1 - cos) + nocs_weight * |x_src - x_dst|`, with `cosine` the similarity of the two DINOv2
+/// features and `x` the forward-map canonical coordinates. Without a source coordinate the NOCS
+/// term is dropped (features alone); a target pixel without one is charged
+/// [`MISSING_NOCS_DISTANCE`].
+pub fn joint_cost(cosine: f32, src_nocs: Option<[f32; 3]>, dst_nocs: Option<[f32; 3]>, nocs_weight: f32) -> f32 {
+    let feature = 1.0 - cosine;
+    let Some(a) = src_nocs else { return feature };
+    let d = dst_nocs.map_or(MISSING_NOCS_DISTANCE, |b| {
+        ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
+    });
+    feature + nocs_weight * d
+}
+
+/// The target pixel of least [`joint_cost`] for a source point with unit feature `feature` and
+/// canonical coordinate `src_nocs`, among `targets` (pixel, unit feature, canonical coordinate);
+/// `nocs_weight = 0` is plain feature nearest neighbour (Eq. 18). `None` without targets.
+pub fn best_match(
+    feature: &[f32],
+    src_nocs: Option<[f32; 3]>,
+    targets: &[([f64; 2], Vec<f32>, Option<[f32; 3]>)],
+    nocs_weight: f32,
+) -> Option<[f64; 2]> {
+    targets
+        .iter()
+        .map(|(t, f, n)| {
+            let cosine = f.iter().zip(feature).map(|(a, b)| a * b).sum::<f32>();
+            (t, joint_cost(cosine, src_nocs, *n, nocs_weight))
+        })
+        .min_by(|x, y| x.1.total_cmp(&y.1))
+        .map(|(t, _)| *t)
+}
+
+/// Canonical coordinates for the joint cost: each image's forward map from a run.
+struct Canonical {
+    run_dir: std::path::PathBuf,
+    run: RunResult,
+    nocs_weight: f32,
+    maps: std::collections::HashMap<String, std::rc::Rc<NocsMap>>,
+}
+
+/// Feature matching over many pairs of one collection, computing each image's DINOv2 features
+/// once: the 2D baseline (Eq. 18), or with [`Transfer2d::with_canonical`] the 3D-aware joint cost
+/// ([`joint_cost`]: feature distance plus weighted canonical-coordinate distance).
 pub struct Transfer2d<'a> {
     collection: &'a Collection,
     extractor: &'a FeatureExtractor,
     crop_margin: f64,
     cache: std::collections::HashMap<String, std::rc::Rc<FeaturedImage>>,
     masks: std::collections::HashMap<String, std::path::PathBuf>,
+    canonical: Option<Canonical>,
 }
 
 impl<'a> Transfer2d<'a> {
     /// A baseline over `collection` with `extractor`'s features and the crop padding `crop_margin`.
     pub fn new(collection: &'a Collection, extractor: &'a FeatureExtractor, crop_margin: f64) -> Self {
-        Self { collection, extractor, crop_margin, cache: Default::default(), masks: Default::default() }
+        Self { collection, extractor, crop_margin, cache: Default::default(), masks: Default::default(), canonical: None }
+    }
+
+    /// Matches with the joint cost: the forward maps (`nocs/NNN.png`) of the run in `run_dir` add
+    /// `nocs_weight` x the canonical-coordinate distance to the feature distance.
+    pub fn with_canonical(mut self, run: &RunResult, run_dir: &Path, nocs_weight: f32) -> Self {
+        self.canonical =
+            Some(Canonical { run_dir: run_dir.to_path_buf(), run: run.clone(), nocs_weight, maps: Default::default() });
+        self
+    }
+
+    /// The forward map of `file` when matching jointly; `None` for the 2D baseline.
+    fn nocs_map(&mut self, file: &str) -> Result<Option<std::rc::Rc<NocsMap>>> {
+        let Some(c) = &mut self.canonical else { return Ok(None) };
+        if let Some(m) = c.maps.get(file) {
+            return Ok(Some(m.clone()));
+        }
+        let image = find_image(&c.run_dir, &c.run, file)?;
+        let nocs = image.nocs.as_ref().ok_or_else(|| Error::Run {
+            path: c.run_dir.join("result.json"),
+            message: format!("image {file} has no NOCS map (run with output.nocs: true)"),
+        })?;
+        let map = std::rc::Rc::new(NocsMap::load(&c.run_dir.join(nocs))?);
+        c.maps.insert(file.to_string(), map.clone());
+        Ok(Some(map))
     }
 
     /// Uses the masks a run kept for images without a mask file (`ImageResult::mask`, relative to
@@ -222,26 +293,55 @@ impl<'a> Transfer2d<'a> {
         self
     }
 
-    fn featured(&mut self, file: &str) -> Result<std::rc::Rc<FeaturedImage>> {
-        if let Some(f) = self.cache.get(file) {
-            return Ok(f.clone());
-        }
+    /// An image of the collection with the mask the run used.
+    fn load(&self, file: &str) -> Result<crate::collection::LoadedImage> {
         let collection = self.collection;
         let i = collection.images.iter().position(|e| e.rgb.to_string_lossy() == file).ok_or_else(|| Error::Collection {
             path: collection.root.clone(),
             message: format!("image {file} is not in the collection"),
         })?;
-        let image = match self.masks.get(file) {
+        match self.masks.get(file) {
             Some(mask_path) => {
                 let rgb = crate::collection::load_rgb(&collection.rgb_path(i)?)?;
                 let mask = crate::collection::load_mask(mask_path)?;
                 if mask.dimensions() != rgb.dimensions() {
                     return Err(Error::Mask { path: mask_path.clone(), message: "the run's mask does not match the image size".into() });
                 }
-                crate::collection::LoadedImage { rgb, mask }
+                Ok(crate::collection::LoadedImage { rgb, mask })
             }
-            None => collection.load_image(i)?,
+            None => collection.load_image(i),
+        }
+    }
+
+    /// The "same spot in the box" guess, a floor for any transfer: each source point keeps its
+    /// relative position in the source mask's bbox and lands at that position of the target's.
+    /// Points off the source mask give `None`.
+    pub fn transfer_bbox(&mut self, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
+        let (a, b) = (self.load(src)?, self.load(dst)?);
+        let boxes = (crate::collection::mask_bbox(&a.mask), crate::collection::mask_bbox(&b.mask));
+        let (Some(ba), Some(bb)) = boxes else { return Ok(vec![None; points.len()]) };
+        let on_mask = |p: &[f64; 2]| {
+            let (x, y) = (p[0].round(), p[1].round());
+            x >= 0.0 && y >= 0.0 && (x as u32) < a.mask.width() && (y as u32) < a.mask.height() && a.mask.get_pixel(x as u32, y as u32)[0] >= 128
         };
+        Ok(points
+            .iter()
+            .map(|p| {
+                if !(p[0].is_finite() && p[1].is_finite()) || !on_mask(p) {
+                    return None;
+                }
+                let u = (p[0] - ba.x_min) / ba.width().max(1.0);
+                let v = (p[1] - ba.y_min) / ba.height().max(1.0);
+                Some([bb.x_min + u * bb.width().max(1.0), bb.y_min + v * bb.height().max(1.0)])
+            })
+            .collect())
+    }
+
+    fn featured(&mut self, file: &str) -> Result<std::rc::Rc<FeaturedImage>> {
+        if let Some(f) = self.cache.get(file) {
+            return Ok(f.clone());
+        }
+        let image = self.load(file)?;
         let bbox = crate::collection::mask_bbox(&image.mask)
             .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
         let crop = SquareCrop::around(&bbox, self.crop_margin, self.extractor.input_size())?;
@@ -255,6 +355,8 @@ impl<'a> Transfer2d<'a> {
     pub fn transfer(&mut self, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
         let fa = self.featured(src)?;
         let fb = self.featured(dst)?;
+        let (na, nb) = (self.nocs_map(src)?, self.nocs_map(dst)?);
+        let weight = self.canonical.as_ref().map_or(0.0, |c| c.nocs_weight);
         let size = self.extractor.input_size() as f64;
         let unit = |crop: &SquareCrop, p: [f64; 2]| {
             let c = crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
@@ -262,14 +364,15 @@ impl<'a> Transfer2d<'a> {
         };
         let (a, b) = (&fa.image, &fb.image);
         // Target candidates: every mask pixel, with its interpolated, normalised feature.
-        let targets: Vec<([f64; 2], Vec<f32>)> = b
+        let targets: Vec<([f64; 2], Vec<f32>, Option<[f32; 3]>)> = b
             .mask
             .enumerate_pixels()
             .filter(|(_, _, v)| v[0] >= 128)
             .map(|(x, y, _)| {
                 let p = [x as f64, y as f64];
                 let u = unit(&fb.crop, p);
-                (p, fb.features.sample_normalised(u[0], u[1]))
+                let nocs = nb.as_ref().and_then(|m| m.at(p[0], p[1]));
+                (p, fb.features.sample_normalised(u[0], u[1]), nocs)
             })
             .collect();
         Ok(points
@@ -287,11 +390,8 @@ impl<'a> Transfer2d<'a> {
                 }
                 let u = unit(&fa.crop, *p);
                 let q = fa.features.sample_normalised(u[0], u[1]);
-                targets
-                    .iter()
-                    .map(|(t, f)| (t, f.iter().zip(&q).map(|(m, n)| m * n).sum::<f32>()))
-                    .max_by(|x, y| x.1.total_cmp(&y.1))
-                    .map(|(t, _)| *t)
+                let src_nocs = na.as_ref().and_then(|m| m.at(p[0], p[1]));
+                best_match(&q, src_nocs, &targets, weight)
             })
             .collect())
     }
@@ -340,6 +440,36 @@ mod tests {
         assert_eq!(m.at(1.2, -0.3), Some([0.1, 0.1, 0.1]));
         assert_eq!(m.at(0.0, 0.0), None);
         assert_eq!(m.at(5.0, 0.0), None);
+    }
+
+    /// A synthetic pair where the feature-nearest pixel (A: cos 0.9, 0.5 away in NOCS) and the
+    /// NOCS-nearest pixel (B: cos 0.6, same NOCS) disagree: the joint cost picks A while
+    /// `0.1 + 0.5 w < 0.4` (w < 0.6) and B beyond, as documented.
+    #[test]
+    fn joint_reverse_map_follows_the_weighting() {
+        let unit = |c: f32| vec![c, (1.0 - c * c).sqrt()];
+        let query = vec![1.0, 0.0];
+        let src = Some([0.5, 0.5, 0.5]);
+        let targets = vec![
+            ([10.0, 0.0], unit(0.9), Some([0.5, 0.5, 1.0])),
+            ([20.0, 0.0], unit(0.6), Some([0.5, 0.5, 0.5])),
+            ([30.0, 0.0], unit(0.95), None),
+        ];
+        // w = 0: plain feature matching (Eq. 18) -> the most similar feature, even without NOCS.
+        assert_eq!(best_match(&query, src, &targets, 0.0), Some([30.0, 0.0]));
+        let ab = &targets[..2];
+        assert_eq!(best_match(&query, src, ab, 0.0), Some([10.0, 0.0]));
+        assert_eq!(best_match(&query, src, ab, 0.5), Some([10.0, 0.0]));
+        assert_eq!(best_match(&query, src, ab, 0.7), Some([20.0, 0.0]));
+        assert_eq!(best_match(&query, src, ab, 100.0), Some([20.0, 0.0]));
+        // A pixel without NOCS (C) is charged MISSING_NOCS_DISTANCE: 0.05 + 0.87 w vs B's 0.4.
+        let bc = &targets[1..];
+        assert_eq!(best_match(&query, src, bc, 0.3), Some([30.0, 0.0]));
+        assert_eq!(best_match(&query, src, bc, 0.45), Some([20.0, 0.0]));
+        // A source point without NOCS matches by features alone, whatever the weight.
+        assert_eq!(best_match(&query, None, ab, 100.0), Some([10.0, 0.0]));
+        assert!((joint_cost(0.6, src, Some([0.5, 0.5, 0.5]), 3.0) - 0.4).abs() < 1e-6);
+        assert_eq!(best_match(&query, src, &[], 1.0), None);
     }
 
     #[test]

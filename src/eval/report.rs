@@ -17,8 +17,9 @@ pub struct RunEvaluation {
     pub collection: String,
     /// Images in the run that have ground truth.
     pub n_evaluated: usize,
-    /// Pose errors (rotation deg; translation relative to the camera distance).
-    pub poses: PoseEvaluation,
+    /// Pose errors (rotation deg; translation relative to the camera distance); `None` when fewer
+    /// than three images have ground-truth poses (e.g. a plain folder of photos with keypoints).
+    pub poses: Option<PoseEvaluation>,
     /// Mean L2 NOCS error over mask pixels, per-image statistics (absent if no NOCS maps).
     pub nocs: Option<ErrorStats>,
     /// Per image: file, rotation error unaligned, rotation error aligned, NOCS error.
@@ -38,7 +39,11 @@ pub struct PerImage {
     pub nocs_error: Option<f64>,
 }
 
-/// Evaluates `run` (loaded from `run_dir`) against `collection`'s ground truth.
+/// Fewest images with ground-truth poses for a pose evaluation (the similarity alignment needs 3).
+pub const MIN_POSES: usize = 3;
+
+/// Evaluates `run` (loaded from `run_dir`) against `collection`'s ground truth; without enough
+/// ground-truth poses the report has `poses: None` (keypoints may still be scored).
 pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) -> Result<RunEvaluation> {
     let mut pred = Vec::new();
     let mut gt = Vec::new();
@@ -73,11 +78,8 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
         }
         per_nocs.push(err);
     }
-    if pred.len() < 3 {
-        return Err(Error::Run {
-            path: run_dir.to_path_buf(),
-            message: format!("only {} images of the run have ground truth in {}", pred.len(), collection.root.display()),
-        });
+    if pred.len() < MIN_POSES {
+        return Ok(RunEvaluation { collection: collection.name.clone(), n_evaluated: 0, poses: None, nocs: None, per_image: Vec::new() });
     }
     let poses = evaluate_poses(&pred, &gt)?;
     let per_image = files
@@ -90,6 +92,7 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
             nocs_error: per_nocs[i],
         })
         .collect();
+    let poses = Some(poses);
     let nocs = if nocs_errors.is_empty() { None } else { Some(error_stats(&nocs_errors)?) };
     Ok(RunEvaluation { collection: collection.name.clone(), n_evaluated: pred.len(), poses, nocs, per_image })
 }

@@ -5,7 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Intrinsics of a pinhole camera without distortion, for an image of `width` x `height` pixels.
+/// Largest camera skew (`K[0][1]`) accepted, as a fraction of `fx`. Real calibrations carry a
+/// negligible skew (~1e-4 fx); up to this bound it shifts a pixel 480 rows down by under half a
+/// pixel and is dropped, beyond it the camera is refused.
+pub const MAX_SKEW_RATIO: f64 = 1e-3;
+
+/// Intrinsics of a pinhole camera without distortion or skew (fx and fy may differ), for an image
+/// of `width` x `height` pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Intrinsics {
     /// Focal length along x, pixels.
@@ -44,6 +50,21 @@ impl Intrinsics {
         let (fx, fy) = (k[(0, 0)], k[(1, 1)]);
         if fx <= 0.0 || fy <= 0.0 {
             return Err(Error::InvalidInput(format!("focal lengths must be positive, got fx={fx} fy={fy}")));
+        }
+        let structural = [k[(1, 0)], k[(2, 0)], k[(2, 1)], k[(2, 2)] - 1.0];
+        if structural.iter().any(|v| v.abs() > 1e-9) {
+            return Err(Error::InvalidInput(format!(
+                "intrinsics matrix must have the form [[fx,s,cx],[0,fy,cy],[0,0,1]], got {:?}",
+                k.transpose().as_slice()
+            )));
+        }
+        let skew = k[(0, 1)];
+        if skew.abs() > MAX_SKEW_RATIO * fx {
+            return Err(Error::InvalidInput(format!(
+                "intrinsics skew {skew} is beyond |skew| <= {MAX_SKEW_RATIO} fx = {:.4} (a pinhole without skew is assumed; \
+                 undistort/resample the image to a skew-free camera first)",
+                MAX_SKEW_RATIO * fx
+            )));
         }
         if width == 0 || height == 0 {
             return Err(Error::InvalidInput(format!("image size {width}x{height} is empty")));

@@ -67,6 +67,13 @@ pub struct ImageResult {
     /// file for the image (taken from its alpha channel or computed by the built-in segmenter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// The mask touches the image border: the object is cut by the frame (fitted in the image's own
+    /// frame when `pose_init.truncation_aware`).
+    #[serde(default)]
+    pub mask_touches_border: bool,
+    /// Which sides it touches (`left`, `right`, `top`, `bottom`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub border_sides: Vec<String>,
 }
 
 /// An input that could not be used, and why.
