@@ -69,3 +69,15 @@ pub fn asymmetric_field(n: usize) -> CanonicalField {
     let grid = VoxelGrid { dims: [n, n, n], bbox_min: [-half; 3], bbox_max: [half; 3], occupancy, colors };
     CanonicalField::from_voxels(&grid, ([-0.35, -0.15, -0.25], [0.35, 0.42, 0.42]), 4.0, &Device::Cpu).unwrap()
 }
+
+/// A real-photograph set (`../shared/data/real/NAME`) when present; prints why a test is skipped
+/// when not (the photographs live in shared/ and never in the repository).
+pub fn shared_real(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/real").join(name);
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipped: {} is absent (real photographs are read from shared/, never shipped)", p.display());
+        None
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Real photographs (../shared/data/real, never copied into the repository), side by side with the baselines:
+#   dogs-dev: keypoint transfer PCK@0.1 of the 3D-aware joint cost (features + transfer.nocs_weight x NOCS
+#             distance), the canonical shape alone (Eq. 17), 2D DINOv2 matching (Eq. 18) and the
+#             "same spot in the bbox" guess, all on the same run and pairs;
+#   dtu-house: rotation error (raw and after one global rotation/similarity) with the set's template and K.
+# Usage: scripts/bench/real.sh [CONFIG] [OUT] [DOG_TEMPLATE]
+#   default: config/fast_224.yaml /tmp/congeal-real ../shared/data/real/templates/dog/template.obj
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CFG=${1:-config/fast_224.yaml}
+OUT=${2:-/tmp/congeal-real}
+REAL=../shared/data/real
+DOG=${3:-$REAL/templates/dog/template.obj}
+B=target/release/congeal
+if [ ! -d "$REAL/dogs-dev" ] || [ ! -d "$REAL/dtu-house" ]; then
+  echo "real.sh: $REAL is not here (the real photographs live in shared/, never in the repository); nothing measured"
+  exit 0
+fi
+mkdir -p "$OUT"
+start=$(date +%s)
+$B run "$REAL/dogs-dev" --out "$OUT/dogs" --config "$CFG" --template "$DOG" > "$OUT/dogs.log" 2>&1
+for m in joint 3d 2d bbox; do
+  $B transfer "$OUT/dogs" --pairs "$REAL/dogs-dev/pairs.json" --out "$OUT/dogs.$m.json" --method "$m" > /dev/null
+  $B eval "$REAL/dogs-dev" "$OUT/dogs" --pairs "$OUT/dogs.$m.json" > "$OUT/dogs.$m.eval.json"
+done
+$B run "$REAL/dtu-house" --out "$OUT/dtu" --config "$CFG" > "$OUT/dtu.log" 2>&1
+$B eval "$REAL/dtu-house" "$OUT/dtu" > "$OUT/dtu.eval.json"
+python3 - "$OUT" "$CFG" "$(( $(date +%s) - start ))" <<'PY'
+import json, sys
+out, cfg, secs = sys.argv[1], sys.argv[2], sys.argv[3]
+print(f"real photographs, config {cfg} ({secs} s)")
+print("| dogs-dev (PCK@0.1, 132 pairs) | value |")
+print("|---|---|")
+names = {"joint": "3D-aware joint (features + NOCS)", "3d": "3D, canonical shape alone (Eq. 17)",
+         "2d": "2D DINOv2 (Eq. 18)", "bbox": "same spot in the bbox"}
+for m in ["joint", "3d", "2d", "bbox"]:
+    k = json.load(open(f"{out}/dogs.{m}.eval.json"))["keypoints"]
+    print(f"| {names[m]} | {100 * k['pck']:.1f} |")
+p = json.load(open(f"{out}/dtu.eval.json"))["poses"]
+r = json.load(open(f"{out}/dtu/result.json"))
+cut = sum(1 for i in r["images"] if i.get("mask_touches_border"))
+print(f"| dtu-house ({len(r['images'])} images, {cut} cut by the frame) | median deg | < 15 deg | > 90 deg |")
+print("|---|---|---|---|")
+for key, label in [("rotation_deg_unaligned", "raw"), ("rotation_deg_aligned", "one global similarity removed")]:
+    per = p[f"per_image_{key}"]
+    flips = sum(1 for e in per if e > 90) / len(per)
+    s = p[key]
+    print(f"| {label} | {s['median']:.1f} | {100 * s['frac_below_15deg']:.0f} % | {100 * flips:.0f} % |")
+PY
