@@ -216,4 +216,5 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 
 #[cfg(test)]
 mod tests;
+pub mod images;
 pub mod result;
