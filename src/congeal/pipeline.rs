@@ -20,7 +20,7 @@ use crate::field::canonical::CanonicalField;
 use crate::geometry::Intrinsics;
 use crate::output::images::{write_images, PosedImage};
 use crate::output::result::{CandidateInfo, CanonicalInfo, RunResult, SkippedImage};
-use crate::shape::{build_shape, CanonicalShape, ShapeSpec};
+use crate::shape::{build_shape, BuiltShape, ShapeInputs, ShapeSpec};
 
 /// Receives progress: stage name and the fraction of that stage done (0..1).
 pub type ProgressFn<'a> = &'a (dyn Fn(&str, f32) + Sync);
@@ -56,9 +56,7 @@ pub struct Registration {
 /// Runs the whole pipeline on `collection` and writes the outputs into `out_dir`.
 pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir: &Path, progress: ProgressFn) -> Result<RunResult> {
     config.validate()?;
-    if *shape == ShapeSpec::Sds {
-        crate::shape::sds::DiffusionModels::check_available(&config.sds, None)?;
-    }
+    shape.check_available(config)?;
     let device = config.device()?;
     let mut timings = BTreeMap::new();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -73,7 +71,10 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
 
     // Stages 1-2: canonical shape.
     let t = Instant::now();
-    let shape_built = canonical_shape(shape, collection, &prepared, config, &device, out_dir, progress, &mut timings)?;
+    let images: Vec<(&image::RgbImage, &image::GrayImage)> = prepared.iter().map(|p| (&p.image.rgb, &p.image.mask)).collect();
+    let inputs = ShapeInputs { default_template: collection.template.as_deref(), images: &images, out_dir: Some(out_dir), progress };
+    let BuiltShape { shape: shape_built, timings_s } = build_shape(shape, &inputs, config, &device)?;
+    timings.extend(timings_s);
     progress("shape", 1.0);
     timings.insert("shape".to_string(), t.elapsed().as_secs_f64());
     info!("canonical field {:?} voxels in {:.1}s", shape_built.field.dims, t.elapsed().as_secs_f64());
@@ -203,33 +204,6 @@ fn input_features(
     progress("features", 1.0);
     timings.insert("features_inputs".to_string(), t.elapsed().as_secs_f64());
     Ok(Some(ex))
-}
-
-/// Stages 1-2: the canonical shape from `shape`.
-#[allow(clippy::too_many_arguments)]
-fn canonical_shape(
-    shape: &ShapeSpec,
-    collection: &Collection,
-    prepared: &[Prepared],
-    config: &Config,
-    device: &candle_core::Device,
-    out_dir: &Path,
-    progress: ProgressFn,
-    timings: &mut BTreeMap<String, f64>,
-) -> Result<CanonicalShape> {
-    match shape {
-        ShapeSpec::Sds => {
-            // Stages 1-2 learn from the masked inputs themselves.
-            let images: Vec<(&image::RgbImage, &image::GrayImage)> =
-                prepared.iter().map(|p| (&p.image.rgb, &p.image.mask)).collect();
-            let (built, report) =
-                crate::shape::sds::build_sds_shape(&images, &config.sds, None, device, Some(&out_dir.join("sds")), progress)?;
-            timings.insert("textual_inversion".to_string(), report.ti_seconds);
-            timings.insert("score_distillation".to_string(), report.sds_seconds);
-            Ok(built)
-        }
-        _ => build_shape(shape, collection.template.as_deref(), config, device),
-    }
 }
 
 /// The square window (image pixels) DINOv2 sees of an input: its pose-initialisation crop at the
