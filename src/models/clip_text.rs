@@ -130,8 +130,8 @@ impl ClipTextConfig {
             let full = format!("{prefix}{name}");
             match header.shapes.get(&full) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(weights_msg(path, format!("tensor {full} has shape {s:?}, expected rank {rank}"))),
-                None => Err(weights_msg(
+                Some(s) => Err(Error::weights(path, format!("tensor {full} has shape {s:?}, expected rank {rank}"))),
+                None => Err(Error::weights(
                     path,
                     format!("missing tensor {full}: not a CLIP text encoder in the HF CLIPTextModel naming"),
                 )),
@@ -150,13 +150,13 @@ impl ClipTextConfig {
         }
         let num_attention_heads = match header.metadata.get("num_attention_heads") {
             Some(s) => s.trim().parse::<usize>().map_err(|_| {
-                weights_msg(path, format!("metadata num_attention_heads = {s:?} is not a positive integer"))
+                Error::weights(path, format!("metadata num_attention_heads = {s:?} is not a positive integer"))
             })?,
             None => hidden_size / 64,
         };
         let activation = match header.metadata.get("hidden_act") {
             Some(s) => Activation::from_hf_name(s).ok_or_else(|| {
-                weights_msg(path, format!("metadata hidden_act = {s:?}: expected \"gelu\" or \"quick_gelu\""))
+                Error::weights(path, format!("metadata hidden_act = {s:?}: expected \"gelu\" or \"quick_gelu\""))
             })?,
             None => Activation::Gelu,
         };
@@ -164,7 +164,7 @@ impl ClipTextConfig {
             Some(s) => s
                 .trim()
                 .parse::<f64>()
-                .map_err(|_| weights_msg(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
+                .map_err(|_| Error::weights(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
             None => 1e-5,
         };
         let cfg = Self {
@@ -178,7 +178,7 @@ impl ClipTextConfig {
             layer_norm_eps,
         };
         cfg.validate().map_err(|e| {
-            weights_msg(
+            Error::weights(
                 path,
                 format!("{e}; set __metadata__ num_attention_heads (else heads = hidden / 64)"),
             )
@@ -204,10 +204,6 @@ impl ClipTextConfig {
         }
         Ok(())
     }
-}
-
-fn weights_msg(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights { path: path.to_path_buf(), message: message.into() }
 }
 
 const WHAT: &str = "a CLIP text encoder in the HF CLIPTextModel naming (text_model.embeddings..., \
@@ -283,7 +279,7 @@ impl ClipTextModel {
             vb
         };
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, e),
+            Error::Tensor(e) => Error::weights(path, format!("{e}; expected {WHAT}")),
             other => other,
         })
     }

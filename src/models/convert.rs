@@ -487,13 +487,6 @@ pub struct ConvertReport {
 /// The path used in errors about an in-memory state dict.
 const IN_MEMORY: &str = "(in-memory state dict)";
 
-fn weights_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
 /// Converts an LDM / OpenCLIP-named state dict (full names, e.g. `model.diffusion_model.out.2.weight`)
 /// into the three models in our naming. The UNet and autoencoder level structures are inferred from
 /// the names; tensors keep their dtype. Any name that is neither converted nor ignored
@@ -528,7 +521,7 @@ fn route(name: &str) -> Route<'_> {
 
 fn unknown_error(path: &Path, unknown: &[String]) -> Error {
     let shown: Vec<&str> = unknown.iter().take(8).map(String::as_str).collect();
-    weights_err(
+    Error::weights(
         path,
         format!(
             "{} tensor name(s) are neither converted nor on the ignore list, e.g. {}; expected an MVDream / \
@@ -547,7 +540,7 @@ fn insert(
     t: Tensor,
 ) -> Result<()> {
     if model.tensors.insert(name.clone(), t).is_some() {
-        return Err(weights_err(
+        return Err(Error::weights(
             path,
             format!("two checkpoint tensors map to {name} (the second is {from})"),
         ));
@@ -583,7 +576,7 @@ fn convert_at(
         .filter(|(_, v)| v.is_empty())
         .map(|(p, _)| *p)
         .collect();
-        return Err(weights_err(
+        return Err(Error::weights(
             path,
             format!(
                 "no {}* tensors; expected an MVDream / SD 2.x LDM checkpoint",
@@ -593,14 +586,14 @@ fn convert_at(
     }
 
     let layout = UnetLayout::infer(unet_in.iter().map(|(n, _, _)| n.as_str())).map_err(|m| {
-        weights_err(
+        Error::weights(
             path,
             format!("cannot infer the UNet levels from {UNET_PREFIX}*: {m}"),
         )
     })?;
     let vae_layout =
         VaeLayout::infer(vae_in.iter().map(|(n, _, _)| n.as_str())).ok_or_else(|| {
-            weights_err(
+            Error::weights(
                 path,
                 format!("no {VAE_PREFIX}encoder.down.* / decoder.up.* tensors"),
             )
@@ -629,7 +622,7 @@ fn convert_at(
         let t = if is_attn_weight && t.rank() > 2 {
             let dims = t.dims().to_vec();
             if dims[2..].iter().any(|&d| d != 1) {
-                return Err(weights_err(
+                return Err(Error::weights(
                     path,
                     format!("{full} has shape {dims:?}, expected [C, C, 1, 1]"),
                 ));
@@ -648,7 +641,7 @@ fn convert_at(
         if let Some((head, leaf)) = name.split_once(FUSED_QKV) {
             let rows = t.dim(0)?;
             if rows % 3 != 0 || rows == 0 {
-                return Err(weights_err(
+                return Err(Error::weights(
                     path,
                     format!("{full} has shape {:?}, expected [3C, ...]", t.dims()),
                 ));
@@ -838,13 +831,13 @@ fn text_layers(m: &ConvertedModel) -> usize {
 /// Returns (tensors to convert, ignored names).
 fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> {
     if !path.is_file() {
-        return Err(weights_err(
+        return Err(Error::weights(
             path,
             "no such file; expected MVDream's sd-v2.1-base-4view.pt (a PyTorch zip checkpoint)",
         ));
     }
     let unreadable = |e: candle_core::Error| {
-        weights_err(path, format!("cannot read it as a PyTorch zip checkpoint ({e}); expected MVDream's sd-v2.1-base-4view.pt"))
+        Error::weights(path, format!("cannot read it as a PyTorch zip checkpoint ({e}); expected MVDream's sd-v2.1-base-4view.pt"))
     };
     // A nested checkpoint ({"state_dict": {...}, ...}) fails or gives nothing without the key, and
     // a flat one fails with it ("key not found"): try the nested form first, then the flat one.
@@ -855,7 +848,7 @@ fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> 
     let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
     names.sort();
     if names.is_empty() {
-        return Err(weights_err(
+        return Err(Error::weights(
             path,
             "no tensors found (neither at the top level nor under `state_dict`)",
         ));
@@ -870,7 +863,7 @@ fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> 
         match pth.get(&name).map_err(unreadable)? {
             Some(t) => tensors.push((name, t)),
             None => {
-                return Err(weights_err(
+                return Err(Error::weights(
                     path,
                     format!("tensor {name} is listed but cannot be read"),
                 ))
@@ -900,14 +893,14 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
-        serde_json::to_value(&model.metadata).map_err(|e| weights_err(path, e.to_string()))?,
+        serde_json::to_value(&model.metadata).map_err(|e| Error::weights(path, e.to_string()))?,
     );
     // Offsets come from the shapes, so tensors are streamed to the file after the header instead of
     // being gathered in memory (the real UNet is 3.4 GB).
     let mut offset = 0usize;
     for (name, t) in &model.tensors {
         let dtype = safetensors_dtype(t.dtype()).ok_or_else(|| {
-            weights_err(
+            Error::weights(
                 path,
                 format!(
                     "tensor {name} has dtype {:?}, which is not written",
@@ -921,7 +914,7 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
         header.insert(name.clone(), entry);
         offset = end;
     }
-    let mut header = serde_json::to_vec(&header).map_err(|e| weights_err(path, e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::weights(path, e.to_string()))?;
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
@@ -935,7 +928,7 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
         .map_err(|e| Error::io(path, e))?;
     for (name, t) in &model.tensors {
         t.write_bytes(&mut f)
-            .map_err(|e| weights_err(path, format!("cannot write tensor {name}: {e}")))?;
+            .map_err(|e| Error::weights(path, format!("cannot write tensor {name}: {e}")))?;
     }
     f.flush().map_err(|e| Error::io(path, e))
 }
@@ -952,7 +945,7 @@ pub fn convert_mvdream_checkpoint(ckpt: &Path, out_dir: &Path) -> Result<Convert
         .tensors
         .contains_key("camera_embedding.linear_1.weight")
     {
-        return Err(weights_err(
+        return Err(Error::weights(
             ckpt,
             format!("no {UNET_PREFIX}camera_embed.* tensors: not an MVDream checkpoint (a plain SD 2.x one?)"),
         ));

@@ -21,14 +21,13 @@
 //! The fast LayerNorm and softmax kernels used here cut candle's autograd graph: no gradient flows
 //! through this model.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+use crate::models::ops::{self, read_safetensors_header, SafetensorsHeader};
 
 /// ImageNet mean (RGB) used by DINOv2's preprocessing.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -56,109 +55,26 @@ pub struct Dinov2Config {
     pub swiglu: bool,
 }
 
-/// Tensor names and shapes of a safetensors header, plus its `__metadata__`.
-struct Header {
-    tensors: HashMap<String, Vec<usize>>,
-    metadata: HashMap<String, String>,
-}
-
-fn weights_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
-    let bad = |m: &str| weights_err(path, format!("not a safetensors file ({m})"));
-    if bytes.len() < 8 {
-        return Err(bad("shorter than 8 bytes"));
-    }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&bytes[..8]);
-    let n = u64::from_le_bytes(len8) as usize;
-    let json = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| bad("truncated header"))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| bad(&format!("header is not JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object"))?;
-    let mut tensors = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    if let Some(s) = v.as_str() {
-                        metadata.insert(k.clone(), s.to_string());
-                    }
-                }
-            }
-            continue;
-        }
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| bad(&format!("tensor {name} has no valid shape")))?;
-        tensors.insert(name.clone(), shape);
-    }
-    Ok(Header { tensors, metadata })
-}
-
-fn read_header_only(path: &Path) -> Result<Header> {
-    let mut f = std::fs::File::open(path).map_err(|e| weights_err(path, missing_message(&e)))?;
-    let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| weights_err(path, format!("not a safetensors file ({e})")))?;
-    let n = u64::from_le_bytes(len8);
-    if n > 100 << 20 {
-        return Err(weights_err(
-            path,
-            format!("not a safetensors file (header length {n})"),
-        ));
-    }
-    let mut buf = len8.to_vec();
-    buf.resize(8 + n as usize, 0);
-    f.read_exact(&mut buf[8..]).map_err(|e| {
-        weights_err(
-            path,
-            format!("not a safetensors file (truncated header: {e})"),
-        )
-    })?;
-    parse_header(path, &buf)
-}
-
-fn missing_message(e: &std::io::Error) -> String {
-    format!(
-        "cannot read the DINOv2 safetensors file ({e}); expected a HF-named Dinov2Model file such as \
-         weights/dinov2_vits14.safetensors, which scripts/setup_weights.sh writes"
-    )
-}
+/// What a DINOv2 weight file is expected to be (for errors).
+const WHAT: &str = "a HF-named Dinov2Model file such as weights/dinov2_vits14.safetensors, which scripts/setup_weights.sh writes";
 
 /// The prefix (e.g. `""`, `"dinov2."`, `"backbone."`) in front of `embeddings.cls_token`.
-fn find_prefix(path: &Path, header: &Header) -> Result<String> {
+fn find_prefix(path: &Path, header: &SafetensorsHeader) -> Result<String> {
     let mut found: Vec<&String> = header
-        .tensors
+        .shapes
         .keys()
         .filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token"))
         .collect();
     found.sort();
     match found.first() {
         Some(k) => Ok(k[..k.len() - "embeddings.cls_token".len()].to_string()),
-        None => Err(weights_err(
+        None => Err(Error::weights(
             path,
             format!(
                 "no tensor `embeddings.cls_token`: not a DINOv2 file in the HF Dinov2Model naming \
                  ({} tensors, e.g. {:?})",
-                header.tensors.len(),
-                header.tensors.keys().take(3).collect::<Vec<_>>()
+                header.shapes.len(),
+                header.shapes.keys().take(3).collect::<Vec<_>>()
             ),
         )),
     }
@@ -168,21 +84,21 @@ impl Dinov2Config {
     /// Reads only the header of a safetensors file and infers the architecture from the tensor
     /// shapes (and `num_attention_heads` / `layer_norm_eps` metadata when present).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let header = read_header_only(path)?;
+        let header = read_safetensors_header(path, WHAT)?;
         let prefix = find_prefix(path, &header)?;
         Self::infer(path, &header, &prefix)
     }
 
-    fn infer(path: &Path, header: &Header, prefix: &str) -> Result<Self> {
-        let get = |name: &str| header.tensors.get(&format!("{prefix}{name}"));
+    fn infer(path: &Path, header: &SafetensorsHeader, prefix: &str) -> Result<Self> {
+        let get = |name: &str| header.shapes.get(&format!("{prefix}{name}"));
         let need = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match get(name) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(weights_err(
+                Some(s) => Err(Error::weights(
                     path,
                     format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"),
                 )),
-                None => Err(weights_err(path, format!("missing tensor {prefix}{name}"))),
+                None => Err(Error::weights(path, format!("missing tensor {prefix}{name}"))),
             }
         };
         let hidden_size = need("embeddings.cls_token", 3)?[2];
@@ -192,7 +108,7 @@ impl Dinov2Config {
         let n_pos = pos[1].saturating_sub(1);
         let pos_grid = (n_pos as f64).sqrt().round() as usize;
         if pos_grid == 0 || pos_grid * pos_grid != n_pos {
-            return Err(weights_err(
+            return Err(Error::weights(
                 path,
                 format!("{prefix}embeddings.position_embeddings has shape {pos:?}: expected [1, 1 + G*G, C]"),
             ));
@@ -202,7 +118,7 @@ impl Dinov2Config {
             num_layers += 1;
         }
         if num_layers == 0 {
-            return Err(weights_err(
+            return Err(Error::weights(
                 path,
                 format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)"),
             ));
@@ -215,7 +131,7 @@ impl Dinov2Config {
         };
         let num_heads = match header.metadata.get("num_attention_heads") {
             Some(s) => s.trim().parse::<usize>().map_err(|_| {
-                weights_err(
+                Error::weights(
                     path,
                     format!("metadata num_attention_heads = {s:?} is not a positive integer"),
                 )
@@ -223,7 +139,7 @@ impl Dinov2Config {
             None => hidden_size / 64,
         };
         if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
-            return Err(weights_err(
+            return Err(Error::weights(
                 path,
                 format!(
                     "cannot split hidden size {hidden_size} into heads ({num_heads}); set metadata \
@@ -233,7 +149,7 @@ impl Dinov2Config {
         }
         let layer_norm_eps = match header.metadata.get("layer_norm_eps") {
             Some(s) => s.trim().parse::<f64>().map_err(|_| {
-                weights_err(
+                Error::weights(
                     path,
                     format!("metadata layer_norm_eps = {s:?} is not a number"),
                 )
@@ -307,12 +223,12 @@ impl Dinov2Config {
     }
 
     /// Checks a header against [`Self::expected_tensors`], naming every missing or misshapen tensor.
-    fn check(&self, path: &Path, header: &Header, prefix: &str) -> Result<()> {
+    fn check(&self, path: &Path, header: &SafetensorsHeader, prefix: &str) -> Result<()> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
         for (name, shape) in self.expected_tensors() {
             let full = format!("{prefix}{name}");
-            match header.tensors.get(&full) {
+            match header.shapes.get(&full) {
                 None => missing.push(full),
                 Some(s) if *s != shape => {
                     wrong.push(format!("{full}: found {s:?}, expected {shape:?}"))
@@ -341,7 +257,7 @@ impl Dinov2Config {
         if !wrong.is_empty() {
             msg += &format!(" wrong shapes: {}", wrong.join("; "));
         }
-        Err(weights_err(path, msg))
+        Err(Error::weights(path, msg))
     }
 }
 
@@ -352,13 +268,11 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), &format!("{name}.weight"))?;
-        let b = vb.get(out_dim, &format!("{name}.bias"))?;
-        Ok(Self {
-            w_t: w.t()?.contiguous()?,
-            b,
-        })
+    /// Loads `{name}.weight` `[out, in]` and `{name}.bias` `[out]` (sizes in [`ops::Linear::load`]'s order).
+    fn load(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let ops::Linear { weight, bias } = ops::Linear::load(vb, name, in_dim, out_dim, true)?;
+        let b = bias.ok_or_else(|| Error::InvalidInput(format!("linear layer {name} has no bias")))?;
+        Ok(Self { w_t: weight.t()?.contiguous()?, b })
     }
 
     /// Folds a per-output scale (LayerScale) into the weight and bias.
@@ -383,11 +297,8 @@ struct Norm {
 
 impl Norm {
     fn load(vb: &VarBuilder, name: &str, c: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            w: vb.get(c, &format!("{name}.weight"))?,
-            b: vb.get(c, &format!("{name}.bias"))?,
-            eps: eps as f32,
-        })
+        let ops::LayerNorm { weight, bias, .. } = ops::LayerNorm::load(vb, name, c, eps)?;
+        Ok(Self { w: weight, b: bias, eps: eps as f32 })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -614,14 +525,14 @@ impl Block {
         let ls2 = vb.get(c, "layer_scale2.lambda1")?;
         let mlp = if cfg.swiglu {
             Mlp::SwiGlu {
-                w_in: Linear::load(vb, "mlp.weights_in", 2 * i, c)?,
-                w_out: Linear::load(vb, "mlp.weights_out", c, i)?.scaled(&ls2)?,
+                w_in: Linear::load(vb, "mlp.weights_in", c, 2 * i)?,
+                w_out: Linear::load(vb, "mlp.weights_out", i, c)?.scaled(&ls2)?,
                 hidden: i,
             }
         } else {
             Mlp::Gelu {
-                fc1: Linear::load(vb, "mlp.fc1", i, c)?,
-                fc2: Linear::load(vb, "mlp.fc2", c, i)?.scaled(&ls2)?,
+                fc1: Linear::load(vb, "mlp.fc1", c, i)?,
+                fc2: Linear::load(vb, "mlp.fc2", i, c)?.scaled(&ls2)?,
             }
         };
         Ok(Self {
@@ -698,20 +609,20 @@ impl Dinov2 {
     /// (see the module docs). A missing/unreadable file, or missing/misshapen tensors, give
     /// [`Error::Weights`] naming the path and what was expected.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| weights_err(path, missing_message(&e)))?;
-        let header = parse_header(path, &bytes)?;
+        let header = read_safetensors_header(path, WHAT)?;
         let prefix = find_prefix(path, &header)?;
         let cfg = Dinov2Config::infer(path, &header, &prefix)?;
         cfg.check(path, &header, &prefix)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::weights(path, format!("cannot read it ({e}); expected {WHAT}")))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
-            .map_err(|e| weights_err(path, format!("cannot parse safetensors: {e}")))?;
+            .map_err(|e| Error::weights(path, format!("cannot parse safetensors: {e}")))?;
         let vb = if prefix.is_empty() {
             vb
         } else {
             vb.pp(prefix.trim_end_matches('.'))
         };
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => weights_err(path, e.to_string()),
+            Error::Tensor(e) => Error::weights(path, e.to_string()),
             e => e,
         })
     }

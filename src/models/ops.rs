@@ -221,14 +221,9 @@ impl Conv2d {
 /// Opens a safetensors weight file as a [`VarBuilder`] (`dtype` on `device`). A missing, unreadable
 /// or malformed file is an [`Error::Weights`] naming the path and `what` was expected there.
 pub fn open_safetensors(path: &Path, dtype: DType, device: &Device, what: &str) -> Result<VarBuilder<'static>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("cannot read it ({e}); expected {what}"),
-    })?;
-    VarBuilder::from_buffered_safetensors(bytes, dtype, device).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("not a safetensors file ({e}); expected {what}"),
-    })
+    let bytes = std::fs::read(path).map_err(|e| Error::weights(path, format!("cannot read it ({e}); expected {what}")))?;
+    VarBuilder::from_buffered_safetensors(bytes, dtype, device)
+        .map_err(|e| Error::weights(path, format!("not a safetensors file ({e}); expected {what}")))
 }
 
 /// Tensor shapes and string `__metadata__` of a safetensors file.
@@ -243,7 +238,7 @@ pub struct SafetensorsHeader {
 /// Reads only the JSON header of a safetensors file (not its data), to infer a model's configuration
 /// before loading it. Any problem is an [`Error::Weights`] naming the path and `what` was expected.
 pub fn read_safetensors_header(path: &Path, what: &str) -> Result<SafetensorsHeader> {
-    let bad = |m: String| Error::Weights { path: path.to_path_buf(), message: format!("{m}; expected {what}") };
+    let bad = |m: String| Error::weights(path, format!("{m}; expected {what}"));
     let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
     let mut len8 = [0u8; 8];
     f.read_exact(&mut len8).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
@@ -274,15 +269,6 @@ pub fn read_safetensors_header(path: &Path, what: &str) -> Result<SafetensorsHea
         header.shapes.insert(name.clone(), shape);
     }
     Ok(header)
-}
-
-/// Wraps an error met while building a model from `path` (a missing tensor or a wrong shape, as
-/// candle reports it) into an [`Error::Weights`] that names the file and what was expected.
-pub fn weights_error(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("{e}; expected {what}"),
-    }
 }
 
 #[cfg(test)]

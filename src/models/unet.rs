@@ -160,7 +160,7 @@ impl UNetConfig {
     /// present, else are `channels / 64` (SD 2.x, MVDream); groups from `norm_num_groups`, else 32.
     pub fn from_file(path: &Path) -> Result<Self> {
         let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
-        let err = |m: String| ops::weights_error(path, WHAT, m);
+        let err = |m: String| Error::weights(path, format!("{m}; expected {WHAT}"));
         let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match tensors.get(name) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
@@ -531,7 +531,7 @@ impl UNet {
     pub fn load(path: &Path, cfg: &UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
         let vb = ops::open_safetensors(path, dtype, device, WHAT)?;
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, without_backtrace(e)),
+            Error::Tensor(e) => Error::weights(path, format!("{}; expected {WHAT}", without_backtrace(e))),
             other => other,
         })
     }

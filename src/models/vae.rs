@@ -136,7 +136,7 @@ impl VaeConfig {
     /// from the file's `__metadata__` when present, else 32 and 0.18215 (the SD values).
     pub fn from_file(path: &Path) -> Result<Self> {
         let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
-        let err = |m: String| ops::weights_error(path, WHAT, m);
+        let err = |m: String| Error::weights(path, format!("{m}; expected {WHAT}"));
         let shape = |name: &str, rank: usize| -> Result<&Vec<usize>> {
             match tensors.get(name) {
                 Some(s) if s.len() == rank => Ok(s),
@@ -500,8 +500,8 @@ impl Vae {
     pub fn load(path: &Path, cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Self> {
         let vb = ops::open_safetensors(path, dtype, device, WHAT)?;
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, e),
-            Error::Config(m) => ops::weights_error(path, WHAT, m),
+            Error::Tensor(e) => Error::weights(path, format!("{e}; expected {WHAT}")),
+            Error::Config(m) => Error::weights(path, format!("{m}; expected {WHAT}")),
             other => other,
         })
     }
