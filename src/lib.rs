@@ -23,6 +23,7 @@
 //! # Ok::<(), congeal::error::Error>(())
 //! ```
 
+pub mod bench;
 pub mod collection;
 pub mod config;
 pub mod congeal;
