@@ -137,7 +137,8 @@ pub fn bench_sds(
         let text = ClipTextModel::from_varbuilder(&text_cfg, random_varbuilder(1, dtype, device))?;
         let unet = UNet::from_varbuilder(&unet_cfg, random_varbuilder(2, dtype, device))?;
         report(&format!("{name}: random weights built in {:.1} s", t0.elapsed().as_secs_f64()));
-        let ids = Tensor::from_vec((0..77u32).map(|i| (i * 7) % text_cfg.vocab_size as u32).collect::<Vec<_>>(), (1, 77), device)?;
+        let ids =
+            Tensor::from_vec((0..77u32).map(|i| (i * 7) % text_cfg.vocab_size as u32).collect::<Vec<_>>(), (1, 77), device)?;
         let cond = text.forward(&ids, 0)?.detach();
         let b = views;
         let sample = Tensor::randn(0f32, 1.0, (b, 4, latent, latent), device)?.to_dtype(dtype)?;

@@ -173,7 +173,9 @@ impl SdsConfig {
     pub fn validate(&self) -> Result<()> {
         let pos = [self.ti_lr, self.grid_lr, self.guidance_scale, self.density_scale, self.blob_radius];
         if pos.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err(Error::Config("sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into()));
+            return Err(Error::Config(
+                "sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into(),
+            ));
         }
         let ranges = [self.t_start, self.t_end];
         if ranges.iter().any(|r| !(r[0].is_finite() && r[1].is_finite() && 0.0 < r[0] && r[0] <= r[1] && r[1] < 1.0)) {
@@ -194,9 +196,12 @@ impl SdsConfig {
             || self.fov_deg[1] >= 170.0
             || self.distance_scale[0] <= 0.0
         {
-            return Err(Error::Config("sds: elevation/fov/distance ranges must be ordered, fov in (1, 170), distance > 0".into()));
+            return Err(Error::Config(
+                "sds: elevation/fov/distance ranges must be ordered, fov in (1, 170), distance > 0".into(),
+            ));
         }
-        let weights = [self.ti_weight_decay, self.recon_std_rescale, self.orientation_weight, self.sparsity_weight, self.blob_density];
+        let weights =
+            [self.ti_weight_decay, self.recon_std_rescale, self.orientation_weight, self.sparsity_weight, self.blob_density];
         if weights.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
             return Err(Error::Config("sds: weights, weight decay and blob_density must be finite and >= 0".into()));
         }
@@ -272,14 +277,11 @@ impl CoordMapsConfig {
     pub fn validate(&self) -> Result<()> {
         let finite = [self.lr, self.weight_decay, self.lambda_l2, self.lambda_smooth, self.huber_delta];
         if self.grid < 2 || finite.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || self.huber_delta <= 0.0 {
-            return Err(Error::Config(
-                "coord_maps: grid >= 2, finite non-negative lr/weights, huber_delta > 0".into(),
-            ));
+            return Err(Error::Config("coord_maps: grid >= 2, finite non-negative lr/weights, huber_delta > 0".into()));
         }
         Ok(())
     }
 }
-
 
 /// Template mesh -> canonical field.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -489,8 +491,7 @@ impl Config {
     /// Reads a YAML file; fields it leaves out keep their defaults.
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Config = serde_yaml::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let config: Config = serde_yaml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         config.validate()?;
         Ok(config)
     }

@@ -34,8 +34,8 @@ pub mod geometry;
 pub mod ingest;
 pub mod models;
 pub mod output;
-pub mod shape;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod shape;
 
 pub use error::{Error, Result};

@@ -63,4 +63,3 @@ fn transfer_method_is_checked_by_the_parser() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("4d") && stderr.contains("3d") && stderr.contains("2d"), "{stderr}");
 }
-

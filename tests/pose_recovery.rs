@@ -20,9 +20,7 @@ fn render_mask(field: &congeal::field::canonical::CanonicalField, pose: &Isometr
     let cams = CameraBatch::from_poses(&[*pose], &[*k], &Device::Cpu).unwrap();
     let rays = cams.rays(&pixel_grid(k.width, k.height, &Device::Cpu).unwrap()).unwrap();
     let r = render_rays_host(field, &rays, 128, RenderWhat::default(), 1 << 15).unwrap();
-    GrayImage::from_fn(k.width, k.height, |x, y| {
-        Luma([if r.opacity[(y * k.width + x) as usize] >= 0.5 { 255 } else { 0 }])
-    })
+    GrayImage::from_fn(k.width, k.height, |x, y| Luma([if r.opacity[(y * k.width + x) as usize] >= 0.5 { 255 } else { 0 }]))
 }
 
 #[test]
@@ -53,22 +51,17 @@ fn known_poses_are_recovered() {
     // Silhouettes only: this test pins the geometry of candidate search and refinement.
     config.pose_init.score = congeal::config::PoseScore::Iou;
     let rgb = RgbImage::new(120, 100);
-    let inputs: Vec<_> = masks
-        .iter()
-        .zip(&truths)
-        .map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap())
-        .collect();
+    let inputs: Vec<_> =
+        masks.iter().zip(&truths).map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap()).collect();
     let mask_refs: Vec<&GrayImage> = masks.iter().collect();
     let mut timings = BTreeMap::new();
     let reg = register(&field, &inputs, &mask_refs, &config, None, &no_progress, &mut timings).unwrap();
     let mut errors = Vec::new();
     for (i, (pose, _)) in truths.iter().enumerate() {
-        let err = rotation_error_deg(
-            &reg.camera_from_object[i].rotation.to_rotation_matrix(),
-            &pose.rotation.to_rotation_matrix(),
-        );
-        let t_err = (reg.camera_from_object[i].translation.vector - pose.translation.vector).norm()
-            / pose.translation.vector.norm();
+        let err =
+            rotation_error_deg(&reg.camera_from_object[i].rotation.to_rotation_matrix(), &pose.rotation.to_rotation_matrix());
+        let t_err =
+            (reg.camera_from_object[i].translation.vector - pose.translation.vector).norm() / pose.translation.vector.norm();
         eprintln!("view {i}: rotation error {err:.2} deg, relative translation error {t_err:.3}, IoU {:.3}", reg.iou[i]);
         errors.push((err, t_err, reg.iou[i]));
     }

@@ -24,8 +24,7 @@ fn need(path: &str) -> PathBuf {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(need(FIXTURE), &Device::Cpu)
-        .expect("fixture unreadable: rerun scripts/setup_weights.sh")
+    candle_core::safetensors::load(need(FIXTURE), &Device::Cpu).expect("fixture unreadable: rerun scripts/setup_weights.sh")
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> (f32, f32) {
@@ -78,8 +77,7 @@ fn preprocessing_and_prediction_close_to_rembg() {
         let pred = seg.predict(&rgb).unwrap();
         assert_eq!(pred.dimensions(), rgb.dimensions());
         let rembg = fx[&format!("rembg_mask_{i}")].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        let diff: Vec<f32> =
-            pred.as_raw().iter().zip(&rembg).map(|(&a, &b)| (f32::from(a) - f32::from(b)).abs()).collect();
+        let diff: Vec<f32> = pred.as_raw().iter().zip(&rembg).map(|(&a, &b)| (f32::from(a) - f32::from(b)).abs()).collect();
         let mean = diff.iter().sum::<f32>() / diff.len() as f32;
         let over = diff.iter().filter(|&&d| d > 64.0).count() as f32 / diff.len() as f32;
         eprintln!("{rel}: predict vs rembg: mean |diff| {mean:.2} / 255, {:.3} % of pixels off by > 64", over * 100.0);
@@ -122,10 +120,7 @@ fn wrong_weight_files_name_the_path_and_what_was_expected() {
     let bad = dir.path().join("bad_shape.safetensors");
     candle_core::safetensors::save(&ts, &bad).unwrap();
     let msg = U2NetP::load(&bad, &Device::Cpu).unwrap_err().to_string();
-    assert!(
-        msg.contains("bad_shape.safetensors") && msg.contains("side3.weight") && msg.contains("[1, 64, 3, 3]"),
-        "{msg}"
-    );
+    assert!(msg.contains("bad_shape.safetensors") && msg.contains("side3.weight") && msg.contains("[1, 64, 3, 3]"), "{msg}");
 }
 
 #[test]
@@ -146,8 +141,7 @@ fn bad_input_shape_is_an_error() {
 #[test]
 fn mask_iou_on_shipped_images() {
     let seg = Segmenter::load(&need(WEIGHTS), &Device::Cpu).unwrap();
-    let picks =
-        [("duck", 1), ("duck", 2), ("sofa-burlap", 3), ("chairs-mixed", 4), ("chair-teak", 5), ("chair-plaid", 6)];
+    let picks = [("duck", 1), ("duck", 2), ("sofa-burlap", 3), ("chairs-mixed", 4), ("chair-teak", 5), ("chair-plaid", 6)];
     let mut rgbs = Vec::new();
     let mut gts = Vec::new();
     for (c, i) in picks {

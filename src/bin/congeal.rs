@@ -246,9 +246,7 @@ enum BagCommand {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "congeal=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "congeal=info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -351,7 +349,8 @@ fn main() -> Result<()> {
                 TransferMethod::TwoD => transfer_2d(&run, config.as_deref(), &mut list)?,
             }
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
-            let (n, found) = list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
+            let (n, found) =
+                list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
@@ -393,8 +392,8 @@ fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal:
     let device = config.device()?;
     let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
     let bar = ProgressBar::new(pairs.len() as u64);
-    let mut baseline =
-        congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin).with_run_masks(&result, run);
+    let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin)
+        .with_run_masks(&result, run);
     for pair in pairs.iter_mut() {
         let pred = baseline.transfer(&pair.src, &pair.dst, &pair.points)?;
         pair.pred = Some(pred);
@@ -406,7 +405,9 @@ fn transfer_2d(run: &Path, config: Option<&Path>, pairs: &mut [congeal::congeal:
 
 #[cfg(not(feature = "ros"))]
 fn bag(_command: BagCommand) -> Result<()> {
-    bail!("`congeal bag` needs the ROS tools: rebuild with `scripts/setup.sh --ros` (cargo feature `ros`) and `source .ros/env.sh`")
+    bail!(
+        "`congeal bag` needs the ROS tools: rebuild with `scripts/setup.sh --ros` (cargo feature `ros`) and `source .ros/env.sh`"
+    )
 }
 
 #[cfg(feature = "ros")]

@@ -44,9 +44,7 @@ impl Ctx<'_> {
     }
 
     fn string(&self, v: &Value, name: &str) -> Result<String> {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| self.err(format!("field `{name}` must be a string, got {}", kind_of(v))))
+        v.as_str().map(str::to_owned).ok_or_else(|| self.err(format!("field `{name}` must be a string, got {}", kind_of(v))))
     }
 
     fn number(&self, v: &Value, name: &str) -> Result<f64> {
@@ -57,8 +55,7 @@ impl Ctx<'_> {
     }
 
     fn uint(&self, v: &Value, name: &str) -> Result<u64> {
-        v.as_u64()
-            .ok_or_else(|| self.err(format!("field `{name}` must be a non-negative integer, got {}", kind_of(v))))
+        v.as_u64().ok_or_else(|| self.err(format!("field `{name}` must be a non-negative integer, got {}", kind_of(v))))
     }
 
     fn size(&self, v: &Value, name: &str) -> Result<u32> {
@@ -116,9 +113,7 @@ impl Ctx<'_> {
         let k = self.matrix(v, name, 3, 3)?;
         let off = [k[0][1], k[1][0], k[2][0], k[2][1], k[2][2] - 1.0];
         if off.iter().any(|x| x.abs() > 1e-9) {
-            return Err(self.err(format!(
-                "field `{name}` must have the form [[fx,0,cx],[0,fy,cy],[0,0,1]] (no skew), got {k:?}"
-            )));
+            return Err(self.err(format!("field `{name}` must have the form [[fx,0,cx],[0,fy,cy],[0,0,1]] (no skew), got {k:?}")));
         }
         let m = Matrix3::new(k[0][0], k[0][1], k[0][2], k[1][0], k[1][1], k[1][2], k[2][0], k[2][1], k[2][2]);
         Intrinsics::from_matrix(&m, width, height).map_err(|e| self.err(format!("field `{name}`: {e}")))
@@ -129,10 +124,9 @@ impl Ctx<'_> {
         let m = self.matrix(v, name, 4, 4)?;
         let bottom = [m[3][0], m[3][1], m[3][2], m[3][3] - 1.0];
         if bottom.iter().any(|x| x.abs() > 1e-6) {
-            return Err(self.err(format!(
-                "{image}: `{name}` is not a rigid transform: last row is {:?}, expected [0, 0, 0, 1]",
-                m[3]
-            )));
+            return Err(
+                self.err(format!("{image}: `{name}` is not a rigid transform: last row is {:?}, expected [0, 0, 0, 1]", m[3]))
+            );
         }
         let r = Matrix3::new(m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2], m[2][0], m[2][1], m[2][2]);
         let dev = (r.transpose() * r - Matrix3::identity()).abs().max();
@@ -188,9 +182,7 @@ fn rel_path(ctx: &Ctx, v: &Value, name: &str) -> Result<PathBuf> {
     let s = ctx.string(v, name)?;
     let p = PathBuf::from(&s);
     if s.is_empty() || p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(ctx.err(format!(
-            "field `{name}` must be a path relative to the collection folder (no `..`), got {s:?}"
-        )));
+        return Err(ctx.err(format!("field `{name}` must be a path relative to the collection folder (no `..`), got {s:?}")));
     }
     Ok(p)
 }
@@ -210,9 +202,9 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
         "cross_instance" => CollectionKind::CrossInstance,
         "plain" => CollectionKind::Plain,
         other => {
-            return Err(ctx.err(format!(
-                "field `kind` must be \"single_instance\", \"cross_instance\" or \"plain\", got {other:?}"
-            )))
+            return Err(
+                ctx.err(format!("field `kind` must be \"single_instance\", \"cross_instance\" or \"plain\", got {other:?}"))
+            )
         }
     };
     let has_gt = kind != CollectionKind::Plain;
@@ -249,9 +241,8 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
     let template = template_abs.is_file().then(|| absolute(&template_abs));
 
     let images_v = ctx.req(&doc, "", "images")?;
-    let arr = images_v
-        .as_array()
-        .ok_or_else(|| ctx.err(format!("field `images` must be an array, got {}", kind_of(images_v))))?;
+    let arr =
+        images_v.as_array().ok_or_else(|| ctx.err(format!("field `images` must be an array, got {}", kind_of(images_v))))?;
     if arr.is_empty() {
         return Err(ctx.err("field `images` is empty: a collection needs at least one image"));
     }
@@ -282,13 +273,9 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
             }
         };
         let ground_truth = match (intrinsics, pose, nocs_bbox) {
-            (Some(intrinsics), Some(camera_from_object), Some((nocs_bbox_min, nocs_bbox_max))) => Some(GroundTruth {
-                intrinsics,
-                camera_from_object,
-                nocs_bbox_min,
-                nocs_bbox_max,
-                instance_id,
-            }),
+            (Some(intrinsics), Some(camera_from_object), Some((nocs_bbox_min, nocs_bbox_max))) => {
+                Some(GroundTruth { intrinsics, camera_from_object, nocs_bbox_min, nocs_bbox_max, instance_id })
+            }
             _ => None,
         };
         images.push(ImageEntry { index, rgb, mask, nocs, width, height, intrinsics, ground_truth });

@@ -54,7 +54,13 @@ pub struct Registration {
 }
 
 /// Runs the whole pipeline on `collection` and writes the outputs into `out_dir`.
-pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir: &Path, progress: ProgressFn) -> Result<RunResult> {
+pub fn run(
+    collection: &Collection,
+    shape: &ShapeSpec,
+    config: &Config,
+    out_dir: &Path,
+    progress: ProgressFn,
+) -> Result<RunResult> {
     config.validate()?;
     shape.check_available(config)?;
     let device = config.device()?;
@@ -72,7 +78,8 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     // Stages 1-2: canonical shape.
     let t = Instant::now();
     let images: Vec<(&image::RgbImage, &image::GrayImage)> = prepared.iter().map(|p| (&p.image.rgb, &p.image.mask)).collect();
-    let inputs = ShapeInputs { default_template: collection.template.as_deref(), images: &images, out_dir: Some(out_dir), progress };
+    let inputs =
+        ShapeInputs { default_template: collection.template.as_deref(), images: &images, out_dir: Some(out_dir), progress };
     let BuiltShape { shape: shape_built, timings_s } = build_shape(shape, &inputs, config, &device)?;
     timings.extend(timings_s);
     progress("shape", 1.0);
@@ -88,7 +95,9 @@ pub fn run(collection: &Collection, shape: &ShapeSpec, config: &Config, out_dir:
     // Stage 5: canonical coordinate maps (Eq. 10-13).
     let t = Instant::now();
     let warps: Vec<Option<StoredWarp>> = match (&extractor, config.coord_maps.enabled) {
-        (Some(ex), true) => coordinate_warps(field, &prepared, &registration, ex, config, &mut timings)?.into_iter().map(Some).collect(),
+        (Some(ex), true) => {
+            coordinate_warps(field, &prepared, &registration, ex, config, &mut timings)?.into_iter().map(Some).collect()
+        }
         _ => vec![None; prepared.len()],
     };
     timings.insert("coord_maps".to_string(), t.elapsed().as_secs_f64());

@@ -131,7 +131,10 @@ impl<'a> Transfer2d<'a> {
                 let rgb = crate::collection::load_rgb(&collection.rgb_path(i)?)?;
                 let mask = crate::collection::load_mask(mask_path)?;
                 if mask.dimensions() != rgb.dimensions() {
-                    return Err(Error::Mask { path: mask_path.clone(), message: "the run's mask does not match the image size".into() });
+                    return Err(Error::Mask {
+                        path: mask_path.clone(),
+                        message: "the run's mask does not match the image size".into(),
+                    });
                 }
                 crate::collection::LoadedImage { rgb, mask }
             }

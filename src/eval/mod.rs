@@ -122,8 +122,7 @@ pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<
     if pred.len() < 3 {
         return Err(Error::InvalidInput(format!("evaluate_poses: need at least 3 images, got {}", pred.len())));
     }
-    let finite =
-        |t: &Isometry3<f64>| t.translation.vector.iter().chain(t.rotation.coords.iter()).all(|v| v.is_finite());
+    let finite = |t: &Isometry3<f64>| t.translation.vector.iter().chain(t.rotation.coords.iter()).all(|v| v.is_finite());
     if !pred.iter().chain(gt).all(finite) {
         return Err(Error::InvalidInput("evaluate_poses: poses contain NaN or inf".into()));
     }

@@ -171,7 +171,9 @@ pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -
     let wide: Vec<TransferPair> = pairs
         .iter()
         .filter(|p| {
-            let az = |f: &str| find(f).and_then(|i| collection.images[i].ground_truth.as_ref()).map(|g| azimuth_deg(&g.camera_from_object));
+            let az = |f: &str| {
+                find(f).and_then(|i| collection.images[i].ground_truth.as_ref()).map(|g| azimuth_deg(&g.camera_from_object))
+            };
             match (az(&p.src), az(&p.dst)) {
                 (Some(a), Some(b)) => {
                     let d = (a - b).rem_euclid(360.0);

@@ -46,9 +46,7 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
     let mut nocs_errors = Vec::new();
     let mut per_nocs = Vec::new();
     for image in &run.images {
-        let Some((idx, entry)) =
-            collection.images.iter().enumerate().find(|(_, e)| e.rgb.to_string_lossy() == image.file)
-        else {
+        let Some((idx, entry)) = collection.images.iter().enumerate().find(|(_, e)| e.rgb.to_string_lossy() == image.file) else {
             continue;
         };
         let Some(truth) = &entry.ground_truth else { continue };

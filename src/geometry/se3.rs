@@ -110,10 +110,7 @@ pub fn orbit_camera_from_object(azimuth_deg: f64, elevation_deg: f64, radius: f6
     let object_from_camera_rot = Rotation3::from_matrix_unchecked(Matrix3::from_columns(&[right, down, forward]));
     let camera_from_object_rot = object_from_camera_rot.inverse();
     let translation = -(camera_from_object_rot * centre_in_object);
-    Isometry3::from_parts(
-        Translation3::from(translation),
-        UnitQuaternion::from_rotation_matrix(&camera_from_object_rot),
-    )
+    Isometry3::from_parts(Translation3::from(translation), UnitQuaternion::from_rotation_matrix(&camera_from_object_rot))
 }
 
 /// The camera centre expressed in the object frame: `-R^T t` for `camera_from_object = (R, t)`.
@@ -330,10 +327,7 @@ mod tests {
         }
         // And isometry -> log -> exp reproduces the isometry.
         for _ in 0..100 {
-            let t = Isometry3::from_parts(
-                Translation3::from(rng.vec3(5.0)),
-                UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-            );
+            let t = Isometry3::from_parts(Translation3::from(rng.vec3(5.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8)));
             let again = se3_exp(&se3_log(&t));
             assert!((again.to_homogeneous() - t.to_homogeneous()).amax() < 1e-9);
         }
@@ -391,10 +385,7 @@ mod tests {
     fn row_major_round_trip_and_validation() {
         let mut rng = Rng(8);
         for _ in 0..50 {
-            let t = Isometry3::from_parts(
-                Translation3::from(rng.vec3(5.0)),
-                UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-            );
+            let t = Isometry3::from_parts(Translation3::from(rng.vec3(5.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8)));
             let m = isometry_to_row_major(&t);
             let h = t.to_homogeneous();
             for (i, row) in m.iter().enumerate() {

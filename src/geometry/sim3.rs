@@ -51,11 +51,7 @@ impl Default for Sim3 {
 /// the rotation about their line undetermined (one least-squares minimiser is returned).
 pub fn umeyama(source: &[Point3<f64>], target: &[Point3<f64>], with_scale: bool) -> Result<Sim3> {
     if source.len() != target.len() {
-        return Err(Error::InvalidInput(format!(
-            "umeyama: {} source points but {} target points",
-            source.len(),
-            target.len()
-        )));
+        return Err(Error::InvalidInput(format!("umeyama: {} source points but {} target points", source.len(), target.len())));
     }
     if source.len() < 3 {
         return Err(Error::InvalidInput(format!("umeyama: need at least 3 point pairs, got {}", source.len())));
@@ -117,10 +113,7 @@ pub fn umeyama(source: &[Point3<f64>], target: &[Point3<f64>], with_scale: bool)
 /// camera centres enter the fit, so at least 3 non-coincident cameras are needed; the orientation of a
 /// collinear camera set is underdetermined. An aligned predicted pose is then
 /// `R_pred * S.R^T` with centre `S(c_pred)`.
-pub fn align_camera_poses(
-    pred_camera_from_object: &[Isometry3<f64>],
-    gt_camera_from_object: &[Isometry3<f64>],
-) -> Result<Sim3> {
+pub fn align_camera_poses(pred_camera_from_object: &[Isometry3<f64>], gt_camera_from_object: &[Isometry3<f64>]) -> Result<Sim3> {
     if pred_camera_from_object.len() != gt_camera_from_object.len() {
         return Err(Error::InvalidInput(format!(
             "align_camera_poses: {} predicted poses but {} ground-truth poses",
@@ -156,14 +149,9 @@ pub fn align_camera_poses_robust(
         .zip(gt_camera_from_object)
         .map(|(p, g)| g.rotation.to_rotation_matrix().inverse() * p.rotation.to_rotation_matrix())
         .collect();
-    let inliers_of = |r: &Rotation3<f64>| -> Vec<usize> {
-        (0..n).filter(|&j| rotation_error_deg(&implied[j], r) < inlier_deg).collect()
-    };
-    let best = implied
-        .iter()
-        .map(&inliers_of)
-        .max_by_key(Vec::len)
-        .ok_or_else(|| Error::InvalidInput("no poses".into()))?;
+    let inliers_of =
+        |r: &Rotation3<f64>| -> Vec<usize> { (0..n).filter(|&j| rotation_error_deg(&implied[j], r) < inlier_deg).collect() };
+    let best = implied.iter().map(&inliers_of).max_by_key(Vec::len).ok_or_else(|| Error::InvalidInput("no poses".into()))?;
     // Chordal mean of the inlier rotations: project the summed matrices onto SO(3).
     let sum: Matrix3<f64> = best.iter().map(|&j| *implied[j].matrix()).sum();
     let svd = sum.svd(true, true);
@@ -188,11 +176,17 @@ pub fn align_camera_poses_robust(
         num += (p.coords - mean_p).dot(&(g.coords - mean_g));
         den += (p.coords - mean_p).norm_squared();
     }
-    let scale = if den > 1e-18 && num > 0.0 { num / den } else {
+    let scale = if den > 1e-18 && num > 0.0 {
+        num / den
+    } else {
         // All inlier centres coincide: match the mean distance to the origin instead.
         let np: f64 = pc.iter().map(|p| p.coords.norm()).sum::<f64>();
         let ng: f64 = gc.iter().map(|p| p.coords.norm()).sum::<f64>();
-        if np > 1e-18 { ng / np } else { 1.0 }
+        if np > 1e-18 {
+            ng / np
+        } else {
+            1.0
+        }
     };
     Ok(Sim3 { scale, rotation, translation: mean_g - scale * mean_p })
 }
@@ -358,12 +352,7 @@ mod tests {
         let mut rng = Rng(15);
         let gt_from_pred = rng.sim3();
         let pred: Vec<Isometry3<f64>> = (0..12)
-            .map(|_| {
-                Isometry3::from_parts(
-                    Translation3::from(rng.vec3(3.0)),
-                    UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-                )
-            })
+            .map(|_| Isometry3::from_parts(Translation3::from(rng.vec3(3.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8))))
             .collect();
         // camera_from_gt = camera_from_pred * pred_from_gt, with the gt world rescaled.
         let gt: Vec<Isometry3<f64>> = pred

@@ -60,11 +60,8 @@ const WHAT: &str = "a HF-named Dinov2Model file such as weights/dinov2_vits14.sa
 
 /// The prefix (e.g. `""`, `"dinov2."`, `"backbone."`) in front of `embeddings.cls_token`.
 fn find_prefix(path: &Path, header: &SafetensorsHeader) -> Result<String> {
-    let mut found: Vec<&String> = header
-        .shapes
-        .keys()
-        .filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token"))
-        .collect();
+    let mut found: Vec<&String> =
+        header.shapes.keys().filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token")).collect();
     found.sort();
     match found.first() {
         Some(k) => Ok(k[..k.len() - "embeddings.cls_token".len()].to_string()),
@@ -94,10 +91,7 @@ impl Dinov2Config {
         let need = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match get(name) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(Error::weights(
-                    path,
-                    format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"),
-                )),
+                Some(s) => Err(Error::weights(path, format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"))),
                 None => Err(Error::weights(path, format!("missing tensor {prefix}{name}"))),
             }
         };
@@ -118,10 +112,7 @@ impl Dinov2Config {
             num_layers += 1;
         }
         if num_layers == 0 {
-            return Err(Error::weights(
-                path,
-                format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)"),
-            ));
+            return Err(Error::weights(path, format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)")));
         }
         let swiglu = get("encoder.layer.0.mlp.weights_in.weight").is_some();
         let intermediate_size = if swiglu {
@@ -130,12 +121,10 @@ impl Dinov2Config {
             need("encoder.layer.0.mlp.fc1.weight", 2)?[0]
         };
         let num_heads = match header.metadata.get("num_attention_heads") {
-            Some(s) => s.trim().parse::<usize>().map_err(|_| {
-                Error::weights(
-                    path,
-                    format!("metadata num_attention_heads = {s:?} is not a positive integer"),
-                )
-            })?,
+            Some(s) => s
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| Error::weights(path, format!("metadata num_attention_heads = {s:?} is not a positive integer")))?,
             None => hidden_size / 64,
         };
         if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
@@ -148,24 +137,13 @@ impl Dinov2Config {
             ));
         }
         let layer_norm_eps = match header.metadata.get("layer_norm_eps") {
-            Some(s) => s.trim().parse::<f64>().map_err(|_| {
-                Error::weights(
-                    path,
-                    format!("metadata layer_norm_eps = {s:?} is not a number"),
-                )
-            })?,
+            Some(s) => s
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| Error::weights(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
             None => 1e-6,
         };
-        Ok(Self {
-            hidden_size,
-            num_layers,
-            num_heads,
-            intermediate_size,
-            patch_size,
-            pos_grid,
-            layer_norm_eps,
-            swiglu,
-        })
+        Ok(Self { hidden_size, num_layers, num_heads, intermediate_size, patch_size, pos_grid, layer_norm_eps, swiglu })
     }
 
     /// Every tensor the model reads, with its shape, in the HF naming (no prefix).
@@ -175,18 +153,9 @@ impl Dinov2Config {
         let i = self.intermediate_size;
         let mut v: Vec<(String, Vec<usize>)> = vec![
             ("embeddings.cls_token".into(), vec![1, 1, c]),
-            (
-                "embeddings.position_embeddings".into(),
-                vec![1, 1 + self.pos_grid * self.pos_grid, c],
-            ),
-            (
-                "embeddings.patch_embeddings.projection.weight".into(),
-                vec![c, 3, p, p],
-            ),
-            (
-                "embeddings.patch_embeddings.projection.bias".into(),
-                vec![c],
-            ),
+            ("embeddings.position_embeddings".into(), vec![1, 1 + self.pos_grid * self.pos_grid, c]),
+            ("embeddings.patch_embeddings.projection.weight".into(), vec![c, 3, p, p]),
+            ("embeddings.patch_embeddings.projection.bias".into(), vec![c]),
             ("layernorm.weight".into(), vec![c]),
             ("layernorm.bias".into(), vec![c]),
         ];
@@ -196,12 +165,9 @@ impl Dinov2Config {
                 v.push((format!("{pre}{n}.weight"), vec![c]));
                 v.push((format!("{pre}{n}.bias"), vec![c]));
             }
-            for n in [
-                "attention.attention.query",
-                "attention.attention.key",
-                "attention.attention.value",
-                "attention.output.dense",
-            ] {
+            for n in
+                ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"]
+            {
                 v.push((format!("{pre}{n}.weight"), vec![c, c]));
                 v.push((format!("{pre}{n}.bias"), vec![c]));
             }
@@ -230,9 +196,7 @@ impl Dinov2Config {
             let full = format!("{prefix}{name}");
             match header.shapes.get(&full) {
                 None => missing.push(full),
-                Some(s) if *s != shape => {
-                    wrong.push(format!("{full}: found {s:?}, expected {shape:?}"))
-                }
+                Some(s) if *s != shape => wrong.push(format!("{full}: found {s:?}, expected {shape:?}")),
                 Some(_) => {}
             }
         }
@@ -277,10 +241,7 @@ impl Linear {
 
     /// Folds a per-output scale (LayerScale) into the weight and bias.
     fn scaled(self, scale: &Tensor) -> Result<Self> {
-        Ok(Self {
-            w_t: self.w_t.broadcast_mul(scale)?,
-            b: self.b.mul(scale)?,
-        })
+        Ok(Self { w_t: self.w_t.broadcast_mul(scale)?, b: self.b.mul(scale)? })
     }
 
     /// `x` is `[M, in]`.
@@ -302,36 +263,20 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.w,
-            &self.b,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps)?)
     }
 }
 
 enum Mlp {
-    Gelu {
-        fc1: Linear,
-        fc2: Linear,
-    },
-    SwiGlu {
-        w_in: Linear,
-        w_out: Linear,
-        hidden: usize,
-    },
+    Gelu { fc1: Linear, fc2: Linear },
+    SwiGlu { w_in: Linear, w_out: Linear, hidden: usize },
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Gelu { fc1, fc2 } => fc2.forward(&gelu_erf(&fc1.forward(x)?)?),
-            Mlp::SwiGlu {
-                w_in,
-                w_out,
-                hidden,
-            } => {
+            Mlp::SwiGlu { w_in, w_out, hidden } => {
                 let h = w_in.forward(x)?;
                 let x1 = h.narrow(1, 0, *hidden)?;
                 let x2 = h.narrow(1, *hidden, *hidden)?;
@@ -386,13 +331,10 @@ impl candle_core::CustomOp1 for FastGeluErf {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast gelu: non-contiguous input".into()))?;
-        let out: Vec<f32> = data[start..end]
-            .iter()
-            .map(|&v| 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2)))
-            .collect();
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast gelu: non-contiguous input".into()))?;
+        let out: Vec<f32> =
+            data[start..end].iter().map(|&v| 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2))).collect();
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -424,9 +366,7 @@ pub(crate) fn fast_exp_nonpositive(x: f32) -> f32 {
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n: the low mantissa bits of (n + 127) + 1.5 * 2^23 hold the biased exponent n + 127.
-    let biased = (n + (127.0 + 12_582_912.0))
-        .to_bits()
-        .wrapping_sub(0x4B40_0000);
+    let biased = (n + (127.0 + 12_582_912.0)).to_bits().wrapping_sub(0x4B40_0000);
     y * f32::from_bits(biased << 23)
 }
 
@@ -474,20 +414,17 @@ impl candle_core::CustomOp1 for FastSoftmax {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
         let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast softmax: non-contiguous input".into()))?;
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast softmax: non-contiguous input".into()))?;
         let src = &data[start..end];
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; src.len()];
         let rows_per_task = (16384 / n).max(1);
-        out.par_chunks_mut(n * rows_per_task)
-            .zip(src.par_chunks(n * rows_per_task))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-                    softmax_row(x, o);
-                }
-            });
+        out.par_chunks_mut(n * rows_per_task).zip(src.par_chunks(n * rows_per_task)).for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                softmax_row(x, o);
+            }
+        });
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -515,11 +452,9 @@ impl Block {
         let d = c / cfg.num_heads;
         let mut scale = vec![1f32; 3 * c];
         scale[..c].fill(1.0 / (d as f32).sqrt());
-        let qkv = Linear {
-            w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?,
-            b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)?,
-        }
-        .scaled(&Tensor::from_vec(scale, 3 * c, vb.device())?)?;
+        let qkv =
+            Linear { w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? }
+                .scaled(&Tensor::from_vec(scale, 3 * c, vb.device())?)?;
         let i = cfg.intermediate_size;
         let ls1 = vb.get(c, "layer_scale1.lambda1")?;
         let ls2 = vb.get(c, "layer_scale2.lambda1")?;
@@ -530,10 +465,7 @@ impl Block {
                 hidden: i,
             }
         } else {
-            Mlp::Gelu {
-                fc1: Linear::load(vb, "mlp.fc1", c, i)?,
-                fc2: Linear::load(vb, "mlp.fc2", i, c)?.scaled(&ls2)?,
-            }
+            Mlp::Gelu { fc1: Linear::load(vb, "mlp.fc1", c, i)?, fc2: Linear::load(vb, "mlp.fc2", i, c)?.scaled(&ls2)? }
         };
         Ok(Self {
             norm1: Norm::load(vb, "norm1", c, eps)?,
@@ -549,11 +481,7 @@ impl Block {
         let (b, n, c) = x.dims3()?;
         let d = c / heads;
         let h = self.norm1.forward(x)?.reshape((b * n, c))?;
-        let qkv = self
-            .qkv
-            .forward(&h)?
-            .reshape((b, n, 3, heads, d))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = self.qkv.forward(&h)?.reshape((b, n, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
         let q = qkv.i(0)?.contiguous()?; // already scaled by 1/sqrt(d)
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
@@ -616,11 +544,7 @@ impl Dinov2 {
         let bytes = std::fs::read(path).map_err(|e| Error::weights(path, format!("cannot read it ({e}); expected {WHAT}")))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
             .map_err(|e| Error::weights(path, format!("cannot parse safetensors: {e}")))?;
-        let vb = if prefix.is_empty() {
-            vb
-        } else {
-            vb.pp(prefix.trim_end_matches('.'))
-        };
+        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
             Error::Tensor(e) => Error::weights(path, e.to_string()),
             e => e,
@@ -642,28 +566,12 @@ impl Dinov2 {
         let pos_cls = pos.i((0, 0..1))?.contiguous()?;
         let pos_grid = pos.i((0, 1..))?.reshape((g, g * c))?.contiguous()?;
         let proj = emb.pp("patch_embeddings.projection");
-        let patch_w_t = proj
-            .get((c, 3, p, p), "weight")?
-            .reshape((c, 3 * p * p))?
-            .t()?
-            .contiguous()?;
+        let patch_w_t = proj.get((c, 3, p, p), "weight")?.reshape((c, 3 * p * p))?.t()?.contiguous()?;
         let patch_b = proj.get(c, "bias")?;
         let enc = vb.pp("encoder.layer");
-        let blocks = (0..cfg.num_layers)
-            .map(|l| Block::load(&enc.pp(l), &cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.num_layers).map(|l| Block::load(&enc.pp(l), &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = Norm::load(&vb, "layernorm", c, cfg.layer_norm_eps)?;
-        Ok(Self {
-            cfg,
-            cls_token,
-            pos_cls,
-            pos_grid,
-            patch_w_t,
-            patch_b,
-            blocks,
-            norm,
-            device,
-        })
+        Ok(Self { cfg, cls_token, pos_cls, pos_grid, patch_w_t, patch_b, blocks, norm, device })
     }
 
     /// The architecture.
@@ -686,11 +594,7 @@ impl Dinov2 {
             let mh = Tensor::from_vec(bicubic_matrix(g, gh), (gh, g), &self.device)?;
             let mw = Tensor::from_vec(bicubic_matrix(g, gw), (gw, g), &self.device)?;
             let rows = mh.matmul(&self.pos_grid)?.reshape((gh, g, c))?; // interpolated along y
-            mw.unsqueeze(0)?
-                .broadcast_as((gh, gw, g))?
-                .contiguous()?
-                .matmul(&rows)?
-                .reshape((gh * gw, c))?
+            mw.unsqueeze(0)?.broadcast_as((gh, gw, g))?.contiguous()?.matmul(&rows)?.reshape((gh * gw, c))?
         };
         Ok(Tensor::cat(&[&self.pos_cls, &grid], 0)?.unsqueeze(0)?)
     }
@@ -723,18 +627,11 @@ impl Dinov2 {
         let p = self.cfg.patch_size;
         let c = self.cfg.hidden_size;
         let x = pixels.to_dtype(DType::F32)?;
-        let patches = x
-            .reshape((b, 3, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, 3 * p * p))?;
-        let patches = patches
-            .matmul(&self.patch_w_t)?
-            .broadcast_add(&self.patch_b)?
-            .reshape((b, gh * gw, c))?;
+        let patches =
+            x.reshape((b, 3, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((b * gh * gw, 3 * p * p))?;
+        let patches = patches.matmul(&self.patch_w_t)?.broadcast_add(&self.patch_b)?.reshape((b, gh * gw, c))?;
         let cls = self.cls_token.broadcast_as((b, 1, c))?.contiguous()?;
-        let mut x =
-            Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
+        let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
         let last = layer.unwrap_or(self.cfg.num_layers - 1);
         for block in &self.blocks[..=last] {
             x = block.forward(&x, self.cfg.num_heads)?;
@@ -751,17 +648,10 @@ impl Dinov2 {
         let (b, gh, gw) = self.check_input(images_01)?;
         let mean = Tensor::from_slice(&IMAGENET_MEAN, (1, 3, 1, 1), images_01.device())?;
         let std = Tensor::from_slice(&IMAGENET_STD, (1, 3, 1, 1), images_01.device())?;
-        let x = images_01
-            .to_dtype(DType::F32)?
-            .broadcast_sub(&mean)?
-            .broadcast_div(&std)?;
+        let x = images_01.to_dtype(DType::F32)?.broadcast_sub(&mean)?.broadcast_div(&std)?;
         let tokens = self.forward_tokens(&x, layer)?;
         let c = self.cfg.hidden_size;
-        Ok(tokens
-            .i((.., 1..))?
-            .reshape((b, gh, gw, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
+        Ok(tokens.i((.., 1..))?.reshape((b, gh, gw, c))?.permute((0, 3, 1, 2))?.contiguous()?)
     }
 }
 
@@ -778,58 +668,25 @@ mod tests {
     fn fast_erf_matches_candle_erf() {
         let xs: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 1e-3).collect();
         let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
-        let reference: Vec<f32> = t
-            .to_dtype(DType::F64)
-            .unwrap()
-            .erf()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let worst = xs
-            .iter()
-            .zip(&reference)
-            .map(|(x, r)| (fast_erf(*x) - r).abs())
-            .fold(0f32, f32::max);
+        let reference: Vec<f32> = t.to_dtype(DType::F64).unwrap().erf().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let worst = xs.iter().zip(&reference).map(|(x, r)| (fast_erf(*x) - r).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-6, "fast erf max error {worst}");
         let g: Vec<f32> = gelu_erf(&t).unwrap().to_vec1().unwrap();
         let gr: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
-        let worst = g
-            .iter()
-            .zip(&gr)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = g.iter().zip(&gr).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "fast gelu max error {worst}");
     }
 
     #[test]
     fn fast_softmax_matches_candle() {
-        let xs: Vec<f32> = (0..7 * 300)
-            .map(|i| ((i as f32 * 0.37).sin() * 40.0) - 3.0)
-            .collect();
+        let xs: Vec<f32> = (0..7 * 300).map(|i| ((i as f32 * 0.37).sin() * 40.0) - 3.0).collect();
         let t = Tensor::from_vec(xs, (7, 300), &Device::Cpu).unwrap();
-        let a: Vec<f32> = softmax_last_dim(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = candle_nn::ops::softmax_last_dim(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs() / y.max(1e-30))
-            .fold(0f32, f32::max);
+        let a: Vec<f32> = softmax_last_dim(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = candle_nn::ops::softmax_last_dim(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.max(1e-30)).fold(0f32, f32::max);
         assert!(worst < 1e-5, "fast softmax relative error {worst}");
         for x in [-100.0f32, -87.0, -20.0, -1.0, -0.3, -1e-4, 0.0] {
-            let rel = (fast_exp_nonpositive(x) as f64 - (x as f64).exp().max(1e-38)).abs()
-                / (x as f64).exp().max(1e-38);
+            let rel = (fast_exp_nonpositive(x) as f64 - (x as f64).exp().max(1e-38)).abs() / (x as f64).exp().max(1e-38);
             assert!(rel < 1e-6 || x < -87.0, "exp({x}) relative error {rel}");
         }
         let nan = Tensor::new(&[[0f32, f32::NAN], [1.0, 2.0]], &Device::Cpu).unwrap();

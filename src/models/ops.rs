@@ -32,9 +32,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let out = normed
-        .broadcast_mul(&weight.to_dtype(cd)?)?
-        .broadcast_add(&bias.to_dtype(cd)?)?;
+    let out = normed.broadcast_mul(&weight.to_dtype(cd)?)?.broadcast_add(&bias.to_dtype(cd)?)?;
     Ok(out.to_dtype(dtype)?)
 }
 
@@ -80,9 +78,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         return Err(Error::InvalidInput(format!("attention width {c} with {heads} heads")));
     }
     let dh = c / heads;
-    let split = |t: &Tensor, n: usize| -> Result<Tensor> {
-        Ok(t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous()?)
-    };
+    let split = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous()?) };
     let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
     let mut logits = (qh.matmul(&kh.transpose(2, 3)?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
     if let Some(m) = mask {
@@ -141,11 +137,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `{name}.weight` and `{name}.bias`.
     pub fn load(vb: &VarBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, &format!("{name}.weight"))?,
-            bias: vb.get(dim, &format!("{name}.bias"))?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, &format!("{name}.weight"))?, bias: vb.get(dim, &format!("{name}.bias"))?, eps })
     }
 
     /// Normalises the last dimension.

@@ -23,8 +23,7 @@ use regex::Regex;
 use crate::error::{Error, Result};
 
 /// CLIP's pre-tokenisation pattern (applied to cleaned, lowercased text).
-const PATTERN: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// The start-of-text token.
 const BOS: &str = "<|startoftext|>";
 /// The end-of-text token (also the unknown token).
@@ -98,10 +97,7 @@ fn clean(text: &str) -> String {
             s.push(c);
         }
     }
-    s.split_whitespace()
-        .map(|w| w.to_lowercase())
-        .collect::<Vec<_>>()
-        .join(" ")
+    s.split_whitespace().map(|w| w.to_lowercase()).collect::<Vec<_>>().join(" ")
 }
 
 /// FNV-1a, 64 bit: a hash that is stable across runs and platforms.
@@ -125,17 +121,13 @@ impl ClipTokenizer {
     /// `<|startoftext|>` and `<|endoftext|>`. `max_len` is 77; `pad_id` is the id of `"!"` when the
     /// vocabulary has it (SD 2.x), else `<|endoftext|>` (see [`Self::with_pad_id`]).
     pub fn from_files(vocab_json: &Path, merges_txt: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(vocab_json).map_err(|e| {
-            Error::weights(vocab_json, format!("cannot read it ({e}); expected CLIP's vocab.json (token -> id)"))
-        })?;
+        let text = std::fs::read_to_string(vocab_json)
+            .map_err(|e| Error::weights(vocab_json, format!("cannot read it ({e}); expected CLIP's vocab.json (token -> id)")))?;
         let encoder: HashMap<String, u32> = serde_json::from_str(&text).map_err(|e| {
             Error::weights(vocab_json, format!("not a JSON object of token -> id ({e}); expected CLIP's vocab.json"))
         })?;
         let special = |name: &str| {
-            encoder
-                .get(name)
-                .copied()
-                .ok_or_else(|| Error::weights(vocab_json, format!("the vocabulary has no {name} token")))
+            encoder.get(name).copied().ok_or_else(|| Error::weights(vocab_json, format!("the vocabulary has no {name} token")))
         };
         let (bos_id, eos_id) = (special(BOS)?, special(EOS)?);
         let pad_id = encoder.get("!").copied().unwrap_or(eos_id);
@@ -266,14 +258,9 @@ impl ClipTokenizer {
                 if piece == BOS || piece == EOS {
                     return vec![encoder.get(piece).copied().unwrap_or(self.eos_id)];
                 }
-                let mapped: Vec<String> = piece
-                    .bytes()
-                    .map(|b| byte_encoder.get(b as usize).copied().unwrap_or('?').to_string())
-                    .collect();
-                bpe(mapped, ranks)
-                    .iter()
-                    .map(|s| encoder.get(s).copied().unwrap_or(self.eos_id))
-                    .collect()
+                let mapped: Vec<String> =
+                    piece.bytes().map(|b| byte_encoder.get(b as usize).copied().unwrap_or('?').to_string()).collect();
+                bpe(mapped, ranks).iter().map(|s| encoder.get(s).copied().unwrap_or(self.eos_id)).collect()
             }
         }
     }

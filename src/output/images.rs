@@ -98,7 +98,11 @@ pub fn write_images<'a, W: Serialize + 'a>(
 }
 
 /// Writes one image's files; returns its `result.json` entry and its overlay, if drawn.
-fn write_image<W: Serialize>(out_dir: &Path, config: &OutputConfig, p: &PosedImage<'_, W>) -> Result<(ImageResult, Option<RgbImage>)> {
+fn write_image<W: Serialize>(
+    out_dir: &Path,
+    config: &OutputConfig,
+    p: &PosedImage<'_, W>,
+) -> Result<(ImageResult, Option<RgbImage>)> {
     let intr = p.intrinsics;
     let (w, h) = (intr.width, intr.height);
     let nocs_file = format!("nocs/{:03}.png", p.index);

@@ -214,7 +214,7 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-#[cfg(test)]
-mod tests;
 pub mod images;
 pub mod result;
+#[cfg(test)]
+mod tests;

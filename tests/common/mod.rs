@@ -46,8 +46,8 @@ pub fn asymmetric_field(n: usize) -> CanonicalField {
     // Axis-aligned boxes (min, max).
     let boxes = [
         ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]), // base slab
-        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),         // post at +x, -z, tall
-        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),       // bump at -x, front
+        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),        // post at +x, -z, tall
+        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),      // bump at -x, front
     ];
     let mut occupancy = Vec::with_capacity(n * n * n);
     let mut colors = Vec::with_capacity(n * n * n);

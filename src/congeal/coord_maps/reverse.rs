@@ -138,10 +138,10 @@ pub fn reverse_map(run_dir: &Path, run: &RunResult, file: &str) -> Result<Option
 
 /// The entry of `file` in a run's result.
 pub(crate) fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> Result<&'a ImageResult> {
-    run.images.iter().find(|i| i.file == file).ok_or_else(|| Error::Run {
-        path: run_dir.join("result.json"),
-        message: format!("image {file} is not in the run"),
-    })
+    run.images
+        .iter()
+        .find(|i| i.file == file)
+        .ok_or_else(|| Error::Run { path: run_dir.join("result.json"), message: format!("image {file} is not in the run") })
 }
 
 #[cfg(test)]

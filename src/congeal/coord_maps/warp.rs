@@ -479,8 +479,7 @@ mod tests {
                 dp[n][c] += h;
                 let mut dm = d.clone();
                 dm[n][c] -= h;
-                let fd = (p.loss_and_grad(&dp, &s, &mut scratch) - p.loss_and_grad(&dm, &s, &mut scratch))
-                    / (2.0 * h as f64);
+                let fd = (p.loss_and_grad(&dp, &s, &mut scratch) - p.loss_and_grad(&dm, &s, &mut scratch)) / (2.0 * h as f64);
                 let a = grad[n][c];
                 let err = (fd - a).abs() / (fd.abs().max(a.abs()).max(1e-3));
                 worst = worst.max(err);

@@ -118,10 +118,7 @@ impl TriangleMesh {
     /// per-triangle and per-vertex arrays of the right length. `origin` names the mesh in errors.
     pub fn validate(&self, origin: &Path) -> Result<()> {
         if self.triangles.is_empty() {
-            return Err(mesh_err(
-                origin,
-                format!("mesh is empty ({} vertices, no triangles)", self.positions.len()),
-            ));
+            return Err(mesh_err(origin, format!("mesh is empty ({} vertices, no triangles)", self.positions.len())));
         }
         if let Some(i) = self.positions.iter().position(|p| p.iter().any(|c| !c.is_finite())) {
             return Err(mesh_err(origin, format!("vertex {i} has a NaN or infinite coordinate")));

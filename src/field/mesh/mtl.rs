@@ -53,8 +53,7 @@ pub(super) fn load_mtl(path: &Path) -> Result<Vec<Material>> {
                         tracing::warn!("{}: line {ln}: unsupported Kd form; using grey", path.display());
                         continue;
                     }
-                    let v = parse_floats(rest)
-                        .map_err(|t| mesh_err(path, format!("line {ln}: bad Kd value '{t}'")))?;
+                    let v = parse_floats(rest).map_err(|t| mesh_err(path, format!("line {ln}: bad Kd value '{t}'")))?;
                     let kd = match v.len() {
                         1 => [v[0]; 3],
                         n if n >= 3 => [v[0], v[1], v[2]],
@@ -104,4 +103,3 @@ pub(super) fn load_mtl(path: &Path) -> Result<Vec<Material>> {
     }
     Ok(mats)
 }
-

@@ -41,8 +41,8 @@ impl TriangleMesh {
         for (ln, kw, rest) in statements(text) {
             match kw {
                 "v" => {
-                    let vals = parse_floats(rest)
-                        .map_err(|t| mesh_err(origin, format!("line {ln}: bad vertex coordinate '{t}'")))?;
+                    let vals =
+                        parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad vertex coordinate '{t}'")))?;
                     if vals.len() < 3 {
                         return Err(mesh_err(origin, format!("line {ln}: vertex needs 3 coordinates")));
                     }
@@ -61,8 +61,8 @@ impl TriangleMesh {
                     }
                 }
                 "vt" => {
-                    let vals = parse_floats(rest)
-                        .map_err(|t| mesh_err(origin, format!("line {ln}: bad texture coordinate '{t}'")))?;
+                    let vals =
+                        parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad texture coordinate '{t}'")))?;
                     if vals.is_empty() {
                         return Err(mesh_err(origin, format!("line {ln}: empty texture coordinate")));
                     }

@@ -412,4 +412,3 @@ fn list_len(v: f64) -> std::result::Result<usize, String> {
     }
     Ok(v as usize)
 }
-

@@ -51,8 +51,7 @@ fn loads_shipped_templates() {
         let obj = dir.join("template.obj");
         let mesh = TriangleMesh::load(&obj).unwrap();
         let text = std::fs::read_to_string(&obj).unwrap();
-        let expect: usize =
-            text.lines().filter(|l| l.starts_with("f ")).map(|l| l.split_whitespace().count() - 3).sum();
+        let expect: usize = text.lines().filter(|l| l.starts_with("f ")).map(|l| l.split_whitespace().count() - 3).sum();
         let n_v = text.lines().filter(|l| l.starts_with("v ")).count();
         assert_eq!(mesh.triangles.len(), expect, "{}", obj.display());
         assert_eq!(mesh.positions.len(), n_v);
@@ -109,11 +108,7 @@ fn untextured_parts_use_kd() {
 #[test]
 fn obj_polygons_negative_indices_and_missing_texture() {
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "m.mtl",
-        "newmtl red\nKd 1 0 0\nmap_Kd -s 1 1 1 missing_texture.png\n\nnewmtl green\nKd 0 1 0\n",
-    );
+    write(dir.path(), "m.mtl", "newmtl red\nKd 1 0 0\nmap_Kd -s 1 1 1 missing_texture.png\n\nnewmtl green\nKd 0 1 0\n");
     let obj = write(
         dir.path(),
         "shape.OBJ",
@@ -162,7 +157,7 @@ fn texture_sampling_flips_v_and_wraps() {
     let m = TriangleMesh::load(&obj).unwrap();
     assert!(m.materials[0].texture.is_some());
     assert_eq!(m.materials[0].diffuse, [1.0; 3]); // no Kd with a texture: unscaled
-    // uv (0.25, 0.75): upper-left pixel centre = red
+                                                  // uv (0.25, 0.75): upper-left pixel centre = red
     assert_eq!(m.color_at(0, [1.0, 0.0, 0.0]), [1.0, 0.0, 0.0]);
     // uv (0.75, 0.25): lower-right = white
     assert_eq!(m.color_at(0, [0.0, 1.0, 0.0]), [1.0, 1.0, 1.0]);
@@ -183,10 +178,8 @@ fn loads_shipped_binary_ply() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
     files.sort();
     assert!(!files.is_empty());
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(collections_dir().join("chairs-mixed/collection.json")).unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(collections_dir().join("chairs-mixed/collection.json")).unwrap()).unwrap();
     for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "ply")) {
         let m = TriangleMesh::load(f).unwrap();
         let bytes = std::fs::read(f).unwrap();
@@ -214,12 +207,8 @@ fn ply_round_trip() {
     let positions = vec![[0.0, 0.0, 0.0], [1.5, -2.0, 3.25], [0.1, 0.2, 0.3], [-7.0, 1e-3, 4e5]];
     let triangles = vec![[0, 1, 2], [0, 2, 3], [3, 1, 0]];
     let mut m = TriangleMesh::from_triangles(positions.clone(), triangles.clone());
-    m.vertex_colors = Some(vec![
-        [0.0, 1.0, 128.0 / 255.0],
-        [1.0 / 255.0, 0.5 + 0.5 / 255.0, 1.0],
-        [0.2, 0.4, 0.6],
-        [1.0, 1.0, 1.0],
-    ]);
+    m.vertex_colors =
+        Some(vec![[0.0, 1.0, 128.0 / 255.0], [1.0 / 255.0, 0.5 + 0.5 / 255.0, 1.0], [0.2, 0.4, 0.6], [1.0, 1.0, 1.0]]);
     let p = dir.path().join("out.ply");
     m.write_ply(&p).unwrap();
     let r = TriangleMesh::load_ply(&p).unwrap();

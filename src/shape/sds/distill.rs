@@ -9,10 +9,10 @@ use image::{GrayImage, RgbImage};
 use serde::Serialize;
 use tracing::info;
 
+use super::*;
 use crate::config::SdsConfig;
 use crate::error::{Error, Result};
 use crate::shape::CanonicalShape;
-use super::*;
 
 /// What score distillation did, for the run's record.
 #[derive(Clone, Debug, Serialize)]
@@ -62,11 +62,8 @@ pub fn score_distillation(
         let t = ((rng.range([lo, hi]) * TRAIN_TIMESTEPS as f64) as usize).clamp(1, TRAIN_TIMESTEPS - 1);
         let res = if step >= cfg.high_res_from { cfg.high_res } else { cfg.low_res };
         let views = sample_views(cfg, res, &mut rng, device)?;
-        let background = if cfg.random_background {
-            [rng.uniform() as f32, rng.uniform() as f32, rng.uniform() as f32]
-        } else {
-            [1.0; 3]
-        };
+        let background =
+            if cfg.random_background { [rng.uniform() as f32, rng.uniform() as f32, rng.uniform() as f32] } else { [1.0; 3] };
         let f = field.field()?;
         let (latents, stats) = render_latents(
             models,

@@ -1,6 +1,5 @@
 //! The field score distillation optimises: a dense density/colour grid, frozen into a canonical shape at the end.
 
-
 use candle_core::{DType, Device, Tensor, Var};
 use tracing::info;
 
@@ -123,7 +122,10 @@ impl SdsField {
         let extent = (0..3).map(|k| hi[k] - lo[k]).fold(0f32, f32::max);
         let occupied = host.iter().filter(|d| **d > SURFACE_DENSITY).count();
         let max_density = host.iter().copied().fold(0f32, f32::max);
-        info!("sds field: {occupied} of {} cells above density {SURFACE_DENSITY} (max {max_density:.1}), bbox {lo:?}..{hi:?}", host.len());
+        info!(
+            "sds field: {occupied} of {} cells above density {SURFACE_DENSITY} (max {max_density:.1}), bbox {lo:?}..{hi:?}",
+            host.len()
+        );
         let s = 1.0 / extent;
         let field = CanonicalField::from_parts(
             self.dims,

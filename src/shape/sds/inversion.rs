@@ -6,9 +6,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use image::{imageops, GrayImage, Rgb, RgbImage};
 
+use super::*;
 use crate::config::SdsConfig;
 use crate::error::{Error, Result};
-use super::*;
 
 /// The prompt with the rows of its placeholder tokens replaced by trainable (or learned) embeddings.
 pub struct PlaceholderPrompt {
@@ -102,7 +102,11 @@ pub fn masked_square_crops(images: &[(&RgbImage, &GrayImage)], size: u32, device
     let mut data = Vec::with_capacity(images.len() * 3 * (size * size) as usize);
     for (rgb, mask) in images {
         if rgb.dimensions() != mask.dimensions() {
-            return Err(Error::InvalidInput(format!("image {:?} and mask {:?} differ in size", rgb.dimensions(), mask.dimensions())));
+            return Err(Error::InvalidInput(format!(
+                "image {:?} and mask {:?} differ in size",
+                rgb.dimensions(),
+                mask.dimensions()
+            )));
         }
         let (w, h) = rgb.dimensions();
         let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
@@ -140,7 +144,12 @@ pub fn masked_square_crops(images: &[(&RgbImage, &GrayImage)], size: u32, device
 
 /// Textual inversion (Eq. 5): optimises the placeholder rows of the prompt's token embeddings with the
 /// diffusion training loss on `crops` (`[N, 3, S, S]` in [-1, 1]); only those rows change.
-pub fn textual_inversion(models: &DiffusionModels, crops: &Tensor, cfg: &SdsConfig, progress: &dyn Fn(f32)) -> Result<TextualInversion> {
+pub fn textual_inversion(
+    models: &DiffusionModels,
+    crops: &Tensor,
+    cfg: &SdsConfig,
+    progress: &dyn Fn(f32),
+) -> Result<TextualInversion> {
     let device = crops.device().clone();
     let dtype = models.dtype();
     let n = crops.dim(0)?;
@@ -155,10 +164,8 @@ pub fn textual_inversion(models: &DiffusionModels, crops: &Tensor, cfg: &SdsConf
         stds.push((logvar * 0.5)?.exp()?.detach());
     }
     let rows = Var::from_tensor(&prompt.initial_rows()?.to_dtype(DType::F32)?)?;
-    let mut opt = AdamW::new(
-        vec![rows.clone()],
-        ParamsAdamW { lr: cfg.ti_lr, weight_decay: cfg.ti_weight_decay, ..Default::default() },
-    )?;
+    let mut opt =
+        AdamW::new(vec![rows.clone()], ParamsAdamW { lr: cfg.ti_lr, weight_decay: cfg.ti_weight_decay, ..Default::default() })?;
     let mut rng = Stream::new(cfg.seed ^ 0x7153);
     let mut losses = Vec::new();
     let mut curve = Vec::new();
@@ -176,9 +183,7 @@ pub fn textual_inversion(models: &DiffusionModels, crops: &Tensor, cfg: &SdsConf
         let timesteps: Vec<usize> = (0..b).map(|_| (rng.next_u64() % TRAIN_TIMESTEPS as u64) as usize).collect();
         let noise = rng.normal(latents.dims(), &device, dtype)?;
         let noisy = models.schedule.add_noise(&latents, &noise, &timesteps)?;
-        let cond = models
-            .text
-            .forward_embeddings(&prompt.embeddings(rows.as_tensor())?, models.text_skip_layers)?;
+        let cond = models.text.forward_embeddings(&prompt.embeddings(rows.as_tensor())?, models.text_skip_layers)?;
         let cond = cond.broadcast_as((b, cond.dim(1)?, cond.dim(2)?))?;
         let t = Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &device)?.to_dtype(dtype)?;
         let pred = models.unet.forward(&noisy, &t, &cond, None, 1)?;

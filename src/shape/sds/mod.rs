@@ -23,7 +23,6 @@
 //! - `views`: cameras, views, renders and latents of a distillation step;
 //! - `distill`: score distillation (Eq. 2-4) and [`build_sds_shape`].
 
-
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use super::*;
 use crate::config::{Guidance, SdsConfig};
 use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -12,7 +13,6 @@ use crate::models::random::random_varbuilder;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
-use super::*;
 
 /// Which UNet guides score distillation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -1,6 +1,5 @@
 //! The DDPM noise schedule of Stable Diffusion.
 
-
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};

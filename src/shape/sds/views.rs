@@ -1,15 +1,14 @@
 //! What score distillation looks through: MVDream cameras, the views of a step, their renders and latents, bilinear resizing.
 
-
 use candle_core::{DType, Device, Tensor};
 
+use super::*;
 use crate::config::SdsConfig;
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::field::render::{pixel_grid, render_rays_tensor, CameraBatch, RenderWhat};
 use crate::geometry::se3::orbit_camera_from_object;
 use crate::geometry::Intrinsics;
-use super::*;
 
 /// Bilinear resampling of `[B, C, H, W]` to `[B, C, out_h, out_w]` (half-pixel centres, no
 /// antialiasing, as torch's `interpolate(mode="bilinear", align_corners=False)`), written as two
@@ -93,7 +92,15 @@ pub struct SdsViews {
 impl SdsViews {
     /// Views starting at `azimuth0_deg`; `distance_scale` multiplies the distance at which the unit
     /// grid's half-side just fills the vertical FoV.
-    pub fn new(views: usize, res: u32, azimuth0_deg: f64, elevation_deg: f64, fov_deg: f64, distance_scale: f64, device: &Device) -> Result<Self> {
+    pub fn new(
+        views: usize,
+        res: u32,
+        azimuth0_deg: f64,
+        elevation_deg: f64,
+        fov_deg: f64,
+        distance_scale: f64,
+        device: &Device,
+    ) -> Result<Self> {
         let dist = distance_scale * SDS_GRID_HALF as f64 / (0.5 * fov_deg.to_radians()).tan();
         let mut poses = Vec::with_capacity(views);
         let mut intr = Vec::with_capacity(views);
