@@ -525,7 +525,7 @@ impl Config {
             return Err(Error::Config("pose_refine learning rates must be finite and >= 0".into()));
         }
         let f = &self.features;
-        if f.input_size < 14 || f.input_size % 14 != 0 || f.render_size < 8 || f.batch == 0 {
+        if f.input_size < 14 || !f.input_size.is_multiple_of(14) || f.render_size < 8 || f.batch == 0 {
             return Err(Error::Config(format!(
                 "features.input_size must be a positive multiple of 14 (got {}), render_size >= 8, batch >= 1",
                 f.input_size

@@ -23,6 +23,8 @@
 //! # Ok::<(), congeal::error::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod bench;
 pub mod collection;
 pub mod config;

@@ -429,7 +429,7 @@ fn bag(command: BagCommand) -> Result<()> {
                     let [a, b, c, d, e, f] = v[..] else {
                         bail!("--bbox needs 6 numbers (minx,miny,minz,maxx,maxy,maxz), got {}", v.len())
                     };
-                    if !v.iter().all(|x| x.is_finite()) || !(a < d && b < e && c < f) {
+                    if !(v.iter().all(|x| x.is_finite()) && a < d && b < e && c < f) {
                         bail!("--bbox `{text}`: min must be below max on every axis (minx,miny,minz,maxx,maxy,maxz)");
                     }
                     Some(([a, b, c], [d, e, f]))

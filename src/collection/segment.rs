@@ -110,8 +110,8 @@ impl Segmenter {
 
 /// Smallest raw probability (before min-max normalisation) the most confident pixel must reach for
 /// [`Segmenter::mask`] to return a mask. Measured on the 200 shipped images: every image but one peaks at
-/// >= 0.97; the exception (chair-plaid 015, on a checkerboard) peaks at 0.285 and its normalised mask
-/// is a 0.02-IoU blob.
+/// 0.97 or more; the exception (chair-plaid 015, on a checkerboard) peaks at 0.285 and its normalised
+/// mask is a 0.02-IoU blob.
 pub const MIN_CONFIDENCE: f32 = 0.5;
 
 /// [`threshold_mask`] after the [`MIN_CONFIDENCE`] check.

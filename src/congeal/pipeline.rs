@@ -124,7 +124,7 @@ pub fn run(
     });
     let images = write_images(out_dir, &config.output, prepared.len(), posed, &|f| progress("outputs", f))?;
     let mesh = crate::field::field_mesh(field)?;
-    mesh.write_ply(&out_dir.join("canonical.ply"))?;
+    mesh.write_ply(out_dir.join("canonical.ply"))?;
     crate::shape::model::save_model(&shape_built, &out_dir.join("model"))?;
     timings.insert("outputs".to_string(), t.elapsed().as_secs_f64());
 

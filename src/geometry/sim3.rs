@@ -212,7 +212,7 @@ mod tests {
             let mut r_pred_q = nalgebra::UnitQuaternion::from_rotation_matrix(&r_pred);
             if i % 3 == 0 {
                 // A front/back flip about the object's vertical axis.
-                r_pred_q = r_pred_q * nalgebra::UnitQuaternion::from_axis_angle(&Vector3::y_axis(), std::f64::consts::PI);
+                r_pred_q *= nalgebra::UnitQuaternion::from_axis_angle(&Vector3::y_axis(), std::f64::consts::PI);
             }
             let t_pred = -(r_pred_q * c_pred.coords);
             pred.push(Isometry3::from_parts(t_pred.into(), r_pred_q));

@@ -689,10 +689,13 @@ fn text_layers(m: &ConvertedModel) -> usize {
     n
 }
 
+/// Tensors with their names, in file order.
+type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads the tensors of a PyTorch zip checkpoint, under `state_dict` when there is one, else at the
 /// top level. Names on the ignore list are listed but not loaded (EMA copies can be gigabytes).
 /// Returns (tensors to convert, ignored names).
-fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> {
+fn read_checkpoint(path: &Path) -> Result<(NamedTensors, Vec<String>)> {
     if !path.is_file() {
         return Err(Error::weights(path, "no such file; expected MVDream's sd-v2.1-base-4view.pt (a PyTorch zip checkpoint)"));
     }

@@ -473,24 +473,24 @@ impl UNet {
         };
         let mut down = Vec::with_capacity(n);
         let mut prev = c0;
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
-                let cin = if j == 0 { prev } else { ch[i] };
-                resnets.push(ResnetBlock::load(vb, &format!("down_blocks.{i}.resnets.{j}"), g, cin, ch[i], temb)?);
+                let cin = if j == 0 { prev } else { c };
+                resnets.push(ResnetBlock::load(vb, &format!("down_blocks.{i}.resnets.{j}"), g, cin, c, temb)?);
                 if cfg.cross_attn_blocks[i] {
                     let p = format!("down_blocks.{i}.attentions.{j}");
-                    attentions.push(Transformer2D::load(vb, &p, cfg, ch[i], cfg.attention_heads[i])?);
+                    attentions.push(Transformer2D::load(vb, &p, cfg, c, cfg.attention_heads[i])?);
                 }
             }
             let downsample = if i + 1 < n {
-                Some(Conv2d::load(vb, &format!("down_blocks.{i}.downsamplers.0.conv"), ch[i], ch[i], 3, 2, 1)?)
+                Some(Conv2d::load(vb, &format!("down_blocks.{i}.downsamplers.0.conv"), c, c, 3, 2, 1)?)
             } else {
                 None
             };
             down.push(DownBlock { resnets, attentions, downsample });
-            prev = ch[i];
+            prev = c;
         }
         let cl = ch[n - 1];
         let heads_mid = cfg.attention_heads[n - 1];
@@ -565,7 +565,7 @@ impl UNet {
             return bad(format!("sample of shape {dims:?}, expected [B, {}, h, w]", cfg.in_channels));
         }
         let b = dims[0];
-        if num_views == 0 || b % num_views != 0 {
+        if num_views == 0 || !b.is_multiple_of(num_views) {
             return bad(format!("batch of {b} is not a whole number of objects of {num_views} views"));
         }
         let ehs = encoder_hidden_states.dims();

@@ -450,8 +450,8 @@ impl Vae {
             && dims[1] == self.cfg.in_channels
             && dims[2] > 0
             && dims[3] > 0
-            && dims[2] % f == 0
-            && dims[3] % f == 0;
+            && dims[2].is_multiple_of(f)
+            && dims[3].is_multiple_of(f);
         if !ok {
             return Err(Error::InvalidInput(format!(
                 "VAE encode expects images [B, {}, H, W] with B > 0 and H, W positive multiples of {f}; got {dims:?}",

@@ -273,7 +273,7 @@ fn disk_writer(shared: Arc<Shared>) {
         })();
         if let Err(e) = result {
             errors += 1;
-            if errors <= 20 || errors % 100 == 0 {
+            if errors <= 20 || errors.is_multiple_of(100) {
                 warn!("dropping a frame ({errors} so far): {e}");
             }
         }
@@ -445,7 +445,7 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
     if let Err(e) = lock(&shared.publishers).result.publish(&msg) {
         warn!("publishing result: {e}");
     }
-    match crate::field::mesh::TriangleMesh::load(&run_dir.join(&result.canonical.mesh)) {
+    match crate::field::mesh::TriangleMesh::load(run_dir.join(&result.canonical.mesh)) {
         Ok(mesh) => {
             let mut points = Vec::with_capacity(mesh.triangles.len() * 3);
             let mut colors = Vec::with_capacity(mesh.triangles.len() * 3);
@@ -536,7 +536,7 @@ fn get_pose(shared: &Shared, req: &GetPose::Request) -> GetPose::Response {
 fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> TransferKeypoints::Response {
     let fail = |message: String| TransferKeypoints::Response { ok: false, message, ..Default::default() };
     let category = shared.category_or_default(&req.category);
-    if req.points.len() % 2 != 0 {
+    if !req.points.len().is_multiple_of(2) {
         return fail(format!("points must be x, y pairs; got {} numbers", req.points.len()));
     }
     let Some((result, run_dir)) = lock(&shared.results).get(&category).cloned() else {

@@ -254,9 +254,9 @@ impl WarpProblem {
                 e[4] as f64
             }
         };
-        for a in 0..4 {
-            for b in 0..4 {
-                g[a][b] = pair(a, b);
+        for (a, row) in g.iter_mut().enumerate() {
+            for (b, v) in row.iter_mut().enumerate() {
+                *v = pair(a, b);
             }
         }
         let num: f64 = (0..4).map(|k| w[k] * s[k]).sum();
@@ -511,7 +511,7 @@ mod tests {
         let rendering = FeatureGrid::new(w, w, c, pick(0)).unwrap();
         let p = WarpProblem::new(&input, &rendering, &|x, y| x > 0.2 && x < 0.7 && y > 0.2 && y < 0.8, 16).unwrap();
         let s = WarpSettings { iterations: 600, lambda_l2: 0.1, ..Default::default() };
-        let warp = optimise_warps(&[p.clone()], &s).unwrap().remove(0);
+        let warp = optimise_warps(std::slice::from_ref(&p), &s).unwrap().remove(0);
         let before = p.semantic_distance(&Warp::identity(16));
         let after = p.semantic_distance(&warp);
         assert!(after < 0.2 * before, "semantic distance {before} -> {after}");

@@ -57,8 +57,8 @@ fn mvdream_camera_is_a_unit_sphere_camera_to_world() {
         // Blender z-up: elevation is the z component of the camera position.
         assert!((t[2] - el.to_radians().sin()).abs() < 1e-6);
         // The camera looks at the origin: its -z axis (third column, negated) is -position.
-        for k in 0..3 {
-            assert!((r(k, 2) - t[k]).abs() < 1e-6);
+        for (k, tk) in t.iter().enumerate() {
+            assert!((r(k, 2) - tk).abs() < 1e-6);
         }
         assert_eq!(&m[12..], &[0.0, 0.0, 0.0, 1.0]);
     }
