@@ -53,7 +53,26 @@ pub struct Registration {
     pub init_info: Vec<CandidateInfo>,
 }
 
-/// Runs the whole pipeline on `collection` and writes the outputs into `out_dir`.
+/// Runs the whole pipeline on `collection` and writes the outputs into `out_dir` (re-exported as
+/// `congeal::run`).
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::path::Path;
+///
+/// use congeal::{collection::Collection, config::Config, shape::ShapeSpec};
+///
+/// let collection = Collection::load(Path::new("demo/duck"))?;
+/// let config = Config::from_yaml_file(Path::new("config/fast.yaml"))?;
+/// // The collection's template.obj as the canonical shape; progress goes nowhere.
+/// let shape = ShapeSpec::Template(None);
+/// let result = congeal::run(&collection, &shape, &config, Path::new("runs/duck"), &congeal::no_progress)?;
+/// for image in &result.images {
+///     println!("{}: camera_from_object {:?}, IoU {:.2}", image.file, image.camera_from_object, image.score);
+/// }
+/// # Ok::<(), congeal::Error>(())
+/// ```
 pub fn run(
     collection: &Collection,
     shape: &ShapeSpec,

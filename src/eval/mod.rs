@@ -111,6 +111,28 @@ pub struct PoseEvaluation {
 ///
 /// Errors: length mismatch, fewer than 3 images, NaN/inf poses, a ground-truth camera at the object origin,
 /// or degenerate camera centres.
+///
+/// # Examples
+///
+/// ```
+/// use congeal::eval::evaluate_poses;
+/// use congeal::geometry::se3::orbit_camera_from_object;
+///
+/// let gt: Vec<_> = (0..6).map(|i| orbit_camera_from_object(60.0 * i as f64, 20.0, 3.0)).collect();
+/// // The same cameras in a predicted object frame of half the scale: only the alignment sees through it.
+/// let pred: Vec<_> = gt
+///     .iter()
+///     .map(|p| {
+///         let mut q = *p;
+///         q.translation.vector *= 0.5;
+///         q
+///     })
+///     .collect();
+/// let eval = evaluate_poses(&pred, &gt)?;
+/// assert!(eval.rotation_deg_aligned.median < 1e-6 && eval.translation_aligned.median < 1e-6);
+/// assert!((eval.translation_unaligned.median - 0.5).abs() < 1e-9);
+/// # Ok::<(), congeal::Error>(())
+/// ```
 pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<PoseEvaluation> {
     if pred.len() != gt.len() {
         return Err(Error::InvalidInput(format!(

@@ -99,6 +99,22 @@ pub fn se3_log(t: &Isometry3<f64>) -> Vector6<f64> {
 /// `(cos a, 0, -sin a)`; at elevation +-90 the camera y axis is the continuous limit
 /// `(+-sin a, 0, +-cos a)`, so the pose stays finite and well defined there. `radius` should be positive and
 /// finite (a negative radius places the camera behind its own view direction).
+///
+/// # Examples
+///
+/// ```
+/// use congeal::geometry::se3::orbit_camera_from_object;
+/// use nalgebra::{Point3, Vector3};
+///
+/// // A camera 2 units from the object, on its +z side and level with it.
+/// let camera_from_object = orbit_camera_from_object(0.0, 0.0, 2.0);
+/// // The object origin lies on the optical axis, 2 units ahead (OpenCV: +z forward).
+/// let origin = camera_from_object * Point3::origin();
+/// assert!((origin - Point3::new(0.0, 0.0, 2.0)).norm() < 1e-12);
+/// // Object +y (up) points up in the image (negative camera y).
+/// let up = camera_from_object * Vector3::y();
+/// assert!((up - Vector3::new(0.0, -1.0, 0.0)).norm() < 1e-12);
+/// ```
 pub fn orbit_camera_from_object(azimuth_deg: f64, elevation_deg: f64, radius: f64) -> Isometry3<f64> {
     let (sin_a, cos_a) = azimuth_deg.to_radians().sin_cos();
     let (sin_e, cos_e) = elevation_deg.to_radians().sin_cos();
