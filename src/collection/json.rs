@@ -1,5 +1,6 @@
-//! Reading `collection.json` (FORMAT.md, version 1.0): only the fields congeal needs, with error
-//! messages that name the file and the full path of the offending field (e.g. `images[0].K`).
+//! Reading `collection.json` (the collection format, version 1.0; `demo/duck/collection.json` is an
+//! example): only the fields congeal needs, with error messages that name the file and the full path of
+//! the offending field (e.g. `images[0].K`).
 
 use std::path::{Path, PathBuf};
 

@@ -24,7 +24,7 @@ use crate::output::result::RunResult;
 /// beyond it the point is reported as not visible in the target.
 pub const MAX_NOCS_DISTANCE: f32 = 0.08;
 
-/// One transfer request (DESIGN.md: PAIRS.json entries).
+/// One transfer request: an entry of the `--pairs` file of `congeal transfer` (README, "Command line").
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TransferPair {
     /// Source image file as in result.json (e.g. `rgb/000.png`).

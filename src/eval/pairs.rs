@@ -1,6 +1,6 @@
 //! Keypoint-transfer ground truth built from a collection's NOCS maps, and PCK@alpha reports.
 //!
-//! Single-instance (FORMAT.md): decode the canonical point `X` at a source mask pixel, project it with
+//! Single-instance (ground-truth NOCS and poses): decode the canonical point `X` at a source mask pixel, project it with
 //! the target's pose; it is visible when it lands on the target mask and the target's NOCS decodes to
 //! `X` within `tolerance` x the bbox diagonal. Cross-instance (different objects in one canonical
 //! frame, NOCS normalised per instance): the target mask pixel with the nearest *normalised* NOCS,

@@ -1,9 +1,9 @@
 //! Differentiable building blocks shared by the diffusion models (CLIP text encoder, UNet, VAE).
 //!
 //! candle 0.11's fused `LayerNorm::forward` and `ops::softmax_last_dim` silently cut the autograd
-//! graph (DESIGN.md, known pitfalls), and textual inversion and score distillation need gradients
-//! through these networks, so every normalisation and softmax here is written as plain tensor
-//! algebra, which candle differentiates. Norms are computed in f32 whatever the weights' dtype (f16 on
+//! graph (they have no backward; the tests below check ours against them), and textual inversion and
+//! score distillation need gradients through these networks, so every normalisation and softmax here
+//! is written as plain tensor algebra, which candle differentiates. Norms are computed in f32 whatever the weights' dtype (f16 on
 //! GPUs) and cast back, as the reference implementations do.
 
 use std::collections::HashMap;

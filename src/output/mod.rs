@@ -1,4 +1,4 @@
-//! Pictures and files for people and evaluation scripts: NOCS PNGs (FORMAT.md encoding), NOCS colour
+//! Pictures and files for people and evaluation scripts: NOCS PNGs (the collection format's 16-bit encoding), NOCS colour
 //! pictures, rendering overlays, contact sheets.
 
 use std::path::Path;
@@ -41,7 +41,7 @@ fn write_error(path: &Path, e: ImageError) -> Error {
     }
 }
 
-/// Writes a NOCS image as a 16-bit RGB PNG (FORMAT.md): channel = `round(65535 * clamp(nocs, 0, 1))` on
+/// Writes a NOCS image as a 16-bit RGB PNG (as the collection format's ground-truth `nocs/`): channel = `round(65535 * clamp(nocs, 0, 1))` on
 /// mask pixels, `(0, 0, 0)` elsewhere. `nocs` and `mask` are row-major, `width * height` long. NaN/inf on a
 /// mask pixel is an error; parent folders are created.
 pub fn write_nocs_png(path: &Path, width: u32, height: u32, nocs: &[[f32; 3]], mask: &[bool]) -> Result<()> {
@@ -75,7 +75,7 @@ pub fn write_nocs_png(path: &Path, width: u32, height: u32, nocs: &[[f32; 3]], m
 }
 
 /// Reads a 16-bit RGB (or RGBA, alpha ignored) NOCS PNG: `(width, height, row-major values / 65535)`.
-/// 8-bit files are refused, since they cannot hold the FORMAT.md precision.
+/// 8-bit files are refused, since they cannot hold the 16-bit precision of the encoding.
 pub fn read_nocs_png(path: &Path) -> Result<(u32, u32, Vec<[f32; 3]>)> {
     let img = crate::collection::load_dynamic(path)?;
     let (w, h) = (img.width(), img.height());
