@@ -1,5 +1,6 @@
 //! Image collections: folders described by `collection.json` (the collection format; `demo/duck` is one,
-//! `json.rs` reads it) or plain folders of images with optional masks; image/mask loading and validation; square crops around the object.
+//! `json.rs` reads it) or plain folders of images with optional masks; image/mask loading and
+//! validation; square crops around the object.
 
 mod crop;
 mod images;

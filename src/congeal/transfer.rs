@@ -2,12 +2,14 @@
 //!
 //! Through the canonical shape (paper Eq. 17): a source pixel's canonical point comes from the source
 //! image's forward map (`nocs/NNN.png`, Eq. 10-11), and the target pixel is the target's reverse map
-//! of that point (Eq. 12-13, [`ReverseMap`](crate::congeal::coord_maps::ReverseMap): the rendered pixel with the nearest NOCS, then the input
+//! of that point (Eq. 12-13, [`ReverseMap`]: the rendered pixel with the nearest NOCS, then the input
 //! pixel whose warped position is nearest). Runs without coordinate maps fall back to the target
 //! pixel whose forward NOCS is nearest.
 //!
 //! The paper's 2D baseline (Eq. 18, [`transfer_2d`]): the target mask pixel whose DINOv2 feature is
 //! nearest (cosine) to the source pixel's.
+//!
+//! [`ReverseMap`]: crate::congeal::coord_maps::ReverseMap
 
 use std::path::Path;
 

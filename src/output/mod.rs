@@ -41,7 +41,8 @@ fn write_error(path: &Path, e: ImageError) -> Error {
     }
 }
 
-/// Writes a NOCS image as a 16-bit RGB PNG (as the collection format's ground-truth `nocs/`): channel = `round(65535 * clamp(nocs, 0, 1))` on
+/// Writes a NOCS image as a 16-bit RGB PNG (as the collection format's ground-truth `nocs/`):
+/// channel = `round(65535 * clamp(nocs, 0, 1))` on
 /// mask pixels, `(0, 0, 0)` elsewhere. `nocs` and `mask` are row-major, `width * height` long. NaN/inf on a
 /// mask pixel is an error; parent folders are created.
 pub fn write_nocs_png(path: &Path, width: u32, height: u32, nocs: &[[f32; 3]], mask: &[bool]) -> Result<()> {
