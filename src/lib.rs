@@ -15,7 +15,7 @@
 //! - [`output`]: result.json, NOCS PNGs, overlays and contact sheets.
 //!
 //! Beside them: [`models`] (DINOv2, U^2-Net-p, the diffusion prior), [`geometry`] (poses, cameras,
-//! similarity alignment), [`config`], [`ingest`] (frames from a robot into a collection), [`bench`].
+//! similarity alignment), [`config`], [`ingest`] (frames from a robot into a collection), [`bench`](mod@bench).
 //!
 //! ```no_run
 //! use congeal::{collection::Collection, config::Config, shape::ShapeSpec};

@@ -166,7 +166,7 @@ pub fn overlay(rgb: &RgbImage, render_rgb: &[[f32; 3]], render_alpha: &[f32], st
 }
 
 /// A grid of thumbnails (`columns` per row, each fitted into `thumb` x `thumb` keeping its aspect ratio,
-/// centred and letterboxed on dark grey, [`SHEET_GAP`] pixels apart). Empty input gives a small blank
+/// centred and letterboxed on dark grey, `SHEET_GAP` (4) pixels apart). Empty input gives a small blank
 /// image; `columns`/`thumb` of 0 are treated as 1.
 pub fn contact_sheet(images: &[RgbImage], columns: u32, thumb: u32) -> RgbImage {
     let thumb = thumb.max(1);

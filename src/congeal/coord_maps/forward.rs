@@ -1,7 +1,7 @@
 //! The forward canonical coordinate map (paper Eq. 10-11): per image, the warp `u -> ũ` from the
-//! input's DINOv2 features to those of the rendering at its estimated pose ([`coordinate_warps`]),
+//! input's DINOv2 features to those of the rendering at its estimated pose (`coordinate_warps`),
 //! then the rendered NOCS at `ũ` ([`forward_map`]); and the full-image rasters at a pose that a run
-//! writes ([`pose_rasters`]).
+//! writes (`pose_rasters`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
