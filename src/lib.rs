@@ -44,5 +44,8 @@ pub mod output;
 pub mod ros;
 pub mod shape;
 
+#[cfg(test)]
+mod test_util;
+
 pub use crate::congeal::pipeline::{no_progress, run, ProgressFn};
 pub use error::{Error, Result};

@@ -7,19 +7,18 @@
 //! embedding as `camera_embedding.*`); both written by scripts/weights/make_tiny_mvdream_checkpoint.py.
 //! Converted names must match exactly and values bit for bit.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use congeal::models::convert::{
     convert_ldm_state_dict, convert_mvdream_checkpoint, ldm_unet_to_diffusers, ldm_vae_to_diffusers, open_clip_text_to_hf,
     ConvertedModel, UnetLayout, VaeLayout, TEXT_ENCODER_FILE, UNET_FILE, VAE_FILE,
 };
 use congeal::Error;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 /// Expected tensors of one part (`unet`, `vae`, `text_encoder`), prefix removed.
 fn expected(part: &str) -> BTreeMap<String, Tensor> {

@@ -6,16 +6,15 @@
 //!
 //! Plus the errors for missing or wrong weight files.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{load_tensors, max_abs_diff, repo};
 use congeal::models::dinov2::Dinov2;
 use congeal::Error;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn require(path: &Path) -> PathBuf {
     assert!(
@@ -25,10 +24,6 @@ fn require(path: &Path) -> PathBuf {
         path.display()
     );
     path.to_path_buf()
-}
-
-fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// Per-token cosine similarity of two `[B, N, C]` tensors, flattened.
@@ -51,11 +46,6 @@ fn token_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
         .collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 fn min_mean(v: &[f64]) -> (f64, f64) {
     let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
     (min, v.iter().sum::<f64>() / v.len() as f64)
@@ -71,7 +61,7 @@ fn onnx_parity(size: usize, batch_of_one: bool) {
     let cfg = model.config();
     assert_eq!((cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size), (384, 12, 6, 1536));
     assert_eq!((cfg.patch_size, cfg.pos_grid, cfg.swiglu), (14, 37, false));
-    let fx = load_fixture(&require(&repo().join(format!("weights/fixtures/dinov2_onnx_{size}.safetensors"))));
+    let fx = load_tensors(&require(&repo().join(format!("weights/fixtures/dinov2_onnx_{size}.safetensors"))));
     let pixels = &fx["pixels"];
     let t = std::time::Instant::now();
     let ours = model.forward_tokens(pixels, None).unwrap();
@@ -148,7 +138,7 @@ fn tiny_parity(name: &str, swiglu: bool) {
     let model = Dinov2::load(&dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
     let cfg = model.config().clone();
     assert_eq!((cfg.num_layers, cfg.num_heads, cfg.patch_size, cfg.pos_grid, cfg.swiglu), (2, 2, 14, 4, swiglu));
-    let fx = load_fixture(&dir.join(format!("{name}_outputs.safetensors")));
+    let fx = load_tensors(&dir.join(format!("{name}_outputs.safetensors")));
     for (h, w) in [(56, 56), (70, 98), (28, 112)] {
         let x = tiny_pixels(2, h, w);
         let last = model.forward_tokens(&x, None).unwrap();
@@ -236,7 +226,7 @@ fn weight_file_errors_name_the_path() {
     std::fs::write(&garbage, b"definitely not safetensors").unwrap();
     expect_weights_error(&garbage, &["not a safetensors file"]);
 
-    let good = load_fixture(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"));
+    let good = load_tensors(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"));
     let mut missing = good.clone();
     missing.remove("encoder.layer.1.mlp.fc2.weight");
     missing.remove("layernorm.bias");

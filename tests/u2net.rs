@@ -2,8 +2,10 @@
 //! shipped images. Needs `scripts/setup_weights.sh` (weights and the onnxruntime fixture): without them
 //! these tests fail and say so, they never skip.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use congeal::collection::segment::{preprocess, Segmenter};
@@ -13,7 +15,6 @@ use congeal::models::u2net::U2NetP;
 
 const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/u2netp.safetensors");
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/fixtures/u2netp_onnx.safetensors");
-const COLLECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/collections");
 /// The images of the fixture (see scripts/weights/make_u2netp_fixture.py).
 const FIXTURE_IMAGES: [&str; 2] = ["duck/rgb/000.png", "chair-plaid/rgb/000.png"];
 
@@ -67,7 +68,7 @@ fn preprocessing_and_prediction_close_to_rembg() {
     let fx = fixture();
     let seg = Segmenter::load(&need(WEIGHTS), &Device::Cpu).unwrap();
     for (i, rel) in FIXTURE_IMAGES.iter().enumerate() {
-        let rgb = load_rgb(&Path::new(COLLECTIONS).join(rel)).unwrap();
+        let rgb = load_rgb(&common::collections_dir().join(rel)).unwrap();
         let ours = Tensor::from_vec(preprocess(&rgb), (3, 320, 320), &Device::Cpu).unwrap();
         let theirs = fx["input"].get(i).unwrap();
         let (max, mean) = max_abs(&ours, &theirs);
@@ -145,7 +146,7 @@ fn mask_iou_on_shipped_images() {
     let mut rgbs = Vec::new();
     let mut gts = Vec::new();
     for (c, i) in picks {
-        let root = Path::new(COLLECTIONS).join(c);
+        let root = common::collections_dir().join(c);
         assert!(root.is_dir(), "{} missing (the shared data collections)", root.display());
         rgbs.push(load_rgb(&root.join(format!("rgb/{i:03}.png"))).unwrap());
         gts.push(load_mask(&root.join(format!("mask/{i:03}.png"))).unwrap());
@@ -168,7 +169,7 @@ fn mask_iou_on_shipped_images() {
     assert!(mean >= MEAN_IOU_FLOOR, "mean mask IoU {mean:.3} < {MEAN_IOU_FLOOR}");
     // The one shipped image where the network finds nothing (largest probability 0.285, on a
     // checkerboard): a clear error instead of rembg's min-max-normalised noise.
-    let rgb = load_rgb(&Path::new(COLLECTIONS).join("chair-plaid/rgb/015.png")).unwrap();
+    let rgb = load_rgb(&common::collections_dir().join("chair-plaid/rgb/015.png")).unwrap();
     let err = seg.mask(&rgb).unwrap_err();
     assert!(matches!(err, Error::Mask { .. }) && err.to_string().contains("no confident foreground"), "{err}");
 }

@@ -4,42 +4,22 @@
 //! finite-difference gradient checks, the errors for bad weight files and bad inputs, and the
 //! seeded random model.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
+use common::{fixture, load_tensors, max_abs_diff};
 use congeal::models::unet::{UNet, UNetConfig};
 use congeal::Error;
 
 const TOL: f64 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
 fn model(name: &str, dtype: DType) -> UNet {
     let path = fixture(&format!("{name}.safetensors"));
     let cfg = UNetConfig::from_file(&path).unwrap();
     UNet::load(&path, &cfg, dtype, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn cast(t: &Tensor, dtype: DType) -> Tensor {

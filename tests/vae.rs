@@ -4,36 +4,27 @@
 //! attention names, gradients of the encoder against central finite differences (input pixels and a
 //! weight, relative error < 1e-3), errors for bad weight files and bad inputs, and the SD 2.1 layout.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
+use common::{fixture, load_tensors, max_abs_diff};
 use congeal::models::vae::{Vae, VaeConfig};
 use congeal::Error;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 fn weights_path() -> PathBuf {
     fixture("vae_tiny.safetensors")
 }
 
 fn outputs() -> HashMap<String, Tensor> {
-    let p = fixture("vae_tiny_outputs.safetensors");
-    candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+    load_tensors(&fixture("vae_tiny_outputs.safetensors"))
 }
 
 fn tiny_cfg() -> VaeConfig {
     VaeConfig::from_file(&weights_path()).expect("fixture config")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f64 {

@@ -5,9 +5,7 @@ use nalgebra::{Point2, Point3};
 
 use super::*;
 
-fn data_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/collections").join(name)
-}
+use crate::test_util::collection_dir as data_dir;
 
 fn json_of(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(data_dir(name).join("collection.json")).unwrap()).unwrap()

@@ -219,20 +219,7 @@ mod tests {
     use crate::geometry::se3::{orbit_camera_from_object, se3_exp};
     use nalgebra::{Translation3, UnitQuaternion, Vector3, Vector6};
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
+    use crate::test_util::Rng;
 
     fn gt_cameras(rng: &mut Rng, n: usize) -> Vec<Isometry3<f64>> {
         (0..n)

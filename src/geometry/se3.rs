@@ -186,23 +186,7 @@ mod tests {
     use nalgebra::Matrix4;
     use std::f64::consts::PI;
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn vec3(&mut self, r: f64) -> Vector3<f64> {
-            Vector3::new(self.uniform(-r, r), self.uniform(-r, r), self.uniform(-r, r))
-        }
-    }
+    use crate::test_util::Rng;
 
     /// exp of a square matrix by scaling and squaring with a 30-term Taylor series (independent reference).
     fn expm4(m: &Matrix4<f64>) -> Matrix4<f64> {

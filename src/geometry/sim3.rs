@@ -227,29 +227,10 @@ mod tests {
     use super::*;
     use nalgebra::{Translation3, UnitQuaternion};
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn vec3(&mut self, r: f64) -> Vector3<f64> {
-            Vector3::new(self.uniform(-r, r), self.uniform(-r, r), self.uniform(-r, r))
-        }
-        fn sim3(&mut self) -> Sim3 {
-            Sim3 {
-                scale: self.uniform(0.2, 5.0),
-                rotation: Rotation3::from_scaled_axis(self.vec3(1.8)),
-                translation: self.vec3(10.0),
-            }
-        }
+    use crate::test_util::Rng;
+
+    fn random_sim3(rng: &mut Rng) -> Sim3 {
+        Sim3 { scale: rng.uniform(0.2, 5.0), rotation: Rotation3::from_scaled_axis(rng.vec3(1.8)), translation: rng.vec3(10.0) }
     }
 
     fn rotation_gap(a: &Rotation3<f64>, b: &Rotation3<f64>) -> f64 {
@@ -260,7 +241,7 @@ mod tests {
     fn inverse_and_transform_are_consistent() {
         let mut rng = Rng(11);
         for _ in 0..20 {
-            let s = rng.sim3();
+            let s = random_sim3(&mut rng);
             let p = Point3::from(rng.vec3(3.0));
             let q = s.transform_point(&p);
             let expected = Point3::from(s.rotation.matrix() * p.coords * s.scale + s.translation);
@@ -275,7 +256,7 @@ mod tests {
     fn umeyama_recovers_known_similarity_exactly() {
         let mut rng = Rng(12);
         for trial in 0..50 {
-            let truth = rng.sim3();
+            let truth = random_sim3(&mut rng);
             let n = 3 + trial % 20;
             let source: Vec<Point3<f64>> = (0..n).map(|_| Point3::from(rng.vec3(2.0))).collect();
             let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p)).collect();
@@ -291,7 +272,7 @@ mod tests {
     fn umeyama_rigid_and_coplanar_and_reflection() {
         let mut rng = Rng(13);
         // Rigid: scale fixed to 1.
-        let mut truth = rng.sim3();
+        let mut truth = random_sim3(&mut rng);
         truth.scale = 1.0;
         let source: Vec<Point3<f64>> = (0..10).map(|_| Point3::from(rng.vec3(2.0))).collect();
         let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p)).collect();
@@ -299,7 +280,7 @@ mod tests {
         assert_eq!(fit.scale, 1.0);
         assert!(rotation_gap(&fit.rotation, &truth.rotation) < 1e-9);
         // Coplanar points (rank-2 covariance), e.g. cameras on a ring: still exact.
-        let truth = rng.sim3();
+        let truth = random_sim3(&mut rng);
         let ring: Vec<Point3<f64>> = (0..8)
             .map(|i| {
                 let a = i as f64 * 0.7;
@@ -320,7 +301,7 @@ mod tests {
     #[test]
     fn umeyama_with_small_noise_is_close() {
         let mut rng = Rng(14);
-        let truth = rng.sim3();
+        let truth = random_sim3(&mut rng);
         let source: Vec<Point3<f64>> = (0..200).map(|_| Point3::from(rng.vec3(2.0))).collect();
         let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p) + rng.vec3(1e-3)).collect();
         let fit = umeyama(&source, &target, true).unwrap();
@@ -350,7 +331,7 @@ mod tests {
     #[test]
     fn align_camera_poses_recovers_similarity() {
         let mut rng = Rng(15);
-        let gt_from_pred = rng.sim3();
+        let gt_from_pred = random_sim3(&mut rng);
         let pred: Vec<Isometry3<f64>> = (0..12)
             .map(|_| Isometry3::from_parts(Translation3::from(rng.vec3(3.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8))))
             .collect();

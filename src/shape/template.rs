@@ -284,22 +284,8 @@ fn dilate_colors(colors: &mut [[f32; 3]], colored: &mut [bool], dims: [usize; 3]
 mod tests {
     use super::*;
     use crate::field::mesh::Material;
-    use std::path::PathBuf;
 
-    fn collections_dir() -> PathBuf {
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            std::env::var_os("CONGEAL_DATA_DIR").map(|d| PathBuf::from(d).join("collections")),
-            Some(manifest.join("shared/data/collections")),
-            Some(manifest.join("../shared/data/collections")),
-            Some(PathBuf::from("/work/shared/data/collections")),
-        ];
-        candidates
-            .into_iter()
-            .flatten()
-            .find(|p| p.join("duck/template.obj").is_file())
-            .expect("collections not found; set CONGEAL_DATA_DIR to the folder holding collections/")
-    }
+    use crate::test_util::collections_dir;
 
     /// Icosahedron subdivided `level` times, projected on a sphere of radius `r`, triangles outward.
     pub(crate) fn icosphere(r: f32, level: usize) -> TriangleMesh {

@@ -5,20 +5,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::error::Error;
 
-fn collections_dir() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("CONGEAL_DATA_DIR").map(|d| PathBuf::from(d).join("collections")),
-        Some(manifest.join("shared/data/collections")),
-        Some(manifest.join("../shared/data/collections")),
-        Some(PathBuf::from("/work/shared/data/collections")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("duck/template.obj").is_file())
-        .expect("collections not found; set CONGEAL_DATA_DIR to the folder holding collections/")
-}
+use crate::test_util::collections_dir;
 
 fn templates() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(collections_dir())
