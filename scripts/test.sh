@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up and runs every test: the library/CLI tests (one release build, tested as built), then the
+# Sets up and runs every test: the format and lint gates, the library/CLI tests and doc examples (one
+# release build, tested as built), then the
 # ROS 2 node's rclpy peer tests and the bag round trip (ROS 2 Jazzy from PyPI wheels, see setup.sh --ros).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,10 @@ scripts/setup.sh --ros
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
 # Everything builds inside the ROS environment (one set of artifacts for the CLI, the node and the tests).
 . .ros/env.sh
+# Gates: formatting (rustfmt.toml) and clippy over every target, warnings denied. Clippy runs with
+# --release so that it reuses the release build's build-script outputs and proc-macros.
+cargo fmt --check
+cargo clippy --release --locked --all-targets --features ros -- -D warnings
 cargo test --release --locked --features ros -- --test-threads=1
 (
   export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$((RANDOM % 100 + 100))}

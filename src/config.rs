@@ -192,7 +192,9 @@ impl SdsConfig {
     pub fn validate(&self) -> Result<()> {
         let pos = [self.ti_lr, self.grid_lr, self.guidance_scale, self.density_scale, self.blob_radius];
         if pos.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err(Error::Config("sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into()));
+            return Err(Error::Config(
+                "sds: learning rates, guidance_scale, density_scale and blob_radius must be finite and > 0".into(),
+            ));
         }
         let ranges = [self.t_start, self.t_end];
         if ranges.iter().any(|r| !(r[0].is_finite() && r[1].is_finite() && 0.0 < r[0] && r[0] <= r[1] && r[1] < 1.0)) {
@@ -213,9 +215,12 @@ impl SdsConfig {
             || self.fov_deg[1] >= 170.0
             || self.distance_scale[0] <= 0.0
         {
-            return Err(Error::Config("sds: elevation/fov/distance ranges must be ordered, fov in (1, 170), distance > 0".into()));
+            return Err(Error::Config(
+                "sds: elevation/fov/distance ranges must be ordered, fov in (1, 170), distance > 0".into(),
+            ));
         }
-        let weights = [self.ti_weight_decay, self.recon_std_rescale, self.orientation_weight, self.sparsity_weight, self.blob_density];
+        let weights =
+            [self.ti_weight_decay, self.recon_std_rescale, self.orientation_weight, self.sparsity_weight, self.blob_density];
         if weights.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
             return Err(Error::Config("sds: weights, weight decay and blob_density must be finite and >= 0".into()));
         }
@@ -291,14 +296,11 @@ impl CoordMapsConfig {
     pub fn validate(&self) -> Result<()> {
         let finite = [self.lr, self.weight_decay, self.lambda_l2, self.lambda_smooth, self.huber_delta];
         if self.grid < 2 || finite.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || self.huber_delta <= 0.0 {
-            return Err(Error::Config(
-                "coord_maps: grid >= 2, finite non-negative lr/weights, huber_delta > 0".into(),
-            ));
+            return Err(Error::Config("coord_maps: grid >= 2, finite non-negative lr/weights, huber_delta > 0".into()));
         }
         Ok(())
     }
 }
-
 
 /// Template mesh -> canonical field.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -523,8 +525,7 @@ impl Config {
     /// Reads a YAML file; fields it leaves out keep their defaults.
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Config = serde_yaml::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let config: Config = serde_yaml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         config.validate()?;
         Ok(config)
     }
@@ -558,14 +559,17 @@ impl Config {
             return Err(Error::Config("pose_refine learning rates must be finite and >= 0".into()));
         }
         let f = &self.features;
-        if f.input_size < 14 || f.input_size % 14 != 0 || f.render_size < 8 || f.batch == 0 {
+        if f.input_size < 14 || !f.input_size.is_multiple_of(14) || f.render_size < 8 || f.batch == 0 {
             return Err(Error::Config(format!(
                 "features.input_size must be a positive multiple of 14 (got {}), render_size >= 8, batch >= 1",
                 f.input_size
             )));
         }
         if !(self.transfer.nocs_weight.is_finite() && self.transfer.nocs_weight >= 0.0) {
-            return Err(Error::Config(format!("transfer.nocs_weight must be finite and >= 0, got {}", self.transfer.nocs_weight)));
+            return Err(Error::Config(format!(
+                "transfer.nocs_weight must be finite and >= 0, got {}",
+                self.transfer.nocs_weight
+            )));
         }
         if !(self.pose_init.semantic_weight.is_finite() && self.pose_init.semantic_weight >= 0.0) {
             return Err(Error::Config("pose_init.semantic_weight must be finite and >= 0".into()));

@@ -84,4 +84,10 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
+
+    /// A problem with a weight file (or an in-memory state dict) at `path`: unreadable, not
+    /// safetensors, a missing or misshapen tensor. The message says what was found and expected.
+    pub fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Weights { path: path.into(), message: message.into() }
+    }
 }

@@ -53,3 +53,13 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!sds.status.success());
     assert!(String::from_utf8_lossy(&sds.stderr).contains("sds"));
 }
+
+#[test]
+fn transfer_method_is_checked_by_the_parser() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let bad = congeal().args(["transfer", dir, "--pairs", dir, "--out", dir, "--method", "4d"]).output().unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("4d") && stderr.contains("3d") && stderr.contains("2d"), "{stderr}");
+}

@@ -6,27 +6,19 @@
 //! - gradients with respect to the token embeddings against central finite differences (f64);
 //! - the errors for missing or wrong weight and tokenizer files.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use common::{load_tensors, max_abs_diff};
 use congeal::models::clip_text::{Activation, ClipTextConfig, ClipTextModel};
 use congeal::models::tokenizer::ClipTokenizer;
 use congeal::Error;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
 fn fixture_ids(outputs: &HashMap<String, Tensor>) -> Tensor {

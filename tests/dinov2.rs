@@ -6,16 +6,15 @@
 //!
 //! Plus the errors for missing or wrong weight files.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{load_tensors, max_abs_diff, repo};
 use congeal::models::dinov2::Dinov2;
 use congeal::Error;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn require(path: &Path) -> PathBuf {
     assert!(
@@ -25,11 +24,6 @@ fn require(path: &Path) -> PathBuf {
         path.display()
     );
     path.to_path_buf()
-}
-
-fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// Per-token cosine similarity of two `[B, N, C]` tensors, flattened.
@@ -52,20 +46,6 @@ fn token_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
         .collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn min_mean(v: &[f64]) -> (f64, f64) {
     let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
     (min, v.iter().sum::<f64>() / v.len() as f64)
@@ -79,19 +59,9 @@ fn shipped_model() -> Dinov2 {
 fn onnx_parity(size: usize, batch_of_one: bool) {
     let model = shipped_model();
     let cfg = model.config();
-    assert_eq!(
-        (
-            cfg.hidden_size,
-            cfg.num_layers,
-            cfg.num_heads,
-            cfg.intermediate_size
-        ),
-        (384, 12, 6, 1536)
-    );
+    assert_eq!((cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size), (384, 12, 6, 1536));
     assert_eq!((cfg.patch_size, cfg.pos_grid, cfg.swiglu), (14, 37, false));
-    let fx = load_fixture(&require(
-        &repo().join(format!("weights/fixtures/dinov2_onnx_{size}.safetensors")),
-    ));
+    let fx = load_tensors(&require(&repo().join(format!("weights/fixtures/dinov2_onnx_{size}.safetensors"))));
     let pixels = &fx["pixels"];
     let t = std::time::Instant::now();
     let ours = model.forward_tokens(pixels, None).unwrap();
@@ -121,27 +91,15 @@ fn onnx_parity(size: usize, batch_of_one: bool) {
     let feats = model.patch_features(&fx["images_01"], None).unwrap();
     let g = size / 14;
     assert_eq!(feats.dims(), &[2, 384, g, g]);
-    let as_tokens = feats
-        .flatten_from(2)
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap();
-    let reference = fx["last_hidden_state"]
-        .i((.., 1..))
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let as_tokens = feats.flatten_from(2).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let reference = fx["last_hidden_state"].i((.., 1..)).unwrap().contiguous().unwrap();
     let (minf, _) = min_mean(&token_cosines(&as_tokens, &reference));
     println!("dinov2 patch_features {size}x{size}: cosine min {minf:.9}");
     assert!(minf >= 0.9999);
 
     if batch_of_one {
         for item in 0..2 {
-            let one = model
-                .forward_tokens(&pixels.i(item..item + 1).unwrap(), None)
-                .unwrap();
+            let one = model.forward_tokens(&pixels.i(item..item + 1).unwrap(), None).unwrap();
             let d = max_abs_diff(&one, &ours.i(item..item + 1).unwrap());
             println!("dinov2 {size}x{size} batch item {item}: batch of 1 vs batch of 2 max |diff| {d:.2e}");
             assert!(d <= 1e-4, "batch of 1 differs from batch of 2 by {d}");
@@ -167,10 +125,7 @@ fn tiny_pixels(batch: usize, h: usize, w: usize) -> Tensor {
             for y in 0..h {
                 for x in 0..w {
                     let (b, c, y, x) = (b as f64, c as f64, y as f64, x as f64);
-                    v.push(
-                        ((0.37 * y + 0.23 * x + 1.3 * c + 2.1 * b).sin()
-                            + 0.5 * (0.11 * x * y + b).cos()) as f32,
-                    );
+                    v.push(((0.37 * y + 0.23 * x + 1.3 * c + 2.1 * b).sin() + 0.5 * (0.11 * x * y + b).cos()) as f32);
                 }
             }
         }
@@ -182,17 +137,8 @@ fn tiny_parity(name: &str, swiglu: bool) {
     let dir = repo().join("tests/fixtures");
     let model = Dinov2::load(&dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
     let cfg = model.config().clone();
-    assert_eq!(
-        (
-            cfg.num_layers,
-            cfg.num_heads,
-            cfg.patch_size,
-            cfg.pos_grid,
-            cfg.swiglu
-        ),
-        (2, 2, 14, 4, swiglu)
-    );
-    let fx = load_fixture(&dir.join(format!("{name}_outputs.safetensors")));
+    assert_eq!((cfg.num_layers, cfg.num_heads, cfg.patch_size, cfg.pos_grid, cfg.swiglu), (2, 2, 14, 4, swiglu));
+    let fx = load_tensors(&dir.join(format!("{name}_outputs.safetensors")));
     for (h, w) in [(56, 56), (70, 98), (28, 112)] {
         let x = tiny_pixels(2, h, w);
         let last = model.forward_tokens(&x, None).unwrap();
@@ -200,10 +146,7 @@ fn tiny_parity(name: &str, swiglu: bool) {
         let d_last = max_abs_diff(&last, &fx[&format!("{h}x{w}.last_hidden_state")]);
         let d_hs1 = max_abs_diff(&hs1, &fx[&format!("{h}x{w}.hidden_state_1")]);
         println!("{name} {h}x{w}: max |diff| vs transformers last_hidden_state {d_last:.2e}, hidden_states[1] {d_hs1:.2e}");
-        assert!(
-            d_last <= 1e-4 && d_hs1 <= 1e-4,
-            "{name} {h}x{w}: {d_last} / {d_hs1} > 1e-4"
-        );
+        assert!(d_last <= 1e-4 && d_hs1 <= 1e-4, "{name} {h}x{w}: {d_last} / {d_hs1} > 1e-4");
         // Batch of one equals the batch of two.
         let one = model.forward_tokens(&x.i(1..2).unwrap(), None).unwrap();
         assert!(max_abs_diff(&one, &last.i(1..2).unwrap()) <= 1e-5);
@@ -222,31 +165,15 @@ fn tiny_swiglu_matches_transformers() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let model = Dinov2::load(
-        &repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = Dinov2::load(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"), &Device::Cpu).unwrap();
     for dims in [(1, 3, 56, 50), (1, 1, 56, 56), (0, 3, 56, 56)] {
         let x = Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
-        assert!(
-            matches!(model.forward_tokens(&x, None), Err(Error::InvalidInput(_))),
-            "{dims:?}"
-        );
-        assert!(
-            matches!(model.patch_features(&x, None), Err(Error::InvalidInput(_))),
-            "{dims:?}"
-        );
+        assert!(matches!(model.forward_tokens(&x, None), Err(Error::InvalidInput(_))), "{dims:?}");
+        assert!(matches!(model.patch_features(&x, None), Err(Error::InvalidInput(_))), "{dims:?}");
     }
     let x = tiny_pixels(1, 56, 56);
-    assert!(matches!(
-        model.forward_tokens(&x, Some(2)),
-        Err(Error::InvalidInput(_))
-    ));
-    assert_eq!(
-        model.patch_features(&x, Some(1)).unwrap().dims(),
-        &[1, 32, 4, 4]
-    );
+    assert!(matches!(model.forward_tokens(&x, Some(2)), Err(Error::InvalidInput(_))));
+    assert_eq!(model.patch_features(&x, Some(1)).unwrap().dims(), &[1, 32, 4, 4]);
 }
 
 /// Writes f32 tensors as safetensors with the tiny fixtures' metadata (2 heads), which
@@ -255,10 +182,7 @@ fn save(tensors: &HashMap<String, Tensor>, path: &Path) {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"num_attention_heads": "2"}),
-    );
+    header.insert("__metadata__".into(), serde_json::json!({"num_attention_heads": "2"}));
     let mut data: Vec<u8> = Vec::new();
     for name in names {
         let t = &tensors[name];
@@ -281,11 +205,7 @@ fn expect_weights_error(path: &Path, needles: &[&str]) {
     match Dinov2::load(path, &Device::Cpu) {
         Err(Error::Weights { path: p, message }) => {
             assert_eq!(p, path);
-            let text = Error::Weights {
-                path: p,
-                message: message.clone(),
-            }
-            .to_string();
+            let text = Error::Weights { path: p, message: message.clone() }.to_string();
             assert!(text.contains(&path.display().to_string()), "{text}");
             for n in needles {
                 assert!(message.contains(n), "message {message:?} lacks {n:?}");
@@ -306,20 +226,13 @@ fn weight_file_errors_name_the_path() {
     std::fs::write(&garbage, b"definitely not safetensors").unwrap();
     expect_weights_error(&garbage, &["not a safetensors file"]);
 
-    let good = load_fixture(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"));
+    let good = load_tensors(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"));
     let mut missing = good.clone();
     missing.remove("encoder.layer.1.mlp.fc2.weight");
     missing.remove("layernorm.bias");
     let p = tmp.path().join("missing.safetensors");
     save(&missing, &p);
-    expect_weights_error(
-        &p,
-        &[
-            "missing 2 tensor(s)",
-            "encoder.layer.1.mlp.fc2.weight",
-            "layernorm.bias",
-        ],
-    );
+    expect_weights_error(&p, &["missing 2 tensor(s)", "encoder.layer.1.mlp.fc2.weight", "layernorm.bias"]);
 
     let mut wrong = good.clone();
     wrong.insert(
@@ -328,10 +241,7 @@ fn weight_file_errors_name_the_path() {
     );
     let p = tmp.path().join("wrong.safetensors");
     save(&wrong, &p);
-    expect_weights_error(
-        &p,
-        &["encoder.layer.0.attention.attention.key.weight: found [32, 31], expected [32, 32]"],
-    );
+    expect_weights_error(&p, &["encoder.layer.0.attention.attention.key.weight: found [32, 31], expected [32, 32]"]);
 
     let mut no_cls = good.clone();
     no_cls.remove("embeddings.cls_token");
@@ -340,24 +250,11 @@ fn weight_file_errors_name_the_path() {
     expect_weights_error(&p, &["embeddings.cls_token"]);
 
     // A prefixed file (as in Dinov2ForImageClassification) loads, and gives the same tokens.
-    let prefixed: HashMap<String, Tensor> = good
-        .iter()
-        .map(|(k, v)| (format!("dinov2.{k}"), v.clone()))
-        .collect();
+    let prefixed: HashMap<String, Tensor> = good.iter().map(|(k, v)| (format!("dinov2.{k}"), v.clone())).collect();
     let p = tmp.path().join("prefixed.safetensors");
     save(&prefixed, &p);
     let a = Dinov2::load(&p, &Device::Cpu).unwrap();
-    let b = Dinov2::load(
-        &repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let b = Dinov2::load(&repo().join("tests/fixtures/dinov2_tiny_gelu.safetensors"), &Device::Cpu).unwrap();
     let x = tiny_pixels(1, 42, 56);
-    assert_eq!(
-        max_abs_diff(
-            &a.forward_tokens(&x, None).unwrap(),
-            &b.forward_tokens(&x, None).unwrap()
-        ),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&a.forward_tokens(&x, None).unwrap(), &b.forward_tokens(&x, None).unwrap()), 0.0);
 }

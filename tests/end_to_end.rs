@@ -43,7 +43,7 @@ fn duck_collection_end_to_end() {
     assert!(nocs.median < 0.15, "median NOCS error {}", nocs.median);
 
     // Output formats.
-    let mesh = TriangleMesh::load(&out.path().join("canonical.ply")).unwrap();
+    let mesh = TriangleMesh::load(out.path().join("canonical.ply")).unwrap();
     let (lo, hi) = mesh.bbox().unwrap();
     for a in 0..3 {
         let (l, h) = (result.canonical.bbox_min[a], result.canonical.bbox_max[a]);

@@ -144,7 +144,8 @@ fn images_without_masks_get_built_in_masks() {
     let collection = Collection::load(dir.path()).unwrap();
     assert!(collection.images.iter().all(|e| e.mask.is_none()));
     let out = tempfile::tempdir().unwrap();
-    let result = run(&collection, &ShapeSpec::Template(Some(src.join("template.obj"))), &tiny(), out.path(), &no_progress).unwrap();
+    let result =
+        run(&collection, &ShapeSpec::Template(Some(src.join("template.obj"))), &tiny(), out.path(), &no_progress).unwrap();
     assert_eq!(result.images.len(), 4, "skipped: {:?}", result.skipped);
     // The computed masks are kept with the run and agree with the ground truth.
     for (im, k) in result.images.iter().zip([0, 5, 10, 15]) {
@@ -171,11 +172,21 @@ fn images_without_masks_get_built_in_masks() {
     std::fs::write(&pairs_path, serde_json::to_string(&pairs).unwrap()).unwrap();
     let pred_path = out.path().join("pred.json");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_congeal"))
-        .args(["transfer", out.path().to_str().unwrap(), "--pairs", pairs_path.to_str().unwrap(), "--out", pred_path.to_str().unwrap(), "--method", "2d"])
+        .args([
+            "transfer",
+            out.path().to_str().unwrap(),
+            "--pairs",
+            pairs_path.to_str().unwrap(),
+            "--out",
+            pred_path.to_str().unwrap(),
+            "--method",
+            "2d",
+        ])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let pred: Vec<congeal::congeal::transfer::TransferPair> = serde_json::from_str(&std::fs::read_to_string(&pred_path).unwrap()).unwrap();
+    let pred: Vec<congeal::congeal::transfer::TransferPair> =
+        serde_json::from_str(&std::fs::read_to_string(&pred_path).unwrap()).unwrap();
     let p = pred[0].pred.as_ref().unwrap();
     assert_eq!(p.len(), 2);
     assert!(p[1].is_none(), "a background point transfers to nothing");

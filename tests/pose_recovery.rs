@@ -20,9 +20,7 @@ fn render_mask(field: &congeal::field::canonical::CanonicalField, pose: &Isometr
     let cams = CameraBatch::from_poses(&[*pose], &[*k], &Device::Cpu).unwrap();
     let rays = cams.rays(&pixel_grid(k.width, k.height, &Device::Cpu).unwrap()).unwrap();
     let r = render_rays_host(field, &rays, 128, RenderWhat::default(), 1 << 15).unwrap();
-    GrayImage::from_fn(k.width, k.height, |x, y| {
-        Luma([if r.opacity[(y * k.width + x) as usize] >= 0.5 { 255 } else { 0 }])
-    })
+    GrayImage::from_fn(k.width, k.height, |x, y| Luma([if r.opacity[(y * k.width + x) as usize] >= 0.5 { 255 } else { 0 }]))
 }
 
 #[test]
@@ -53,22 +51,17 @@ fn known_poses_are_recovered() {
     // Silhouettes only: this test pins the geometry of candidate search and refinement.
     config.pose_init.score = congeal::config::PoseScore::Iou;
     let rgb = RgbImage::new(120, 100);
-    let inputs: Vec<_> = masks
-        .iter()
-        .zip(&truths)
-        .map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap())
-        .collect();
+    let inputs: Vec<_> =
+        masks.iter().zip(&truths).map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap()).collect();
     let mask_refs: Vec<&GrayImage> = masks.iter().collect();
     let mut timings = BTreeMap::new();
     let reg = register(&field, &inputs, &mask_refs, &config, None, &no_progress, &mut timings).unwrap();
     let mut errors = Vec::new();
     for (i, (pose, _)) in truths.iter().enumerate() {
-        let err = rotation_error_deg(
-            &reg.camera_from_object[i].rotation.to_rotation_matrix(),
-            &pose.rotation.to_rotation_matrix(),
-        );
-        let t_err = (reg.camera_from_object[i].translation.vector - pose.translation.vector).norm()
-            / pose.translation.vector.norm();
+        let err =
+            rotation_error_deg(&reg.camera_from_object[i].rotation.to_rotation_matrix(), &pose.rotation.to_rotation_matrix());
+        let t_err =
+            (reg.camera_from_object[i].translation.vector - pose.translation.vector).norm() / pose.translation.vector.norm();
         eprintln!("view {i}: rotation error {err:.2} deg, relative translation error {t_err:.3}, IoU {:.3}", reg.iou[i]);
         errors.push((err, t_err, reg.iou[i]));
     }
@@ -87,7 +80,8 @@ fn truncated_objects_are_recovered_with_known_k() {
     let field = common::asymmetric_field(48);
     let (w, h) = (160u32, 120u32);
     // Object centre on the left / right / bottom border: about half of it is outside the image.
-    let views = [(37.0, 23.0, 0.0, 40.0, [-1.0, 0.0]), (-123.0, 15.0, 0.0, 35.0, [1.0, 0.0]), (70.0, 30.0, 0.0, 45.0, [0.0, 1.0])];
+    let views =
+        [(37.0, 23.0, 0.0, 40.0, [-1.0, 0.0]), (-123.0, 15.0, 0.0, 35.0, [1.0, 0.0]), (70.0, 30.0, 0.0, 45.0, [0.0, 1.0])];
     let mut truths = Vec::new();
     let mut masks = Vec::new();
     for (az, el, roll, fov, side) in views {
@@ -97,7 +91,13 @@ fn truncated_objects_are_recovered_with_known_k() {
         let orbit = Isometry3::from_parts(Translation3::identity(), roll_q) * orbit_camera_from_object(az, el, radius);
         // Move the object so its origin projects onto the border named by `side`.
         let z = orbit.translation.vector.z;
-        let target_u = if side[0] < 0.0 { -0.5 } else if side[0] > 0.0 { w as f64 - 0.5 } else { k.cx };
+        let target_u = if side[0] < 0.0 {
+            -0.5
+        } else if side[0] > 0.0 {
+            w as f64 - 0.5
+        } else {
+            k.cx
+        };
         let target_v = if side[1] > 0.0 { h as f64 - 0.5 } else { k.cy };
         let t = Vector3::new((target_u - k.cx) / k.fx * z, (target_v - k.cy) / k.fy * z, z);
         let pose = Isometry3::from_parts(Translation3::from(t), orbit.rotation);
@@ -122,11 +122,8 @@ fn truncated_objects_are_recovered_with_known_k() {
     let rgb = RgbImage::new(w, h);
     let mask_refs: Vec<&GrayImage> = masks.iter().collect();
     let errors = |config: &Config| -> Vec<f64> {
-        let inputs: Vec<_> = masks
-            .iter()
-            .zip(&truths)
-            .map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap())
-            .collect();
+        let inputs: Vec<_> =
+            masks.iter().zip(&truths).map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap()).collect();
         let reg = register(&field, &inputs, &mask_refs, config, None, &no_progress, &mut BTreeMap::new()).unwrap();
         truths
             .iter()

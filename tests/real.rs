@@ -6,7 +6,7 @@
 mod common;
 
 use congeal::collection::{mask_bbox, BorderContact, Collection};
-use congeal::congeal::transfer::{TransferPair, Transfer2d};
+use congeal::congeal::transfer::{Transfer2d, TransferPair};
 use congeal::eval::pairs::pck_report;
 
 #[test]

@@ -10,8 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use congeal::collection::Collection;
 use congeal::config::SdsConfig;
 use congeal::shape::sds::{
-    masked_square_crops, render_latents, textual_inversion, DiffusionModels, GuidanceKind, PlaceholderPrompt, SdsField,
-    SdsViews,
+    masked_square_crops, render_latents, textual_inversion, DiffusionModels, GuidanceKind, PlaceholderPrompt, SdsField, SdsViews,
 };
 
 fn scalar(t: &Tensor) -> f64 {
@@ -52,7 +51,8 @@ fn textual_inversion_gradient_matches_finite_differences() {
             plus[r][c] += h;
             let mut minus = base.clone();
             minus[r][c] -= h;
-            let fd = (scalar(&loss(&Tensor::new(plus, &dev).unwrap())) - scalar(&loss(&Tensor::new(minus, &dev).unwrap()))) / (2.0 * h);
+            let fd = (scalar(&loss(&Tensor::new(plus, &dev).unwrap())) - scalar(&loss(&Tensor::new(minus, &dev).unwrap())))
+                / (2.0 * h);
             let rel = (fd - g[r][c]).abs() / (fd.abs().max(g[r][c].abs()).max(1e-8));
             worst = worst.max(rel);
             checked += 1;
@@ -127,7 +127,15 @@ fn density_normal_gradient_matches_finite_differences() {
         let n = congeal::field::render::density_normals(&f.field().unwrap()).unwrap();
         (n.to_dtype(DType::F64).unwrap() * &probe).unwrap().sum_all().unwrap()
     };
-    let g = loss(&field).backward().unwrap().get(field.raw_density.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g = loss(&field)
+        .backward()
+        .unwrap()
+        .get(field.raw_density.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let base = field.raw_density.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let mut order: Vec<usize> = (0..g.len()).collect();
     order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
@@ -207,7 +215,12 @@ fn tiny_sds_run_end_to_end() {
     let images = result["images"].as_array().unwrap();
     assert_eq!(images.len(), 8);
     for im in images {
-        let m: Vec<f64> = im["camera_from_object"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
+        let m: Vec<f64> = im["camera_from_object"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect();
         assert!(m.iter().all(|v| v.is_finite()), "{m:?}");
         assert!(im["fov_deg"].as_f64().unwrap().is_finite());
     }

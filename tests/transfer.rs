@@ -24,9 +24,16 @@ fn ground_truth_pairs_are_consistent_both_ways() {
     for p in &pairs {
         // Map every visible ground-truth target point back to the source: it must land where it started.
         let back: Vec<[f64; 2]> = p.gt.as_ref().unwrap().iter().flatten().copied().collect();
-        let reverse = congeal::congeal::transfer::TransferPair { src: p.dst.clone(), dst: p.src.clone(), points: back.clone(), pred: None, gt: None };
+        let reverse = congeal::congeal::transfer::TransferPair {
+            src: p.dst.clone(),
+            dst: p.src.clone(),
+            points: back.clone(),
+            pred: None,
+            gt: None,
+        };
         let list = ground_truth_pairs_for(&collection, &reverse);
-        let starts: Vec<[f64; 2]> = p.points.iter().zip(p.gt.as_ref().unwrap()).filter(|(_, g)| g.is_some()).map(|(s, _)| *s).collect();
+        let starts: Vec<[f64; 2]> =
+            p.points.iter().zip(p.gt.as_ref().unwrap()).filter(|(_, g)| g.is_some()).map(|(s, _)| *s).collect();
         for (s, r) in starts.iter().zip(&list) {
             if let Some(r) = r {
                 errors.push((s[0] - r[0]).hypot(s[1] - r[1]));
@@ -85,7 +92,10 @@ fn transfer_3d_and_2d_baseline_on_ground_truth_pairs() {
         p.pred = Some(transfer_2d(&collection, &extractor, config.pose_init.crop_margin, &p.src, &p.dst, &p.points).unwrap());
     }
     let report_2d = pck_report(&collection, &pairs, 0.1).unwrap();
-    eprintln!("PCK@0.1 over {visible} points: 3D {:?} (wide {:?}), 2D {:?} (wide {:?})", report_3d.pck, report_3d.pck_wide, report_2d.pck, report_2d.pck_wide);
+    eprintln!(
+        "PCK@0.1 over {visible} points: 3D {:?} (wide {:?}), 2D {:?} (wide {:?})",
+        report_3d.pck, report_3d.pck_wide, report_2d.pck, report_2d.pck_wide
+    );
     let (p3, p2) = (report_3d.pck.unwrap(), report_2d.pck.unwrap());
     assert!(p3 > 0.6, "3D PCK@0.1 = {p3}");
     assert!(p2 > 0.05 && p2 < 1.0, "2D PCK@0.1 = {p2} (the baseline must run and be imperfect)");

@@ -2,8 +2,10 @@
 //! shipped images. Needs `scripts/setup_weights.sh` (weights and the onnxruntime fixture): without them
 //! these tests fail and say so, they never skip.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use congeal::collection::segment::{preprocess, Segmenter};
@@ -13,7 +15,6 @@ use congeal::models::u2net::U2NetP;
 
 const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/u2netp.safetensors");
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/fixtures/u2netp_onnx.safetensors");
-const COLLECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/collections");
 /// The images of the fixture (see scripts/weights/make_u2netp_fixture.py).
 const FIXTURE_IMAGES: [&str; 2] = ["duck/rgb/000.png", "chair-plaid/rgb/000.png"];
 
@@ -24,8 +25,7 @@ fn need(path: &str) -> PathBuf {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(need(FIXTURE), &Device::Cpu)
-        .expect("fixture unreadable: rerun scripts/setup_weights.sh")
+    candle_core::safetensors::load(need(FIXTURE), &Device::Cpu).expect("fixture unreadable: rerun scripts/setup_weights.sh")
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> (f32, f32) {
@@ -68,7 +68,7 @@ fn preprocessing_and_prediction_close_to_rembg() {
     let fx = fixture();
     let seg = Segmenter::load(&need(WEIGHTS), &Device::Cpu).unwrap();
     for (i, rel) in FIXTURE_IMAGES.iter().enumerate() {
-        let rgb = load_rgb(&Path::new(COLLECTIONS).join(rel)).unwrap();
+        let rgb = load_rgb(&common::collections_dir().join(rel)).unwrap();
         let ours = Tensor::from_vec(preprocess(&rgb), (3, 320, 320), &Device::Cpu).unwrap();
         let theirs = fx["input"].get(i).unwrap();
         let (max, mean) = max_abs(&ours, &theirs);
@@ -78,8 +78,7 @@ fn preprocessing_and_prediction_close_to_rembg() {
         let pred = seg.predict(&rgb).unwrap();
         assert_eq!(pred.dimensions(), rgb.dimensions());
         let rembg = fx[&format!("rembg_mask_{i}")].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        let diff: Vec<f32> =
-            pred.as_raw().iter().zip(&rembg).map(|(&a, &b)| (f32::from(a) - f32::from(b)).abs()).collect();
+        let diff: Vec<f32> = pred.as_raw().iter().zip(&rembg).map(|(&a, &b)| (f32::from(a) - f32::from(b)).abs()).collect();
         let mean = diff.iter().sum::<f32>() / diff.len() as f32;
         let over = diff.iter().filter(|&&d| d > 64.0).count() as f32 / diff.len() as f32;
         eprintln!("{rel}: predict vs rembg: mean |diff| {mean:.2} / 255, {:.3} % of pixels off by > 64", over * 100.0);
@@ -122,10 +121,7 @@ fn wrong_weight_files_name_the_path_and_what_was_expected() {
     let bad = dir.path().join("bad_shape.safetensors");
     candle_core::safetensors::save(&ts, &bad).unwrap();
     let msg = U2NetP::load(&bad, &Device::Cpu).unwrap_err().to_string();
-    assert!(
-        msg.contains("bad_shape.safetensors") && msg.contains("side3.weight") && msg.contains("[1, 64, 3, 3]"),
-        "{msg}"
-    );
+    assert!(msg.contains("bad_shape.safetensors") && msg.contains("side3.weight") && msg.contains("[1, 64, 3, 3]"), "{msg}");
 }
 
 #[test]
@@ -146,12 +142,11 @@ fn bad_input_shape_is_an_error() {
 #[test]
 fn mask_iou_on_shipped_images() {
     let seg = Segmenter::load(&need(WEIGHTS), &Device::Cpu).unwrap();
-    let picks =
-        [("duck", 1), ("duck", 2), ("sofa-burlap", 3), ("chairs-mixed", 4), ("chair-teak", 5), ("chair-plaid", 6)];
+    let picks = [("duck", 1), ("duck", 2), ("sofa-burlap", 3), ("chairs-mixed", 4), ("chair-teak", 5), ("chair-plaid", 6)];
     let mut rgbs = Vec::new();
     let mut gts = Vec::new();
     for (c, i) in picks {
-        let root = Path::new(COLLECTIONS).join(c);
+        let root = common::collections_dir().join(c);
         assert!(root.is_dir(), "{} missing (the shared data collections)", root.display());
         rgbs.push(load_rgb(&root.join(format!("rgb/{i:03}.png"))).unwrap());
         gts.push(load_mask(&root.join(format!("mask/{i:03}.png"))).unwrap());
@@ -174,7 +169,7 @@ fn mask_iou_on_shipped_images() {
     assert!(mean >= MEAN_IOU_FLOOR, "mean mask IoU {mean:.3} < {MEAN_IOU_FLOOR}");
     // The one shipped image where the network finds nothing (largest probability 0.285, on a
     // checkerboard): a clear error instead of rembg's min-max-normalised noise.
-    let rgb = load_rgb(&Path::new(COLLECTIONS).join("chair-plaid/rgb/015.png")).unwrap();
+    let rgb = load_rgb(&common::collections_dir().join("chair-plaid/rgb/015.png")).unwrap();
     let err = seg.mask(&rgb).unwrap_err();
     assert!(matches!(err, Error::Mask { .. }) && err.to_string().contains("no confident foreground"), "{err}");
 }

@@ -4,45 +4,22 @@
 //! finite-difference gradient checks, the errors for bad weight files and bad inputs, and the
 //! seeded random model.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
+use common::{fixture, load_tensors, max_abs_diff};
 use congeal::models::unet::{UNet, UNetConfig};
 use congeal::Error;
 
 const TOL: f64 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
 fn model(name: &str, dtype: DType) -> UNet {
     let path = fixture(&format!("{name}.safetensors"));
     let cfg = UNetConfig::from_file(&path).unwrap();
     UNet::load(&path, &cfg, dtype, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn cast(t: &Tensor, dtype: DType) -> Tensor {
@@ -90,13 +67,7 @@ fn config_inferred_from_the_fixture_headers() {
     let base = UNetConfig::sd21_base();
     base.validate().unwrap();
     assert_eq!(base.time_embed_dim(), 1280);
-    assert_eq!(
-        UNetConfig::mvdream_sd21(),
-        UNetConfig {
-            camera_dim: Some(16),
-            ..base
-        }
-    );
+    assert_eq!(UNetConfig::mvdream_sd21(), UNetConfig { camera_dim: Some(16), ..base });
     UNetConfig::tiny().validate().unwrap();
 }
 
@@ -109,19 +80,16 @@ fn sd_parity_with_per_sample_timesteps() {
         let t = std::time::Instant::now();
         let out = run(&unet, &fx, dtype, 1);
         let d = max_abs_diff(&out, &fx["out"]);
-        println!("unet sd (8x6, batch 2, t = 981, 37) {dtype:?}: max |diff| vs diffusers {d:.2e} ({:.3} s)", t.elapsed().as_secs_f64());
+        println!(
+            "unet sd (8x6, batch 2, t = 981, 37) {dtype:?}: max |diff| vs diffusers {d:.2e} ({:.3} s)",
+            t.elapsed().as_secs_f64()
+        );
         assert!(d < TOL, "{dtype:?}: max abs diff {d}");
     }
     // The second sample really uses its own timestep: with t = 981 for both it moves away.
     let unet = model("unet_tiny_sd", DType::F32);
     let same_t = unet
-        .forward(
-            &fx["sample"],
-            &Tensor::new(&[981f32], &Device::Cpu).unwrap(),
-            &fx["encoder_hidden_states"],
-            None,
-            1,
-        )
+        .forward(&fx["sample"], &Tensor::new(&[981f32], &Device::Cpu).unwrap(), &fx["encoder_hidden_states"], None, 1)
         .unwrap();
     let d0 = max_abs_diff(&same_t.i(0).unwrap(), &fx["out"].i(0).unwrap());
     let d1 = max_abs_diff(&same_t.i(1).unwrap(), &fx["out"].i(1).unwrap());
@@ -154,22 +122,13 @@ fn mvdream_parity_four_views_with_camera() {
     );
     assert!(d4 < TOL, "4 views: max abs diff {d4}");
     assert!(d1 < TOL, "1 view: max abs diff {d1}");
-    assert!(
-        between > 0.1,
-        "cross-view attention changes nothing ({between})"
-    );
+    assert!(between > 0.1, "cross-view attention changes nothing ({between})");
     // The 4-view output is not the 1-view reference: the parity above is not an accident.
     assert!(max_abs_diff(&out4, &fx["out_1view"]) > 0.1);
 
     // The camera matters, and diffusers' `class_embedding.*` names are accepted for it.
     let no_cam = unet
-        .forward(
-            &fx["sample"],
-            &fx["timesteps"],
-            &fx["encoder_hidden_states"],
-            Some(&fx["camera"].zeros_like().unwrap()),
-            4,
-        )
+        .forward(&fx["sample"], &fx["timesteps"], &fx["encoder_hidden_states"], Some(&fx["camera"].zeros_like().unwrap()), 4)
         .unwrap();
     assert!(max_abs_diff(&no_cam, &out4) > 1e-2);
     let renamed: HashMap<String, Tensor> = load_tensors(&fixture("unet_tiny_mvdream.safetensors"))
@@ -177,23 +136,13 @@ fn mvdream_parity_four_views_with_camera() {
         .map(|(k, v)| (k.replace("camera_embedding.", "class_embedding."), v))
         .collect();
     assert!(renamed.contains_key("class_embedding.linear_1.weight"));
-    let aliased = UNet::from_varbuilder(
-        unet.config(),
-        VarBuilder::from_tensors(renamed, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let aliased = UNet::from_varbuilder(unet.config(), VarBuilder::from_tensors(renamed, DType::F32, &Device::Cpu)).unwrap();
     let da = max_abs_diff(&run(&aliased, &fx, DType::F32, 4), &out4);
     assert!(da == 0.0, "class_embedding alias differs by {da}");
 }
 
 /// Central-difference check of `d loss / d input` on a few coordinates, loss = sum(out * probe).
-fn check_gradient(
-    label: &str,
-    f: &dyn Fn(&Tensor) -> Tensor,
-    x0: &Tensor,
-    coords: &[usize],
-    probe: &Tensor,
-) -> f64 {
+fn check_gradient(label: &str, f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, coords: &[usize], probe: &Tensor) -> f64 {
     let var = Var::from_tensor(x0).unwrap();
     let loss = |x: &Tensor| (f(x) * probe).unwrap().sum_all().unwrap();
     let grads = loss(var.as_tensor()).backward().unwrap();
@@ -211,18 +160,12 @@ fn check_gradient(
         let at = |delta: f64| {
             let mut v = base.clone();
             v[i] += delta;
-            loss(&Tensor::from_vec(v, x0.shape(), &Device::Cpu).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
+            loss(&Tensor::from_vec(v, x0.shape(), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
         };
         let fd = (at(h) - at(-h)) / (2.0 * h);
         let rel = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-6);
         println!("  d loss / d {label}[{i}]: autograd {:+.6e}, finite difference {fd:+.6e}, relative error {rel:.1e}", g[i]);
-        assert!(
-            g[i].abs() > 1e-6,
-            "{label}[{i}]: vanishing gradient {}",
-            g[i]
-        );
+        assert!(g[i].abs() > 1e-6, "{label}[{i}]: vanishing gradient {}", g[i]);
         worst = worst.max(rel);
     }
     worst
@@ -241,13 +184,7 @@ fn gradients_match_finite_differences_f64() {
     let probe = Tensor::from_vec(probe_v, fx["out"].shape(), &Device::Cpu).unwrap();
 
     let by_ehs = |x: &Tensor| unet.forward(&sample, t, x, Some(&camera), 4).unwrap();
-    let e_ehs = check_gradient(
-        "encoder_hidden_states",
-        &by_ehs,
-        &ehs,
-        &[0, 17, 95, 170, 300],
-        &probe,
-    );
+    let e_ehs = check_gradient("encoder_hidden_states", &by_ehs, &ehs, &[0, 17, 95, 170, 300], &probe);
     let by_cam = |x: &Tensor| unet.forward(&sample, t, &ehs, Some(x), 4).unwrap();
     let e_cam = check_gradient("camera", &by_cam, &camera, &[0, 5, 22, 47, 60], &probe);
     let by_sample = |x: &Tensor| unet.forward(x, t, &ehs, Some(&camera), 4).unwrap();
@@ -261,35 +198,13 @@ fn gradients_match_finite_differences_f64() {
     // In 4-view mode a view's output depends on another view's text tokens only through the joint
     // self-attention: the gradient of view 0's output w.r.t. view 3's tokens is non-zero.
     let var = Var::from_tensor(&ehs).unwrap();
-    let out = unet
-        .forward(&sample, t, var.as_tensor(), Some(&camera), 4)
-        .unwrap();
+    let out = unet.forward(&sample, t, var.as_tensor(), Some(&camera), 4).unwrap();
     let grads = out.i(0).unwrap().sum_all().unwrap().backward().unwrap();
-    let g3 = grads
-        .get(var.as_tensor())
-        .unwrap()
-        .i(3)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let out1 = unet
-        .forward(&sample, t, var.as_tensor(), Some(&camera), 1)
-        .unwrap();
+    let g3 = grads.get(var.as_tensor()).unwrap().i(3).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let out1 = unet.forward(&sample, t, var.as_tensor(), Some(&camera), 1).unwrap();
     let grads1 = out1.i(0).unwrap().sum_all().unwrap().backward().unwrap();
     let g3_1 = match grads1.get(var.as_tensor()) {
-        Some(g) => g
-            .i(3)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap(),
+        Some(g) => g.i(3).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap(),
         None => 0.0,
     };
     println!("unet mvdream: max |d out[view 0] / d tokens[view 3]| = {g3:.2e} with 4 views, {g3_1:.2e} with 1");
@@ -323,18 +238,12 @@ fn bad_weight_files_and_inputs_are_errors() {
     let tensors = load_tensors(&fixture("unet_tiny_sd.safetensors"));
     let name = "down_blocks.1.resnets.0.conv1.weight";
     let mut wrong = tensors.clone();
-    wrong.insert(
-        name.into(),
-        Tensor::zeros((8, 8, 1, 1), DType::F32, &Device::Cpu).unwrap(),
-    );
+    wrong.insert(name.into(), Tensor::zeros((8, 8, 1, 1), DType::F32, &Device::Cpu).unwrap());
     let wrong_path = dir.path().join("wrong_shape.safetensors");
     candle_core::safetensors::save(&wrong, &wrong_path).unwrap();
     let m = weights_message(UNet::load(&wrong_path, &cfg, DType::F32, &Device::Cpu).unwrap_err());
     println!("wrong shape: {m}");
-    assert!(
-        m.contains("wrong_shape.safetensors") && m.contains(name),
-        "{m}"
-    );
+    assert!(m.contains("wrong_shape.safetensors") && m.contains(name), "{m}");
     assert!(!m.contains('\n'), "a one-line message (no backtrace): {m}");
 
     let gone = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight";
@@ -347,30 +256,14 @@ fn bad_weight_files_and_inputs_are_errors() {
     assert!(m.contains("partial.safetensors") && m.contains(gone), "{m}");
 
     // An SD config on the MVDream weights is fine (camera ignored); the reverse misses the camera.
-    let mv_cfg = UNetConfig {
-        camera_dim: Some(16),
-        ..cfg.clone()
-    };
-    let m = weights_message(
-        UNet::load(
-            &fixture("unet_tiny_sd.safetensors"),
-            &mv_cfg,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap_err(),
-    );
+    let mv_cfg = UNetConfig { camera_dim: Some(16), ..cfg.clone() };
+    let m = weights_message(UNet::load(&fixture("unet_tiny_sd.safetensors"), &mv_cfg, DType::F32, &Device::Cpu).unwrap_err());
     assert!(m.contains("camera_embedding.linear_1.weight"), "{m}");
 
     // Inputs.
     let fx = load_tensors(&fixture("unet_tiny_mvdream_outputs.safetensors"));
     let unet = model("unet_tiny_mvdream", DType::F32);
-    let (s, t, e, c) = (
-        &fx["sample"],
-        &fx["timesteps"],
-        &fx["encoder_hidden_states"],
-        &fx["camera"],
-    );
+    let (s, t, e, c) = (&fx["sample"], &fx["timesteps"], &fx["encoder_hidden_states"], &fx["camera"]);
     let invalid = |r: congeal::Result<Tensor>| match r {
         Err(Error::InvalidInput(m)) => m,
         other => panic!("expected InvalidInput, got {other:?}"),
@@ -393,11 +286,7 @@ fn bad_weight_files_and_inputs_are_errors() {
 
 #[test]
 fn random_model_is_seeded_and_runs() {
-    let cfg = UNetConfig {
-        camera_dim: Some(16),
-        cross_attention_dim: 32,
-        ..UNetConfig::tiny()
-    };
+    let cfg = UNetConfig { camera_dim: Some(16), cross_attention_dim: 32, ..UNetConfig::tiny() };
     let a = UNet::random(&cfg, DType::F32, &Device::Cpu).unwrap();
     let b = UNet::random(&cfg, DType::F32, &Device::Cpu).unwrap();
     let dev = Device::Cpu;
@@ -409,15 +298,7 @@ fn random_model_is_seeded_and_runs() {
     let yb = b.forward(&sample, &t, &ehs, Some(&cam), 2).unwrap();
     assert_eq!(ya.dims(), &[4, 4, 16, 16]);
     assert_eq!(max_abs_diff(&ya, &yb), 0.0);
-    let std = ya
-        .flatten_all()
-        .unwrap()
-        .var(0)
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let std = ya.flatten_all().unwrap().var(0).unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
     println!("random tiny UNet output std {std:.3}");
     assert!(std.is_finite() && std > 1e-3 && std < 1e3);
 }
@@ -435,23 +316,12 @@ impl candle_nn::var_builder::SimpleBackend for Recorder {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let previous = self
-            .0
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
+        let previous = self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
         assert!(previous.is_none(), "{name} requested twice");
-        Tensor::zeros(1, dtype, dev)?
-            .reshape(vec![1; s.rank()])?
-            .broadcast_as(s)
+        Tensor::zeros(1, dtype, dev)?.reshape(vec![1; s.rank()])?.broadcast_as(s)
     }
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
         panic!("unchecked get of {name}")
     }
 
@@ -472,8 +342,7 @@ fn requested(cfg: &UNetConfig) -> HashMap<String, Vec<usize>> {
 fn full_sd21_and_mvdream_request_exactly_the_diffusers_tensors() {
     let text = std::fs::read_to_string(fixture("unet_sd21_shapes.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let expected: HashMap<String, Vec<usize>> =
-        serde_json::from_value(json["shapes"].clone()).unwrap();
+    let expected: HashMap<String, Vec<usize>> = serde_json::from_value(json["shapes"].clone()).unwrap();
     let ours = requested(&UNetConfig::sd21_base());
     let mut missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
     let mut extra: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
@@ -494,31 +363,18 @@ fn full_sd21_and_mvdream_request_exactly_the_diffusers_tensors() {
         extra.len(),
         wrong.len()
     );
-    assert!(
-        missing.is_empty() && extra.is_empty() && wrong.is_empty(),
-        "missing {missing:?}\nextra {extra:?}\nwrong {wrong:?}"
-    );
+    assert!(missing.is_empty() && extra.is_empty() && wrong.is_empty(), "missing {missing:?}\nextra {extra:?}\nwrong {wrong:?}");
 
     let mv = requested(&UNetConfig::mvdream_sd21());
-    let mut added: Vec<_> = mv
-        .iter()
-        .filter(|(k, _)| !ours.contains_key(*k))
-        .map(|(k, s)| (k.clone(), s.clone()))
-        .collect();
+    let mut added: Vec<_> = mv.iter().filter(|(k, _)| !ours.contains_key(*k)).map(|(k, s)| (k.clone(), s.clone())).collect();
     added.sort();
     assert_eq!(
         added,
         vec![
             ("camera_embedding.linear_1.bias".to_string(), vec![1280]),
-            (
-                "camera_embedding.linear_1.weight".to_string(),
-                vec![1280, 16]
-            ),
+            ("camera_embedding.linear_1.weight".to_string(), vec![1280, 16]),
             ("camera_embedding.linear_2.bias".to_string(), vec![1280]),
-            (
-                "camera_embedding.linear_2.weight".to_string(),
-                vec![1280, 1280]
-            ),
+            ("camera_embedding.linear_2.weight".to_string(), vec![1280, 1280]),
         ]
     );
     assert_eq!(mv.len(), ours.len() + 4);

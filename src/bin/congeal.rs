@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use congeal::collection::Collection;
 use congeal::config::Config;
 use congeal::output::result::RunResult;
@@ -103,13 +103,11 @@ enum Command {
         /// Output: the pairs with `"pred": [[x, y] | null, ...]` added.
         #[arg(long)]
         out: PathBuf,
-        /// `joint`: 3D-aware matching, DINOv2 feature distance plus `transfer.nocs_weight` x the
-        /// canonical-coordinate distance of the forward maps (needs the collection, the DINOv2
-        /// weights and the run's NOCS maps); `3d`: through the canonical shape alone (Eq. 17);
-        /// `2d`: the paper's DINOv2 nearest-neighbour baseline (Eq. 18).
-        #[arg(long, default_value = "joint")]
-        method: String,
-        /// Config for `--method joint|2d` (default: the run's config.yaml).
+        /// `joint` (3D-aware: features + canonical coordinates), `3d` (canonical shape alone,
+        /// Eq. 17), `2d` (DINOv2 nearest neighbour, Eq. 18) or `bbox` (same spot in the mask bbox).
+        #[arg(long, value_enum, default_value_t = TransferMethod::Joint)]
+        method: TransferMethod,
+        /// Config for `--method joint|2d|bbox` (default: the run's config.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Overrides `transfer.nocs_weight` for `--method joint`.
@@ -194,6 +192,22 @@ enum Command {
     },
 }
 
+/// How `congeal transfer` finds the target points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TransferMethod {
+    /// 3D-aware: DINOv2 feature distance plus `transfer.nocs_weight` x the canonical-coordinate
+    /// distance of the forward maps (needs the collection, the DINOv2 weights and the NOCS maps).
+    Joint,
+    /// Through the canonical shape alone (Eq. 17).
+    #[value(name = "3d")]
+    ThreeD,
+    /// The DINOv2 nearest-neighbour baseline (Eq. 18).
+    #[value(name = "2d")]
+    TwoD,
+    /// The same relative spot in the mask bbox (a floor).
+    Bbox,
+}
+
 #[derive(Subcommand)]
 enum BagCommand {
     /// Extract a collection folder from an MCAP bag (sensor_msgs/Image, masks, CameraInfo, PoseStamped).
@@ -240,9 +254,7 @@ enum BagCommand {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "congeal=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "congeal=info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -321,7 +333,7 @@ fn main() -> Result<()> {
                 "candidates": candidates,
                 "candidate_render_size": p.render_size,
                 "candidate_renders_per_s": candidates as f64 / render_s,
-                "peak_rss_mib": peak_rss_mib(),
+                "peak_rss_mib": congeal::bench::peak_rss_mib(),
                 "threads": rayon::current_num_threads(),
             });
             if eval {
@@ -347,23 +359,25 @@ fn main() -> Result<()> {
         }
         Command::Transfer { run, pairs, out, method, config, nocs_weight } => {
             let mut list = read_pairs(&pairs)?;
-            match method.as_str() {
-                "3d" => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
-                "2d" => transfer_2d(&run, config.as_deref(), Matching::Features, &mut list)?,
-                "joint" => transfer_2d(&run, config.as_deref(), Matching::Joint(nocs_weight), &mut list)?,
-                "bbox" => transfer_2d(&run, config.as_deref(), Matching::BboxGuess, &mut list)?,
-                other => bail!("--method must be joint, 3d, 2d or bbox, got {other}"),
+            match method {
+                TransferMethod::ThreeD => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
+                TransferMethod::TwoD => transfer_2d(&run, config.as_deref(), Matching::Features, &mut list)?,
+                TransferMethod::Joint => transfer_2d(&run, config.as_deref(), Matching::Joint(nocs_weight), &mut list)?,
+                TransferMethod::Bbox => transfer_2d(&run, config.as_deref(), Matching::BboxGuess, &mut list)?,
             }
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
-            let (n, found) = list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
+            let (n, found) =
+                list.iter().flat_map(|p| p.pred.iter().flatten()).fold((0, 0), |(n, f), p| (n + 1, f + p.is_some() as usize));
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
         Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
-            bench_features(&weights, &sizes, batch, reps, layer, &device)?
+            let device = congeal::config::parse_device(&device)?;
+            congeal::bench::bench_features(&weights, &sizes, batch, reps, layer, &device, &mut |line| println!("{line}"))?
         }
         Command::BenchSds { models, latent, reps, sds_full, render, device } => {
-            bench_sds(&models, latent, reps, sds_full, render, &device)?
+            let device = congeal::config::parse_device(&device)?;
+            congeal::bench::bench_sds(&models, latent, reps, sds_full, render, &device, &mut |line| println!("{line}"))?
         }
         Command::ConvertMvdream { checkpoint, out } => {
             let report = congeal::models::convert::convert_mvdream_checkpoint(&checkpoint, &out)?;
@@ -410,8 +424,8 @@ fn transfer_2d(
     let device = config.device()?;
     let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
     let bar = ProgressBar::new(pairs.len() as u64);
-    let mut baseline =
-        congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin).with_run_masks(&result, run);
+    let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin)
+        .with_run_masks(&result, run);
     if let Matching::Joint(weight) = matching {
         let weight = weight.unwrap_or(config.transfer.nocs_weight);
         if !(weight.is_finite() && weight >= 0.0) {
@@ -433,7 +447,9 @@ fn transfer_2d(
 
 #[cfg(not(feature = "ros"))]
 fn bag(_command: BagCommand) -> Result<()> {
-    bail!("`congeal bag` needs the ROS tools: rebuild with `scripts/setup.sh --ros` (cargo feature `ros`) and `source .ros/env.sh`")
+    bail!(
+        "`congeal bag` needs the ROS tools: rebuild with `scripts/setup.sh --ros` (cargo feature `ros`) and `source .ros/env.sh`"
+    )
 }
 
 #[cfg(feature = "ros")]
@@ -455,7 +471,7 @@ fn bag(command: BagCommand) -> Result<()> {
                     let [a, b, c, d, e, f] = v[..] else {
                         bail!("--bbox needs 6 numbers (minx,miny,minz,maxx,maxy,maxz), got {}", v.len())
                     };
-                    if !v.iter().all(|x| x.is_finite()) || !(a < d && b < e && c < f) {
+                    if !(v.iter().all(|x| x.is_finite()) && a < d && b < e && c < f) {
                         bail!("--bbox `{text}`: min must be below max on every axis (minx,miny,minz,maxx,maxy,maxz)");
                     }
                     Some(([a, b, c], [d, e, f]))
@@ -577,13 +593,7 @@ fn masks(collection: &Path, out: Option<&Path>, weights: Option<&Path>, eval: bo
                 m.save(&path).with_context(|| format!("writing {}", path.display()))?;
             }
             if let Some(gt) = gt {
-                let (mut inter, mut union) = (0usize, 0usize);
-                let blank = image::GrayImage::new(gt.width(), gt.height());
-                for (a, b) in mask.as_ref().unwrap_or(&blank).as_raw().iter().zip(gt.as_raw()) {
-                    inter += (*a >= 128 && *b >= 128) as usize;
-                    union += (*a >= 128 || *b >= 128) as usize;
-                }
-                ious.push((inter as f64 / union.max(1) as f64, name));
+                ious.push((congeal::eval::masks::mask_iou(mask.as_ref(), gt), name));
             }
             bar.inc(1);
         }
@@ -604,18 +614,9 @@ fn masks(collection: &Path, out: Option<&Path>, weights: Option<&Path>, eval: bo
     if let Some(o) = out {
         println!("masks: {}", o.display());
     }
-    if eval && !ious.is_empty() {
-        ious.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let m = ious.len();
-        let median = if m % 2 == 1 { ious[m / 2].0 } else { 0.5 * (ious[m / 2 - 1].0 + ious[m / 2].0) };
-        let mean = ious.iter().map(|x| x.0).sum::<f64>() / m as f64;
-        let worst: Vec<String> = ious.iter().take(3).map(|(v, name)| format!("{name} {v:.3}")).collect();
-        println!(
-            "IoU {}: median {median:.3} mean {mean:.3} min {:.3}; worst: {}",
-            coll.name,
-            ious[0].0,
-            worst.join(", ")
-        );
+    if let (true, Some(s)) = (eval, congeal::eval::masks::summarise_ious(&ious)?) {
+        let worst: Vec<String> = s.worst.iter().map(|(name, v)| format!("{name} {v:.3}")).collect();
+        println!("IoU {}: median {:.3} mean {:.3} min {:.3}; worst: {}", coll.name, s.median, s.mean, s.min, worst.join(", "));
     }
     Ok(())
 }
@@ -627,195 +628,4 @@ fn device_name(device: &candle_core::Device) -> &'static str {
     } else {
         "cpu"
     }
-}
-
-/// `congeal bench-features`: times DINOv2 `patch_features` on random images at each size.
-fn bench_features(weights: &Path, sizes: &[usize], batch: usize, reps: usize, layer: Option<usize>, device: &str) -> Result<()> {
-    use candle_core::{Device, Tensor};
-    use congeal::models::dinov2::Dinov2;
-    let device = match device {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::new_cuda(n)?,
-            None => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
-        },
-    };
-    if batch == 0 || reps == 0 {
-        bail!("--batch and --reps must be at least 1");
-    }
-    let t = std::time::Instant::now();
-    let model = Dinov2::load(weights, &device)?;
-    let c = model.config();
-    println!(
-        "dinov2 {}: hidden {}, {} blocks, {} heads, {} MLP; loaded in {:.2} s; {} threads",
-        weights.display(),
-        c.hidden_size,
-        c.num_layers,
-        c.num_heads,
-        if c.swiglu { "SwiGLU" } else { "GELU" },
-        t.elapsed().as_secs_f64(),
-        rayon::current_num_threads()
-    );
-    for &size in sizes {
-        let images = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
-        let mut times = Vec::with_capacity(reps);
-        let mut dims = Vec::new();
-        let mut cpu0 = None;
-        for rep in 0..=reps {
-            let t = std::time::Instant::now();
-            let feats = model.patch_features(&images, layer)?;
-            device.synchronize()?;
-            if rep > 0 {
-                times.push(t.elapsed().as_secs_f64() / batch as f64);
-            } else {
-                cpu0 = process_cpu_s();
-            }
-            dims = feats.dims().to_vec();
-        }
-        let cpu = match (cpu0, process_cpu_s()) {
-            (Some(a), Some(b)) => format!(", {:.3} CPU s/image", (b - a) / (reps * batch) as f64),
-            _ => String::new(),
-        };
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-        println!(
-            "dinov2 {size}x{size} batch {batch}: {mean:.3} s/image (min {min:.3}, {reps} reps after 1 warm-up{cpu}), features {dims:?}"
-        );
-    }
-    match peak_rss_mib() {
-        Some(m) => println!("peak RSS {m:.0} MiB"),
-        None => println!("peak RSS unknown"),
-    }
-    Ok(())
-}
-
-/// CPU time (user + system, all threads) of this process so far, seconds (Linux, 100 Hz ticks).
-fn process_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// `congeal bench-sds`: timings of the diffusion prior with random weights.
-fn bench_sds(models: &[String], latent: usize, reps: usize, sds_full: bool, render: u32, device: &str) -> Result<()> {
-    use candle_core::{DType, Tensor, Var};
-    use congeal::models::clip_text::{ClipTextConfig, ClipTextModel};
-    use congeal::models::random::random_varbuilder;
-    use congeal::models::unet::{UNet, UNetConfig};
-    use congeal::shape::sds::{score_distillation, DiffusionModels, GuidanceKind};
-    let device = Config { device: device.to_string(), ..Config::default() }.device()?;
-    if reps == 0 || latent < 8 {
-        bail!("--reps >= 1 and --latent >= 8");
-    }
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?; // warm-up
-        device.synchronize()?;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            f()?;
-        }
-        device.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() / reps as f64)
-    };
-    println!("device {device:?}, dtype {dtype:?}, {} threads, latent {latent}x{latent}", rayon::current_num_threads());
-    for name in models {
-        let (text_cfg, unet_cfg, views) = match name.as_str() {
-            "tiny" => {
-                let t = ClipTextConfig::tiny();
-                let mut u = UNetConfig::tiny();
-                u.cross_attention_dim = t.hidden_size;
-                u.camera_dim = Some(16);
-                (t, u, 4)
-            }
-            "sd21" => (ClipTextConfig::sd21(), UNetConfig::sd21_base(), 1),
-            "mvdream" => (ClipTextConfig::sd21(), UNetConfig::mvdream_sd21(), 4),
-            other => bail!("unknown model size {other:?} (tiny, sd21, mvdream)"),
-        };
-        let t0 = std::time::Instant::now();
-        let text = ClipTextModel::from_varbuilder(&text_cfg, random_varbuilder(1, dtype, &device))?;
-        let unet = UNet::from_varbuilder(&unet_cfg, random_varbuilder(2, dtype, &device))?;
-        println!("{name}: random weights built in {:.1} s", t0.elapsed().as_secs_f64());
-        let ids = Tensor::from_vec((0..77u32).map(|i| (i * 7) % text_cfg.vocab_size as u32).collect::<Vec<_>>(), (1, 77), &device)?;
-        let cond = text.forward(&ids, 0)?.detach();
-        let b = views;
-        let sample = Tensor::randn(0f32, 1.0, (b, 4, latent, latent), &device)?.to_dtype(dtype)?;
-        let t = Tensor::full(500f32, b, &device)?.to_dtype(dtype)?;
-        let ehs = cond.broadcast_as((b, 77, text_cfg.hidden_size))?.contiguous()?;
-        let cams = if unet_cfg.camera_dim.is_some() { Some(Tensor::zeros((b, 16), dtype, &device)?) } else { None };
-        let fwd = time(&mut || {
-            unet.forward(&sample, &t, &ehs, cams.as_ref(), b)?;
-            Ok(())
-        })?;
-        println!("{name}: UNet forward, batch {b}: {fwd:.3} s ({:.3} s per image)", fwd / b as f64);
-        // One textual-inversion step: two placeholder rows, text encoder + UNet forward and backward.
-        let base = text.embed_tokens(&ids)?.detach();
-        let rows = Var::from_tensor(&base.narrow(1, 4, 2)?.squeeze(0)?)?;
-        let one = sample.narrow(0, 0, 1)?;
-        let t1 = t.narrow(0, 0, 1)?;
-        let step = time(&mut || {
-            let emb = Tensor::cat(&[&base.narrow(1, 0, 4)?, &rows.as_tensor().unsqueeze(0)?, &base.narrow(1, 6, 71)?], 1)?;
-            let c = text.forward_embeddings(&emb, 0)?;
-            let pred = unet.forward(&one, &t1, &c, None, 1)?;
-            let loss = pred.to_dtype(DType::F32)?.sqr()?.mean_all()?;
-            let g = loss.backward()?;
-            if g.get(rows.as_tensor()).is_none() {
-                bail!("no gradient reached the placeholder rows");
-            }
-            Ok(())
-        })?;
-        println!("{name}: textual-inversion step (batch 1): {step:.3} s");
-        if name == "tiny" || sds_full {
-            let kind = if unet_cfg.camera_dim.is_some() { GuidanceKind::Mvdream } else { GuidanceKind::StableDiffusion };
-            let models = if name == "tiny" {
-                DiffusionModels::random_tiny(0, kind, dtype, &device)?
-            } else {
-                use congeal::models::vae::{Vae, VaeConfig};
-                DiffusionModels {
-                    tokenizer: congeal::models::tokenizer::ClipTokenizer::hashed(text_cfg.vocab_size, 77)?,
-                    text,
-                    text_skip_layers: 0,
-                    unet,
-                    vae: Vae::from_varbuilder(&VaeConfig::sd21(), random_varbuilder(3, dtype, &device))?,
-                    kind,
-                    schedule: congeal::shape::sds::NoiseSchedule::stable_diffusion(),
-                    source: "random".into(),
-                }
-            };
-            let mut cfg = congeal::config::SdsConfig {
-                iterations: reps,
-                low_res: render,
-                high_res: render,
-                views,
-                guidance_resolution: (latent * 8) as u32,
-                ..Default::default()
-            };
-            if name == "tiny" {
-                cfg.guidance_resolution = (latent * 2) as u32;
-                cfg.grid = 24;
-            }
-            let cond = models.encode_prompt("a photo of sks object")?.detach();
-            let uncond = models.encode_prompt("")?.detach();
-            let t0 = std::time::Instant::now();
-            score_distillation(&models, &cond, &uncond, &cfg, &device, &|_| {})?;
-            device.synchronize()?;
-            println!(
-                "{name}: score-distillation step ({views} views, {render} px renders, {} px to the VAE, grid {}^3): {:.3} s",
-                cfg.guidance_resolution,
-                cfg.grid,
-                t0.elapsed().as_secs_f64() / reps as f64
-            );
-        }
-    }
-    Ok(())
 }

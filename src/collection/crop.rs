@@ -195,12 +195,7 @@ impl SquareCrop {
     /// A square window covering a whole `width` x `height` image (centred on it, side = the longer
     /// side), resampled to `size` x `size`: the frame in which a truncated object is compared.
     pub fn whole_image(width: u32, height: u32, size: u32) -> Self {
-        Self {
-            centre_x: 0.5 * (width as f64 - 1.0),
-            centre_y: 0.5 * (height as f64 - 1.0),
-            side: width.max(height) as f64,
-            size,
-        }
+        Self { centre_x: 0.5 * (width as f64 - 1.0), centre_y: 0.5 * (height as f64 - 1.0), side: width.max(height) as f64, size }
     }
 
     /// The binary mask resampled to the crop: `size²` row-major coverage values in `[0, 1]`

@@ -91,8 +91,7 @@ pub fn validate_mask(mask: &GrayImage, image_width: u32, image_height: u32, path
     if set == mask.pixels().len() {
         return Err(Error::Mask {
             path: path.to_path_buf(),
-            message: "mask covers the whole image (every pixel is object; the object must not fill the frame)"
-                .into(),
+            message: "mask covers the whole image (every pixel is object; the object must not fill the frame)".into(),
         });
     }
     Ok(())

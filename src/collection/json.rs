@@ -1,5 +1,6 @@
-//! Reading `collection.json` (FORMAT.md, version 1.0): only the fields congeal needs, with error
-//! messages that name the file and the full path of the offending field (e.g. `images[0].K`).
+//! Reading `collection.json` (the collection format, version 1.0; `demo/duck/collection.json` is an
+//! example): only the fields congeal needs, with error messages that name the file and the full path of
+//! the offending field (e.g. `images[0].K`).
 
 use std::path::{Path, PathBuf};
 
@@ -44,9 +45,7 @@ impl Ctx<'_> {
     }
 
     fn string(&self, v: &Value, name: &str) -> Result<String> {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| self.err(format!("field `{name}` must be a string, got {}", kind_of(v))))
+        v.as_str().map(str::to_owned).ok_or_else(|| self.err(format!("field `{name}` must be a string, got {}", kind_of(v))))
     }
 
     fn number(&self, v: &Value, name: &str) -> Result<f64> {
@@ -57,8 +56,7 @@ impl Ctx<'_> {
     }
 
     fn uint(&self, v: &Value, name: &str) -> Result<u64> {
-        v.as_u64()
-            .ok_or_else(|| self.err(format!("field `{name}` must be a non-negative integer, got {}", kind_of(v))))
+        v.as_u64().ok_or_else(|| self.err(format!("field `{name}` must be a non-negative integer, got {}", kind_of(v))))
     }
 
     fn size(&self, v: &Value, name: &str) -> Result<u32> {
@@ -124,10 +122,9 @@ impl Ctx<'_> {
         let m = self.matrix(v, name, 4, 4)?;
         let bottom = [m[3][0], m[3][1], m[3][2], m[3][3] - 1.0];
         if bottom.iter().any(|x| x.abs() > 1e-6) {
-            return Err(self.err(format!(
-                "{image}: `{name}` is not a rigid transform: last row is {:?}, expected [0, 0, 0, 1]",
-                m[3]
-            )));
+            return Err(
+                self.err(format!("{image}: `{name}` is not a rigid transform: last row is {:?}, expected [0, 0, 0, 1]", m[3]))
+            );
         }
         let r = Matrix3::new(m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2], m[2][0], m[2][1], m[2][2]);
         let dev = (r.transpose() * r - Matrix3::identity()).abs().max();
@@ -183,9 +180,7 @@ fn rel_path(ctx: &Ctx, v: &Value, name: &str) -> Result<PathBuf> {
     let s = ctx.string(v, name)?;
     let p = PathBuf::from(&s);
     if s.is_empty() || p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(ctx.err(format!(
-            "field `{name}` must be a path relative to the collection folder (no `..`), got {s:?}"
-        )));
+        return Err(ctx.err(format!("field `{name}` must be a path relative to the collection folder (no `..`), got {s:?}")));
     }
     Ok(p)
 }
@@ -205,9 +200,9 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
         "cross_instance" => CollectionKind::CrossInstance,
         "plain" => CollectionKind::Plain,
         other => {
-            return Err(ctx.err(format!(
-                "field `kind` must be \"single_instance\", \"cross_instance\" or \"plain\", got {other:?}"
-            )))
+            return Err(
+                ctx.err(format!("field `kind` must be \"single_instance\", \"cross_instance\" or \"plain\", got {other:?}"))
+            )
         }
     };
     let has_gt = kind != CollectionKind::Plain;
@@ -244,9 +239,8 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
     let template = template_abs.is_file().then(|| absolute(&template_abs));
 
     let images_v = ctx.req(&doc, "", "images")?;
-    let arr = images_v
-        .as_array()
-        .ok_or_else(|| ctx.err(format!("field `images` must be an array, got {}", kind_of(images_v))))?;
+    let arr =
+        images_v.as_array().ok_or_else(|| ctx.err(format!("field `images` must be an array, got {}", kind_of(images_v))))?;
     if arr.is_empty() {
         return Err(ctx.err("field `images` is empty: a collection needs at least one image"));
     }
@@ -277,13 +271,9 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
             }
         };
         let ground_truth = match (intrinsics, pose, nocs_bbox) {
-            (Some(intrinsics), Some(camera_from_object), Some((nocs_bbox_min, nocs_bbox_max))) => Some(GroundTruth {
-                intrinsics,
-                camera_from_object,
-                nocs_bbox_min,
-                nocs_bbox_max,
-                instance_id,
-            }),
+            (Some(intrinsics), Some(camera_from_object), Some((nocs_bbox_min, nocs_bbox_max))) => {
+                Some(GroundTruth { intrinsics, camera_from_object, nocs_bbox_min, nocs_bbox_max, instance_id })
+            }
             _ => None,
         };
         images.push(ImageEntry { index, rgb, mask, nocs, width, height, intrinsics, ground_truth });

@@ -1,5 +1,6 @@
-//! Image collections: folders described by `collection.json` (see `data/FORMAT.md`) or plain folders of
-//! images with optional masks; image/mask loading and validation; square crops around the object.
+//! Image collections: folders described by `collection.json` (the collection format; `demo/duck` is one,
+//! `json.rs` reads it) or plain folders of images with optional masks; image/mask loading and
+//! validation; square crops around the object.
 
 mod crop;
 mod images;
@@ -206,9 +207,7 @@ impl Collection {
 /// True if `p` has an image extension (case-insensitive).
 fn is_image_file(p: &Path) -> bool {
     p.is_file()
-        && p.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// Files of `dir`, sorted by name.
@@ -229,10 +228,7 @@ fn load_plain(dir: &Path) -> Result<Collection> {
     if files.is_empty() {
         return Err(Error::Collection {
             path: dir.to_path_buf(),
-            message: format!(
-                "no collection.json and no images (*.png, *.jpg, *.jpeg) in {}",
-                img_dir.display()
-            ),
+            message: format!("no collection.json and no images (*.png, *.jpg, *.jpeg) in {}", img_dir.display()),
         });
     }
     // Masks: <stem>.png (any case of the extension) in mask/ or masks/.
@@ -249,21 +245,9 @@ fn load_plain(dir: &Path) -> Result<Collection> {
     for (index, f) in files.iter().enumerate() {
         let (width, height) = image::image_dimensions(f).map_err(|e| images::image_error(f, e))?;
         let mask = masks.iter().find(|m| m.file_stem() == f.file_stem()).map(|m| rel(m));
-        images.push(ImageEntry {
-            index,
-            rgb: rel(f),
-            mask,
-            nocs: None,
-            width,
-            height,
-            intrinsics: None,
-            ground_truth: None,
-        });
+        images.push(ImageEntry { index, rgb: rel(f), mask, nocs: None, width, height, intrinsics: None, ground_truth: None });
     }
-    let name = json::absolute(dir)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "collection".into());
+    let name = json::absolute(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "collection".into());
     let template = dir.join("template.obj");
     Ok(Collection {
         root: dir.to_path_buf(),

@@ -110,8 +110,8 @@ impl Segmenter {
 
 /// Smallest raw probability (before min-max normalisation) the most confident pixel must reach for
 /// [`Segmenter::mask`] to return a mask. Measured on the 200 shipped images: every image but one peaks at
-/// >= 0.97; the exception (chair-plaid 015, on a checkerboard) peaks at 0.285 and its normalised mask
-/// is a 0.02-IoU blob.
+/// 0.97 or more; the exception (chair-plaid 015, on a checkerboard) peaks at 0.285 and its normalised
+/// mask is a 0.02-IoU blob.
 pub const MIN_CONFIDENCE: f32 = 0.5;
 
 /// [`threshold_mask`] after the [`MIN_CONFIDENCE`] check.
@@ -186,15 +186,10 @@ fn postprocess(plane: &[f32], width: u32, height: u32) -> (GrayImage, f32) {
     }
     let range = hi - lo;
     let side = INPUT_SIZE as u32;
-    let data: Vec<u8> = plane
-        .iter()
-        .map(|&v| if range > 0.0 && range.is_finite() { ((v - lo) / range * 255.0) as u8 } else { 0 })
-        .collect();
+    let data: Vec<u8> =
+        plane.iter().map(|&v| if range > 0.0 && range.is_finite() { ((v - lo) / range * 255.0) as u8 } else { 0 }).collect();
     let map = GrayImage::from_raw(side, side, data).unwrap_or_else(|| GrayImage::new(side, side));
-    let map = if (width, height) == (side, side) {
-        map
-    } else {
-        image::imageops::resize(&map, width, height, FilterType::Lanczos3)
-    };
+    let map =
+        if (width, height) == (side, side) { map } else { image::imageops::resize(&map, width, height, FilterType::Lanczos3) };
     (map, hi)
 }

@@ -5,9 +5,7 @@ use nalgebra::{Point2, Point3};
 
 use super::*;
 
-fn data_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/collections").join(name)
-}
+use crate::test_util::collection_dir as data_dir;
 
 fn json_of(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(data_dir(name).join("collection.json")).unwrap()).unwrap()
@@ -84,7 +82,9 @@ fn loads_chairs_mixed_cross_instance() {
     assert_ne!(gt.nocs_bbox_min, cmin);
     assert_ne!(gt.nocs_bbox_max, cmax);
     assert_eq!(gt.intrinsics.fx, j["images"][0]["K"][0][0].as_f64().unwrap());
-    assert!((gt.camera_from_object.translation.vector.z - j["images"][0]["camera_from_object"][2][3].as_f64().unwrap()).abs() < 1e-12);
+    assert!(
+        (gt.camera_from_object.translation.vector.z - j["images"][0]["camera_from_object"][2][3].as_f64().unwrap()).abs() < 1e-12
+    );
     let ids: std::collections::BTreeSet<_> =
         c.images.iter().map(|e| e.ground_truth.as_ref().unwrap().instance_id.clone().unwrap()).collect();
     assert_eq!(ids.len(), 10);

@@ -146,8 +146,7 @@ pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_ray
             let elevation = if cfg.elevations == 1 {
                 0.5 * (cfg.elevation_min_deg + cfg.elevation_max_deg)
             } else {
-                cfg.elevation_min_deg
-                    + (cfg.elevation_max_deg - cfg.elevation_min_deg) * e as f64 / (cfg.elevations - 1) as f64
+                cfg.elevation_min_deg + (cfg.elevation_max_deg - cfg.elevation_min_deg) * e as f64 / (cfg.elevations - 1) as f64
             };
             for a in 0..cfg.azimuths {
                 let azimuth = -180.0 + 360.0 * a as f64 / cfg.azimuths as f64;
@@ -214,9 +213,8 @@ fn crop_rendering(
     size: u32,
     cfg: &PoseInitConfig,
 ) -> Option<(SquareCrop, PixelBox, Vec<f32>, Vec<[f32; 3]>)> {
-    let mask = GrayImage::from_fn(size, size, |x, y| {
-        image::Luma([if opacity[(y * size + x) as usize] >= 0.5 { 255 } else { 0 }])
-    });
+    let mask =
+        GrayImage::from_fn(size, size, |x, y| image::Luma([if opacity[(y * size + x) as usize] >= 0.5 { 255 } else { 0 }]));
     let bbox = mask_bbox(&mask)?;
     let last = (size - 1) as f64;
     if bbox.x_min <= 0.0 || bbox.y_min <= 0.0 || bbox.x_max >= last || bbox.y_max >= last {
@@ -244,8 +242,7 @@ pub fn input_view(
     known_intrinsics: Option<Intrinsics>,
     cfg: &PoseInitConfig,
 ) -> Result<InputView> {
-    let bbox = mask_bbox(mask)
-        .ok_or_else(|| Error::Mask { path: "<input>".into(), message: "mask is empty".into() })?;
+    let bbox = mask_bbox(mask).ok_or_else(|| Error::Mask { path: "<input>".into(), message: "mask is empty".into() })?;
     let crop = SquareCrop::around(&bbox, cfg.crop_margin, cfg.score_size)?;
     let colour = if cfg.score == PoseScore::IouColour { crop.resample_rgb(rgb) } else { Vec::new() };
     let contact = BorderContact::of(&bbox, mask.width(), mask.height());
@@ -451,9 +448,9 @@ pub fn score(input: &InputView, cand: &Candidate, cfg: &PoseInitConfig) -> Optio
     let iou = || soft_iou(&input.silhouette, &cand.silhouette);
     match cfg.score {
         PoseScore::Iou => Some(iou()),
-        PoseScore::IouColour => Some(
-            iou() - cfg.colour_weight * colour_distance(&input.silhouette, &input.colour, &cand.silhouette, &cand.colour),
-        ),
+        PoseScore::IouColour => {
+            Some(iou() - cfg.colour_weight * colour_distance(&input.silhouette, &input.colour, &cand.silhouette, &cand.colour))
+        }
         PoseScore::Semantic => candidate_semantic_distance(input, cand, cfg.score_size).map(|d| -d),
         PoseScore::SemanticIou => {
             candidate_semantic_distance(input, cand, cfg.score_size).map(|d| iou() - cfg.semantic_weight * d)
@@ -493,9 +490,9 @@ pub fn place_candidate(input: &InputView, frame: &FrameView, cand: &Candidate, s
     let scales: Vec<f64> = match (sx, sy) {
         (Some(a), Some(b)) => vec![(a * b).sqrt()],
         (Some(a), None) | (None, Some(a)) => vec![a],
-        (None, None) => (0..PLACEMENT_SCALES)
-            .map(|k| s_min * PLACEMENT_SCALE_RANGE.powf(k as f64 / (PLACEMENT_SCALES - 1) as f64))
-            .collect(),
+        (None, None) => {
+            (0..PLACEMENT_SCALES).map(|k| s_min * PLACEMENT_SCALE_RANGE.powf(k as f64 / (PLACEMENT_SCALES - 1) as f64)).collect()
+        }
     };
     // Centre positions along one axis for scale `s`: uncut edges meet the candidate's edges; an
     // axis cut at both ends keeps the candidate covering the visible extent.
@@ -601,7 +598,13 @@ pub fn placed_semantic_distance(input: &InputView, cand: &Candidate, placed: &Pl
 
 /// Scores a truncated input against a placed candidate (higher is better), as [`score`] does for
 /// whole objects: the placement's IoU, the placed semantic distance, or both.
-pub fn score_placed(input: &InputView, cand: &Candidate, placed: &Placement, cfg: &PoseInitConfig, score_size: u32) -> Option<f32> {
+pub fn score_placed(
+    input: &InputView,
+    cand: &Candidate,
+    placed: &Placement,
+    cfg: &PoseInitConfig,
+    score_size: u32,
+) -> Option<f32> {
     match cfg.score {
         PoseScore::Iou | PoseScore::IouColour => Some(placed.iou),
         PoseScore::Semantic => placed_semantic_distance(input, cand, placed, score_size).map(|d| -d),
@@ -696,12 +699,8 @@ fn best_fov_group(set: &CandidateSet, input: &InputView, k: &Intrinsics, groups:
     let input_angle = input.crop.side / (0.5 * (k.fx + k.fy));
     let mut best = (f64::INFINITY, 0);
     for g in 0..groups {
-        let angles: Vec<f64> = set
-            .candidates
-            .iter()
-            .filter(|c| c.fov_group == g)
-            .map(|c| c.crop.side / c.intrinsics.fx)
-            .collect();
+        let angles: Vec<f64> =
+            set.candidates.iter().filter(|c| c.fov_group == g).map(|c| c.crop.side / c.intrinsics.fx).collect();
         if angles.is_empty() {
             continue;
         }
@@ -744,10 +743,7 @@ pub fn pose_from_candidate(
     let ray = intrinsics.ray_direction(&origin_image).normalize();
     let align = Rotation3::rotation_between(&Vector3::z(), &ray).unwrap_or_else(Rotation3::identity);
     let rotation = align * cand.camera_from_object.rotation.to_rotation_matrix();
-    let pose = Isometry3::from_parts(
-        Translation3::from(ray * distance),
-        UnitQuaternion::from_rotation_matrix(&rotation),
-    );
+    let pose = Isometry3::from_parts(Translation3::from(ray * distance), UnitQuaternion::from_rotation_matrix(&rotation));
     if !pose.to_homogeneous().iter().all(|v| v.is_finite()) {
         return Err(Error::Numerical("pose from candidate is not finite".into()));
     }

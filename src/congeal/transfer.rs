@@ -8,87 +8,25 @@
 //!
 //! The paper's 2D baseline (Eq. 18, [`transfer_2d`]): the target mask pixel whose DINOv2 feature is
 //! nearest (cosine) to the source pixel's.
+//!
+//! [`ReverseMap`]: crate::congeal::coord_maps::ReverseMap
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::collection::{Collection, SquareCrop};
-use crate::congeal::coord_maps::{FeatureGrid, ReverseMap, Warp};
+use crate::congeal::coord_maps::reverse::find_image;
+use crate::congeal::coord_maps::{reverse_map, FeatureGrid, NocsMap};
 use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::error::{Error, Result};
-use crate::output::read_nocs_png;
 use crate::output::result::RunResult;
-
-/// A coordinate-map warp as stored in a run (`warps/NNN.json`): the image's square feature window
-/// and the warp over its unit square.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct StoredWarp {
-    /// The window (image pixels) whose unit square the warp is defined on.
-    pub crop: SquareCrop,
-    /// The warp u -> ũ.
-    pub warp: Warp,
-}
-
-impl StoredWarp {
-    /// ũ of image pixel `p`, in image pixels.
-    pub fn apply_pixel(&self, p: [f64; 2]) -> [f64; 2] {
-        let c = self.crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
-        let size = self.crop.size as f64;
-        let u = self.warp.apply([(c.x + 0.5) / size, (c.y + 0.5) / size]);
-        let q = self.crop.image_from_crop(nalgebra::Point2::new(u[0] * size - 0.5, u[1] * size - 0.5));
-        [q.x, q.y]
-    }
-}
 
 /// Largest NOCS distance (normalised units) at which a target pixel still counts as the same point;
 /// beyond it the point is reported as not visible in the target.
 pub const MAX_NOCS_DISTANCE: f32 = 0.08;
 
-/// One image's forward map.
-#[derive(Clone, Debug)]
-pub struct NocsMap {
-    /// Width, pixels.
-    pub width: u32,
-    /// Height, pixels.
-    pub height: u32,
-    /// NOCS per pixel (row-major); `None` off the object.
-    pub nocs: Vec<Option<[f32; 3]>>,
-}
-
-impl NocsMap {
-    /// Reads a run's 16-bit NOCS PNG (background = all zero).
-    pub fn load(path: &Path) -> Result<Self> {
-        let (width, height, values) = read_nocs_png(path)?;
-        let nocs = values.into_iter().map(|v| if v.iter().any(|c| *c > 0.0) { Some(v) } else { None }).collect();
-        Ok(Self { width, height, nocs })
-    }
-
-    /// The NOCS at a (sub)pixel position, nearest pixel; `None` off the object or the image.
-    pub fn at(&self, x: f64, y: f64) -> Option<[f32; 3]> {
-        let (u, v) = (x.round(), y.round());
-        if !(u >= 0.0 && v >= 0.0 && u < self.width as f64 && v < self.height as f64) {
-            return None;
-        }
-        self.nocs[(v as u32 * self.width + u as u32) as usize]
-    }
-
-    /// Reverse map: the pixel whose NOCS is nearest to `target`, if within `max_distance`.
-    pub fn find(&self, target: [f32; 3], max_distance: f32) -> Option<[f64; 2]> {
-        let mut best = (max_distance * max_distance, None);
-        for (i, n) in self.nocs.iter().enumerate() {
-            if let Some(n) = n {
-                let d = (n[0] - target[0]).powi(2) + (n[1] - target[1]).powi(2) + (n[2] - target[2]).powi(2);
-                if d <= best.0 {
-                    best = (d, Some(i));
-                }
-            }
-        }
-        best.1.map(|i| [(i as u32 % self.width) as f64, (i as u32 / self.width) as f64])
-    }
-}
-
-/// One transfer request (DESIGN.md: PAIRS.json entries).
+/// One transfer request: an entry of the `--pairs` file of `congeal transfer` (README, "Command line").
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TransferPair {
     /// Source image file as in result.json (e.g. `rgb/000.png`).
@@ -103,47 +41,6 @@ pub struct TransferPair {
     /// Ground-truth target pixels, if the pairs file has them (kept as is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gt: Option<Vec<Option<[f64; 2]>>>,
-}
-
-/// Builds the reverse map (Eq. 12-13) of a run's image from its NOCS rendering, its warp (identity
-/// when the run has none) and its forward map's pixels.
-pub fn reverse_map(run_dir: &Path, run: &RunResult, file: &str) -> Result<Option<ReverseMap>> {
-    let image = find_image(run_dir, run, file)?;
-    let (Some(render_file), Some(nocs_file)) = (&image.nocs_render, &image.nocs) else { return Ok(None) };
-    let rendered = NocsMap::load(&run_dir.join(render_file))?;
-    let forward = NocsMap::load(&run_dir.join(nocs_file))?;
-    let warp: Option<StoredWarp> = match &image.warp {
-        Some(w) => {
-            let path = run_dir.join(w);
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            Some(serde_json::from_str(&text).map_err(|e| Error::Run { path, message: e.to_string() })?)
-        }
-        None => None,
-    };
-    let pixel = |i: usize, w: u32| [(i as u32 % w) as f64, (i as u32 / w) as f64];
-    let rendering: Vec<([f64; 2], [f32; 3])> =
-        rendered.nocs.iter().enumerate().filter_map(|(i, n)| n.map(|n| (pixel(i, rendered.width), n))).collect();
-    let warped: Vec<([f64; 2], [f64; 2])> = forward
-        .nocs
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.is_some())
-        .map(|(i, _)| {
-            let p = pixel(i, forward.width);
-            (p, warp.as_ref().map_or(p, |w| w.apply_pixel(p)))
-        })
-        .collect();
-    if rendering.is_empty() || warped.is_empty() {
-        return Ok(None);
-    }
-    ReverseMap::new(&rendering, &warped).map(Some)
-}
-
-fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> Result<&'a crate::output::result::ImageResult> {
-    run.images.iter().find(|i| i.file == file).ok_or_else(|| Error::Run {
-        path: run_dir.join("result.json"),
-        message: format!("image {file} is not in the run"),
-    })
 }
 
 /// Transfers points from `src` to `dst` of a run (Eq. 17); `None` for points off the source mask or
@@ -211,9 +108,8 @@ pub const MISSING_NOCS_DISTANCE: f32 = 0.87;
 pub fn joint_cost(cosine: f32, src_nocs: Option<[f32; 3]>, dst_nocs: Option<[f32; 3]>, nocs_weight: f32) -> f32 {
     let feature = 1.0 - cosine;
     let Some(a) = src_nocs else { return feature };
-    let d = dst_nocs.map_or(MISSING_NOCS_DISTANCE, |b| {
-        ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
-    });
+    let d = dst_nocs
+        .map_or(MISSING_NOCS_DISTANCE, |b| ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt());
     feature + nocs_weight * d
 }
 
@@ -305,7 +201,10 @@ impl<'a> Transfer2d<'a> {
                 let rgb = crate::collection::load_rgb(&collection.rgb_path(i)?)?;
                 let mask = crate::collection::load_mask(mask_path)?;
                 if mask.dimensions() != rgb.dimensions() {
-                    return Err(Error::Mask { path: mask_path.clone(), message: "the run's mask does not match the image size".into() });
+                    return Err(Error::Mask {
+                        path: mask_path.clone(),
+                        message: "the run's mask does not match the image size".into(),
+                    });
                 }
                 Ok(crate::collection::LoadedImage { rgb, mask })
             }
@@ -322,7 +221,11 @@ impl<'a> Transfer2d<'a> {
         let (Some(ba), Some(bb)) = boxes else { return Ok(vec![None; points.len()]) };
         let on_mask = |p: &[f64; 2]| {
             let (x, y) = (p[0].round(), p[1].round());
-            x >= 0.0 && y >= 0.0 && (x as u32) < a.mask.width() && (y as u32) < a.mask.height() && a.mask.get_pixel(x as u32, y as u32)[0] >= 128
+            x >= 0.0
+                && y >= 0.0
+                && (x as u32) < a.mask.width()
+                && (y as u32) < a.mask.height()
+                && a.mask.get_pixel(x as u32, y as u32)[0] >= 128
         };
         Ok(points
             .iter()
@@ -431,17 +334,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reverse_map_finds_nearest_and_refuses_far_points() {
-        let nocs = vec![None, Some([0.1, 0.1, 0.1]), Some([0.5, 0.5, 0.5]), None];
-        let m = NocsMap { width: 2, height: 2, nocs };
-        assert_eq!(m.find([0.12, 0.1, 0.1], 0.08), Some([1.0, 0.0]));
-        assert_eq!(m.find([0.48, 0.5, 0.5], 0.08), Some([0.0, 1.0]));
-        assert_eq!(m.find([0.9, 0.9, 0.9], 0.08), None);
-        assert_eq!(m.at(1.2, -0.3), Some([0.1, 0.1, 0.1]));
-        assert_eq!(m.at(0.0, 0.0), None);
-        assert_eq!(m.at(5.0, 0.0), None);
-    }
-
     /// A synthetic pair where the feature-nearest pixel (A: cos 0.9, 0.5 away in NOCS) and the
     /// NOCS-nearest pixel (B: cos 0.6, same NOCS) disagree: the joint cost picks A while
     /// `0.1 + 0.5 w < 0.4` (w < 0.6) and B beyond, as documented.

@@ -8,6 +8,7 @@
 //! drag the alignment of the rest. Translation errors are *relative*: the distance between
 //! camera centres divided by the ground-truth camera's distance to the object origin (unitless).
 
+pub mod masks;
 pub mod pairs;
 pub mod report;
 
@@ -110,6 +111,28 @@ pub struct PoseEvaluation {
 ///
 /// Errors: length mismatch, fewer than 3 images, NaN/inf poses, a ground-truth camera at the object origin,
 /// or degenerate camera centres.
+///
+/// # Examples
+///
+/// ```
+/// use congeal::eval::evaluate_poses;
+/// use congeal::geometry::se3::orbit_camera_from_object;
+///
+/// let gt: Vec<_> = (0..6).map(|i| orbit_camera_from_object(60.0 * i as f64, 20.0, 3.0)).collect();
+/// // The same cameras in a predicted object frame of half the scale: only the alignment sees through it.
+/// let pred: Vec<_> = gt
+///     .iter()
+///     .map(|p| {
+///         let mut q = *p;
+///         q.translation.vector *= 0.5;
+///         q
+///     })
+///     .collect();
+/// let eval = evaluate_poses(&pred, &gt)?;
+/// assert!(eval.rotation_deg_aligned.median < 1e-6 && eval.translation_aligned.median < 1e-6);
+/// assert!((eval.translation_unaligned.median - 0.5).abs() < 1e-9);
+/// # Ok::<(), congeal::Error>(())
+/// ```
 pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<PoseEvaluation> {
     if pred.len() != gt.len() {
         return Err(Error::InvalidInput(format!(
@@ -121,8 +144,7 @@ pub fn evaluate_poses(pred: &[Isometry3<f64>], gt: &[Isometry3<f64>]) -> Result<
     if pred.len() < 3 {
         return Err(Error::InvalidInput(format!("evaluate_poses: need at least 3 images, got {}", pred.len())));
     }
-    let finite =
-        |t: &Isometry3<f64>| t.translation.vector.iter().chain(t.rotation.coords.iter()).all(|v| v.is_finite());
+    let finite = |t: &Isometry3<f64>| t.translation.vector.iter().chain(t.rotation.coords.iter()).all(|v| v.is_finite());
     if !pred.iter().chain(gt).all(finite) {
         return Err(Error::InvalidInput("evaluate_poses: poses contain NaN or inf".into()));
     }
@@ -197,20 +219,7 @@ mod tests {
     use crate::geometry::se3::{orbit_camera_from_object, se3_exp};
     use nalgebra::{Translation3, UnitQuaternion, Vector3, Vector6};
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
+    use crate::test_util::Rng;
 
     fn gt_cameras(rng: &mut Rng, n: usize) -> Vec<Isometry3<f64>> {
         (0..n)

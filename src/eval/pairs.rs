@@ -1,6 +1,6 @@
 //! Keypoint-transfer ground truth built from a collection's NOCS maps, and PCK@alpha reports.
 //!
-//! Single-instance (FORMAT.md): decode the canonical point `X` at a source mask pixel, project it with
+//! Single-instance (ground-truth NOCS and poses): decode the canonical point `X` at a source mask pixel, project it with
 //! the target's pose; it is visible when it lands on the target mask and the target's NOCS decodes to
 //! `X` within `tolerance` x the bbox diagonal. Cross-instance (different objects in one canonical
 //! frame, NOCS normalised per instance): the target mask pixel with the nearest *normalised* NOCS,
@@ -171,7 +171,9 @@ pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -
     let wide: Vec<TransferPair> = pairs
         .iter()
         .filter(|p| {
-            let az = |f: &str| find(f).and_then(|i| collection.images[i].ground_truth.as_ref()).map(|g| azimuth_deg(&g.camera_from_object));
+            let az = |f: &str| {
+                find(f).and_then(|i| collection.images[i].ground_truth.as_ref()).map(|g| azimuth_deg(&g.camera_from_object))
+            };
             match (az(&p.src), az(&p.dst)) {
                 (Some(a), Some(b)) => {
                     let d = (a - b).rem_euclid(360.0);

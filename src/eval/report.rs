@@ -51,9 +51,7 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
     let mut nocs_errors = Vec::new();
     let mut per_nocs = Vec::new();
     for image in &run.images {
-        let Some((idx, entry)) =
-            collection.images.iter().enumerate().find(|(_, e)| e.rgb.to_string_lossy() == image.file)
-        else {
+        let Some((idx, entry)) = collection.images.iter().enumerate().find(|(_, e)| e.rgb.to_string_lossy() == image.file) else {
             continue;
         };
         let Some(truth) = &entry.ground_truth else { continue };
@@ -79,7 +77,13 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
         per_nocs.push(err);
     }
     if pred.len() < MIN_POSES {
-        return Ok(RunEvaluation { collection: collection.name.clone(), n_evaluated: 0, poses: None, nocs: None, per_image: Vec::new() });
+        return Ok(RunEvaluation {
+            collection: collection.name.clone(),
+            n_evaluated: 0,
+            poses: None,
+            nocs: None,
+            per_image: Vec::new(),
+        });
     }
     let poses = evaluate_poses(&pred, &gt)?;
     let per_image = files

@@ -253,7 +253,13 @@ impl CustomOp2 for FusedOpacity {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, arg1: &Tensor, arg2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let o = arg1.flatten_all()?.to_vec1::<f32>()?;
         let d = arg2.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.flatten_all()?.to_vec1::<f32>()?;

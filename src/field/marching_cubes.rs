@@ -81,6 +81,30 @@ fn topology() -> Topology {
 ///
 /// # Panics
 /// If `values.len()` differs from `dims[0] * dims[1] * dims[2]`.
+///
+/// # Examples
+///
+/// ```
+/// use congeal::field::marching_cubes::marching_cubes;
+///
+/// // A ball of radius 0.5: value 1 inside, 0 outside, on a 16^3 grid over [-1, 1]^3.
+/// let n = 16;
+/// let centre = |i: usize| -1.0 + (i as f32 + 0.5) * 2.0 / n as f32;
+/// let mut values = Vec::with_capacity(n * n * n);
+/// for z in 0..n {
+///     for y in 0..n {
+///         for x in 0..n {
+///             let r = (centre(x).powi(2) + centre(y).powi(2) + centre(z).powi(2)).sqrt();
+///             values.push(if r < 0.5 { 1.0 } else { 0.0 });
+///         }
+///     }
+/// }
+/// let mesh = marching_cubes(&values, [n, n, n], [-1.0; 3], [1.0; 3], 0.5);
+/// assert!(mesh.num_triangles() > 0);
+/// let (lo, hi) = mesh.bbox()?;
+/// assert!(lo.iter().all(|v| (-0.7..-0.4).contains(v)) && hi.iter().all(|v| (0.4..0.7).contains(v)));
+/// # Ok::<(), congeal::Error>(())
+/// ```
 pub fn marching_cubes(values: &[f32], dims: [usize; 3], bbox_min: [f32; 3], bbox_max: [f32; 3], iso: f32) -> TriangleMesh {
     let [nx, ny, nz] = dims;
     assert_eq!(values.len(), nx * ny * nz, "marching_cubes: {} values for dims {dims:?}", values.len());

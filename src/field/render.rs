@@ -40,11 +40,7 @@ impl CameraBatch {
     /// Constant cameras from poses (translation already in normalised units) and intrinsics.
     pub fn from_poses(camera_from_object: &[Isometry3<f64>], intrinsics: &[Intrinsics], device: &Device) -> Result<Self> {
         if camera_from_object.len() != intrinsics.len() || camera_from_object.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "{} poses for {} intrinsics",
-                camera_from_object.len(),
-                intrinsics.len()
-            )));
+            return Err(Error::InvalidInput(format!("{} poses for {} intrinsics", camera_from_object.len(), intrinsics.len())));
         }
         let n = camera_from_object.len();
         let mut rot = Vec::with_capacity(n * 9);
@@ -90,9 +86,9 @@ impl CameraBatch {
         let xy = centred.broadcast_div(&self.focal.reshape((n, 1, 1))?)?;
         let ones = Tensor::ones((n, m, 1), xy.dtype(), xy.device())?;
         let d_cam = Tensor::cat(&[&xy, &ones], 2)?; // [N, M, 3]
-        // Object frame: d_obj = R^T d_cam, i.e. row vectors d_obj^T = d_cam^T R.
+                                                    // Object frame: d_obj = R^T d_cam, i.e. row vectors d_obj^T = d_cam^T R.
         let d_obj = d_cam.matmul(&self.rotation)?; // [N, M, 3]
-        // Camera centre in the object frame: o = -R^T t.
+                                                   // Camera centre in the object frame: o = -R^T t.
         let origin = self.translation.unsqueeze(1)?.matmul(&self.rotation)?.neg()?; // [N, 1, 3]
         let origins = origin.broadcast_as((n, m, 3))?.reshape((n * m, 3))?;
         Ok(Rays { origins, directions: d_obj.reshape((n * m, 3))? })
@@ -152,10 +148,7 @@ pub fn render_rays_tensor(field: &CanonicalField, rays: &Rays, samples: usize, w
     let steps = Tensor::from_vec(steps, (1, samples), device)?;
     let span = (&far - &near)?; // [R, 1]
     let t = near.broadcast_add(&span.broadcast_mul(&steps)?)?; // [R, S], detached
-    let points = rays
-        .origins
-        .unsqueeze(1)?
-        .broadcast_add(&rays.directions.unsqueeze(1)?.broadcast_mul(&t.unsqueeze(2)?)?)?; // [R, S, 3]
+    let points = rays.origins.unsqueeze(1)?.broadcast_add(&rays.directions.unsqueeze(1)?.broadcast_mul(&t.unsqueeze(2)?)?)?; // [R, S, 3]
     let points = points.reshape((r * samples, 3))?;
     let dir_len = rays.directions.detach().sqr()?.sum_keepdim(1)?.sqrt()?; // [R, 1]
     let delta = (span * &dir_len)?.affine(1.0 / samples as f64, 0.0)?; // [R, 1] metric step
@@ -263,13 +256,15 @@ pub fn render_rays_host(
         }
         if let Some(n) = rendering.nocs {
             let n = to_triples(&n)?;
-            out.nocs.extend(n.iter().zip(&opacity).map(|(n, a)| {
-                if *a > 1e-4 {
-                    n.map(|v| (v / a).clamp(0.0, 1.0))
-                } else {
-                    [0.0; 3]
-                }
-            }));
+            out.nocs.extend(n.iter().zip(&opacity).map(
+                |(n, a)| {
+                    if *a > 1e-4 {
+                        n.map(|v| (v / a).clamp(0.0, 1.0))
+                    } else {
+                        [0.0; 3]
+                    }
+                },
+            ));
         }
         out.opacity.extend(opacity);
         start += len;

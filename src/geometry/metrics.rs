@@ -10,8 +10,7 @@ use nalgebra::Rotation3;
 pub fn rotation_error_deg(a: &Rotation3<f64>, b: &Rotation3<f64>) -> f64 {
     let m = a.matrix().transpose() * b.matrix();
     let cos = ((m.trace() - 1.0) * 0.5).clamp(-1.0, 1.0);
-    let sin = 0.5
-        * ((m[(2, 1)] - m[(1, 2)]).powi(2) + (m[(0, 2)] - m[(2, 0)]).powi(2) + (m[(1, 0)] - m[(0, 1)]).powi(2)).sqrt();
+    let sin = 0.5 * ((m[(2, 1)] - m[(1, 2)]).powi(2) + (m[(0, 2)] - m[(2, 0)]).powi(2) + (m[(1, 0)] - m[(0, 1)]).powi(2)).sqrt();
     sin.atan2(cos).to_degrees()
 }
 

@@ -10,7 +10,7 @@ pub mod sim3;
 pub use camera::Intrinsics;
 pub use metrics::rotation_error_deg;
 pub use se3::{
-    camera_centre, isometry_from_row_major, isometry_to_row_major, orbit_camera_from_object, se3_exp, se3_log,
-    skew, so3_exp, so3_log,
+    camera_centre, isometry_from_row_major, isometry_to_row_major, orbit_camera_from_object, se3_exp, se3_log, skew, so3_exp,
+    so3_log,
 };
 pub use sim3::{align_camera_poses, umeyama, Sim3};

@@ -99,6 +99,22 @@ pub fn se3_log(t: &Isometry3<f64>) -> Vector6<f64> {
 /// `(cos a, 0, -sin a)`; at elevation +-90 the camera y axis is the continuous limit
 /// `(+-sin a, 0, +-cos a)`, so the pose stays finite and well defined there. `radius` should be positive and
 /// finite (a negative radius places the camera behind its own view direction).
+///
+/// # Examples
+///
+/// ```
+/// use congeal::geometry::se3::orbit_camera_from_object;
+/// use nalgebra::{Point3, Vector3};
+///
+/// // A camera 2 units from the object, on its +z side and level with it.
+/// let camera_from_object = orbit_camera_from_object(0.0, 0.0, 2.0);
+/// // The object origin lies on the optical axis, 2 units ahead (OpenCV: +z forward).
+/// let origin = camera_from_object * Point3::origin();
+/// assert!((origin - Point3::new(0.0, 0.0, 2.0)).norm() < 1e-12);
+/// // Object +y (up) points up in the image (negative camera y).
+/// let up = camera_from_object * Vector3::y();
+/// assert!((up - Vector3::new(0.0, -1.0, 0.0)).norm() < 1e-12);
+/// ```
 pub fn orbit_camera_from_object(azimuth_deg: f64, elevation_deg: f64, radius: f64) -> Isometry3<f64> {
     let (sin_a, cos_a) = azimuth_deg.to_radians().sin_cos();
     let (sin_e, cos_e) = elevation_deg.to_radians().sin_cos();
@@ -110,10 +126,7 @@ pub fn orbit_camera_from_object(azimuth_deg: f64, elevation_deg: f64, radius: f6
     let object_from_camera_rot = Rotation3::from_matrix_unchecked(Matrix3::from_columns(&[right, down, forward]));
     let camera_from_object_rot = object_from_camera_rot.inverse();
     let translation = -(camera_from_object_rot * centre_in_object);
-    Isometry3::from_parts(
-        Translation3::from(translation),
-        UnitQuaternion::from_rotation_matrix(&camera_from_object_rot),
-    )
+    Isometry3::from_parts(Translation3::from(translation), UnitQuaternion::from_rotation_matrix(&camera_from_object_rot))
 }
 
 /// The camera centre expressed in the object frame: `-R^T t` for `camera_from_object = (R, t)`.
@@ -173,23 +186,7 @@ mod tests {
     use nalgebra::Matrix4;
     use std::f64::consts::PI;
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn vec3(&mut self, r: f64) -> Vector3<f64> {
-            Vector3::new(self.uniform(-r, r), self.uniform(-r, r), self.uniform(-r, r))
-        }
-    }
+    use crate::test_util::Rng;
 
     /// exp of a square matrix by scaling and squaring with a 30-term Taylor series (independent reference).
     fn expm4(m: &Matrix4<f64>) -> Matrix4<f64> {
@@ -330,10 +327,7 @@ mod tests {
         }
         // And isometry -> log -> exp reproduces the isometry.
         for _ in 0..100 {
-            let t = Isometry3::from_parts(
-                Translation3::from(rng.vec3(5.0)),
-                UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-            );
+            let t = Isometry3::from_parts(Translation3::from(rng.vec3(5.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8)));
             let again = se3_exp(&se3_log(&t));
             assert!((again.to_homogeneous() - t.to_homogeneous()).amax() < 1e-9);
         }
@@ -391,10 +385,7 @@ mod tests {
     fn row_major_round_trip_and_validation() {
         let mut rng = Rng(8);
         for _ in 0..50 {
-            let t = Isometry3::from_parts(
-                Translation3::from(rng.vec3(5.0)),
-                UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-            );
+            let t = Isometry3::from_parts(Translation3::from(rng.vec3(5.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8)));
             let m = isometry_to_row_major(&t);
             let h = t.to_homogeneous();
             for (i, row) in m.iter().enumerate() {

@@ -51,11 +51,7 @@ impl Default for Sim3 {
 /// the rotation about their line undetermined (one least-squares minimiser is returned).
 pub fn umeyama(source: &[Point3<f64>], target: &[Point3<f64>], with_scale: bool) -> Result<Sim3> {
     if source.len() != target.len() {
-        return Err(Error::InvalidInput(format!(
-            "umeyama: {} source points but {} target points",
-            source.len(),
-            target.len()
-        )));
+        return Err(Error::InvalidInput(format!("umeyama: {} source points but {} target points", source.len(), target.len())));
     }
     if source.len() < 3 {
         return Err(Error::InvalidInput(format!("umeyama: need at least 3 point pairs, got {}", source.len())));
@@ -117,10 +113,7 @@ pub fn umeyama(source: &[Point3<f64>], target: &[Point3<f64>], with_scale: bool)
 /// camera centres enter the fit, so at least 3 non-coincident cameras are needed; the orientation of a
 /// collinear camera set is underdetermined. An aligned predicted pose is then
 /// `R_pred * S.R^T` with centre `S(c_pred)`.
-pub fn align_camera_poses(
-    pred_camera_from_object: &[Isometry3<f64>],
-    gt_camera_from_object: &[Isometry3<f64>],
-) -> Result<Sim3> {
+pub fn align_camera_poses(pred_camera_from_object: &[Isometry3<f64>], gt_camera_from_object: &[Isometry3<f64>]) -> Result<Sim3> {
     if pred_camera_from_object.len() != gt_camera_from_object.len() {
         return Err(Error::InvalidInput(format!(
             "align_camera_poses: {} predicted poses but {} ground-truth poses",
@@ -156,14 +149,9 @@ pub fn align_camera_poses_robust(
         .zip(gt_camera_from_object)
         .map(|(p, g)| g.rotation.to_rotation_matrix().inverse() * p.rotation.to_rotation_matrix())
         .collect();
-    let inliers_of = |r: &Rotation3<f64>| -> Vec<usize> {
-        (0..n).filter(|&j| rotation_error_deg(&implied[j], r) < inlier_deg).collect()
-    };
-    let best = implied
-        .iter()
-        .map(&inliers_of)
-        .max_by_key(Vec::len)
-        .ok_or_else(|| Error::InvalidInput("no poses".into()))?;
+    let inliers_of =
+        |r: &Rotation3<f64>| -> Vec<usize> { (0..n).filter(|&j| rotation_error_deg(&implied[j], r) < inlier_deg).collect() };
+    let best = implied.iter().map(&inliers_of).max_by_key(Vec::len).ok_or_else(|| Error::InvalidInput("no poses".into()))?;
     // Chordal mean of the inlier rotations: project the summed matrices onto SO(3).
     let sum: Matrix3<f64> = best.iter().map(|&j| *implied[j].matrix()).sum();
     let svd = sum.svd(true, true);
@@ -188,11 +176,17 @@ pub fn align_camera_poses_robust(
         num += (p.coords - mean_p).dot(&(g.coords - mean_g));
         den += (p.coords - mean_p).norm_squared();
     }
-    let scale = if den > 1e-18 && num > 0.0 { num / den } else {
+    let scale = if den > 1e-18 && num > 0.0 {
+        num / den
+    } else {
         // All inlier centres coincide: match the mean distance to the origin instead.
         let np: f64 = pc.iter().map(|p| p.coords.norm()).sum::<f64>();
         let ng: f64 = gc.iter().map(|p| p.coords.norm()).sum::<f64>();
-        if np > 1e-18 { ng / np } else { 1.0 }
+        if np > 1e-18 {
+            ng / np
+        } else {
+            1.0
+        }
     };
     Ok(Sim3 { scale, rotation, translation: mean_g - scale * mean_p })
 }
@@ -218,7 +212,7 @@ mod tests {
             let mut r_pred_q = nalgebra::UnitQuaternion::from_rotation_matrix(&r_pred);
             if i % 3 == 0 {
                 // A front/back flip about the object's vertical axis.
-                r_pred_q = r_pred_q * nalgebra::UnitQuaternion::from_axis_angle(&Vector3::y_axis(), std::f64::consts::PI);
+                r_pred_q *= nalgebra::UnitQuaternion::from_axis_angle(&Vector3::y_axis(), std::f64::consts::PI);
             }
             let t_pred = -(r_pred_q * c_pred.coords);
             pred.push(Isometry3::from_parts(t_pred.into(), r_pred_q));
@@ -233,29 +227,10 @@ mod tests {
     use super::*;
     use nalgebra::{Translation3, UnitQuaternion};
 
-    /// SplitMix64: tiny deterministic generator for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn vec3(&mut self, r: f64) -> Vector3<f64> {
-            Vector3::new(self.uniform(-r, r), self.uniform(-r, r), self.uniform(-r, r))
-        }
-        fn sim3(&mut self) -> Sim3 {
-            Sim3 {
-                scale: self.uniform(0.2, 5.0),
-                rotation: Rotation3::from_scaled_axis(self.vec3(1.8)),
-                translation: self.vec3(10.0),
-            }
-        }
+    use crate::test_util::Rng;
+
+    fn random_sim3(rng: &mut Rng) -> Sim3 {
+        Sim3 { scale: rng.uniform(0.2, 5.0), rotation: Rotation3::from_scaled_axis(rng.vec3(1.8)), translation: rng.vec3(10.0) }
     }
 
     fn rotation_gap(a: &Rotation3<f64>, b: &Rotation3<f64>) -> f64 {
@@ -266,7 +241,7 @@ mod tests {
     fn inverse_and_transform_are_consistent() {
         let mut rng = Rng(11);
         for _ in 0..20 {
-            let s = rng.sim3();
+            let s = random_sim3(&mut rng);
             let p = Point3::from(rng.vec3(3.0));
             let q = s.transform_point(&p);
             let expected = Point3::from(s.rotation.matrix() * p.coords * s.scale + s.translation);
@@ -281,7 +256,7 @@ mod tests {
     fn umeyama_recovers_known_similarity_exactly() {
         let mut rng = Rng(12);
         for trial in 0..50 {
-            let truth = rng.sim3();
+            let truth = random_sim3(&mut rng);
             let n = 3 + trial % 20;
             let source: Vec<Point3<f64>> = (0..n).map(|_| Point3::from(rng.vec3(2.0))).collect();
             let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p)).collect();
@@ -297,7 +272,7 @@ mod tests {
     fn umeyama_rigid_and_coplanar_and_reflection() {
         let mut rng = Rng(13);
         // Rigid: scale fixed to 1.
-        let mut truth = rng.sim3();
+        let mut truth = random_sim3(&mut rng);
         truth.scale = 1.0;
         let source: Vec<Point3<f64>> = (0..10).map(|_| Point3::from(rng.vec3(2.0))).collect();
         let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p)).collect();
@@ -305,7 +280,7 @@ mod tests {
         assert_eq!(fit.scale, 1.0);
         assert!(rotation_gap(&fit.rotation, &truth.rotation) < 1e-9);
         // Coplanar points (rank-2 covariance), e.g. cameras on a ring: still exact.
-        let truth = rng.sim3();
+        let truth = random_sim3(&mut rng);
         let ring: Vec<Point3<f64>> = (0..8)
             .map(|i| {
                 let a = i as f64 * 0.7;
@@ -326,7 +301,7 @@ mod tests {
     #[test]
     fn umeyama_with_small_noise_is_close() {
         let mut rng = Rng(14);
-        let truth = rng.sim3();
+        let truth = random_sim3(&mut rng);
         let source: Vec<Point3<f64>> = (0..200).map(|_| Point3::from(rng.vec3(2.0))).collect();
         let target: Vec<Point3<f64>> = source.iter().map(|p| truth.transform_point(p) + rng.vec3(1e-3)).collect();
         let fit = umeyama(&source, &target, true).unwrap();
@@ -356,14 +331,9 @@ mod tests {
     #[test]
     fn align_camera_poses_recovers_similarity() {
         let mut rng = Rng(15);
-        let gt_from_pred = rng.sim3();
+        let gt_from_pred = random_sim3(&mut rng);
         let pred: Vec<Isometry3<f64>> = (0..12)
-            .map(|_| {
-                Isometry3::from_parts(
-                    Translation3::from(rng.vec3(3.0)),
-                    UnitQuaternion::from_scaled_axis(rng.vec3(1.8)),
-                )
-            })
+            .map(|_| Isometry3::from_parts(Translation3::from(rng.vec3(3.0)), UnitQuaternion::from_scaled_axis(rng.vec3(1.8))))
             .collect();
         // camera_from_gt = camera_from_pred * pred_from_gt, with the gt world rescaled.
         let gt: Vec<Isometry3<f64>> = pred

@@ -106,11 +106,7 @@ pub fn decode_mask(raw: &RawImage) -> Result<GrayImage> {
 /// Intrinsics from a `sensor_msgs/CameraInfo` K (row-major). `Ok(None)` when K is all zero
 /// (uncalibrated: the FoV is estimated); an error for NaN/inf, non-positive focal lengths, or a size
 /// that differs from the image's.
-pub fn intrinsics_from_camera_info(
-    k: &[f64; 9],
-    info_size: (u32, u32),
-    image_size: (u32, u32),
-) -> Result<Option<Intrinsics>> {
+pub fn intrinsics_from_camera_info(k: &[f64; 9], info_size: (u32, u32), image_size: (u32, u32)) -> Result<Option<Intrinsics>> {
     if k.iter().all(|v| *v == 0.0) {
         return Ok(None);
     }

@@ -218,7 +218,8 @@ mod tests {
 
     fn frame(seed: u8) -> (RgbImage, GrayImage) {
         let rgb = RgbImage::from_fn(40, 30, |x, y| image::Rgb([seed, x as u8, y as u8]));
-        let mask = GrayImage::from_fn(40, 30, |x, y| image::Luma([if (10..30).contains(&x) && (5..25).contains(&y) { 255 } else { 0 }]));
+        let mask =
+            GrayImage::from_fn(40, 30, |x, y| image::Luma([if (10..30).contains(&x) && (5..25).contains(&y) { 255 } else { 0 }]));
         (rgb, mask)
     }
 

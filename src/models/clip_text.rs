@@ -121,17 +121,13 @@ impl ClipTextConfig {
     /// ViT-L set `activation = Activation::QuickGelu` afterwards (its `config.json` says `quick_gelu`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let header = ops::read_safetensors_header(path, WHAT)?;
-        let prefix = if header.shapes.contains_key("text_model.embeddings.token_embedding.weight") {
-            "text_model."
-        } else {
-            ""
-        };
+        let prefix = if header.shapes.contains_key("text_model.embeddings.token_embedding.weight") { "text_model." } else { "" };
         let need = |name: &str, rank: usize| -> Result<Vec<usize>> {
             let full = format!("{prefix}{name}");
             match header.shapes.get(&full) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(weights_msg(path, format!("tensor {full} has shape {s:?}, expected rank {rank}"))),
-                None => Err(weights_msg(
+                Some(s) => Err(Error::weights(path, format!("tensor {full} has shape {s:?}, expected rank {rank}"))),
+                None => Err(Error::weights(
                     path,
                     format!("missing tensor {full}: not a CLIP text encoder in the HF CLIPTextModel naming"),
                 )),
@@ -142,21 +138,19 @@ impl ClipTextConfig {
         let fc1 = need("encoder.layers.0.mlp.fc1.weight", 2)?;
         let (vocab_size, hidden_size) = (tok[0], tok[1]);
         let mut num_hidden_layers = 0;
-        while header
-            .shapes
-            .contains_key(&format!("{prefix}encoder.layers.{num_hidden_layers}.layer_norm1.weight"))
-        {
+        while header.shapes.contains_key(&format!("{prefix}encoder.layers.{num_hidden_layers}.layer_norm1.weight")) {
             num_hidden_layers += 1;
         }
         let num_attention_heads = match header.metadata.get("num_attention_heads") {
-            Some(s) => s.trim().parse::<usize>().map_err(|_| {
-                weights_msg(path, format!("metadata num_attention_heads = {s:?} is not a positive integer"))
-            })?,
+            Some(s) => s
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| Error::weights(path, format!("metadata num_attention_heads = {s:?} is not a positive integer")))?,
             None => hidden_size / 64,
         };
         let activation = match header.metadata.get("hidden_act") {
             Some(s) => Activation::from_hf_name(s).ok_or_else(|| {
-                weights_msg(path, format!("metadata hidden_act = {s:?}: expected \"gelu\" or \"quick_gelu\""))
+                Error::weights(path, format!("metadata hidden_act = {s:?}: expected \"gelu\" or \"quick_gelu\""))
             })?,
             None => Activation::Gelu,
         };
@@ -164,7 +158,7 @@ impl ClipTextConfig {
             Some(s) => s
                 .trim()
                 .parse::<f64>()
-                .map_err(|_| weights_msg(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
+                .map_err(|_| Error::weights(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
             None => 1e-5,
         };
         let cfg = Self {
@@ -177,12 +171,8 @@ impl ClipTextConfig {
             activation,
             layer_norm_eps,
         };
-        cfg.validate().map_err(|e| {
-            weights_msg(
-                path,
-                format!("{e}; set __metadata__ num_attention_heads (else heads = hidden / 64)"),
-            )
-        })?;
+        cfg.validate()
+            .map_err(|e| Error::weights(path, format!("{e}; set __metadata__ num_attention_heads (else heads = hidden / 64)")))?;
         Ok(cfg)
     }
 
@@ -206,13 +196,8 @@ impl ClipTextConfig {
     }
 }
 
-fn weights_msg(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights { path: path.to_path_buf(), message: message.into() }
-}
-
 const WHAT: &str = "a CLIP text encoder in the HF CLIPTextModel naming (text_model.embeddings..., \
                     text_model.encoder.layers.N..., text_model.final_layer_norm)";
-
 
 /// One pre-LN transformer layer.
 #[derive(Debug, Clone)]
@@ -245,13 +230,8 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, heads: usize, mask: &Tensor, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
-        let a = ops::attention(
-            &self.q_proj.forward(&h)?,
-            &self.k_proj.forward(&h)?,
-            &self.v_proj.forward(&h)?,
-            heads,
-            Some(mask),
-        )?;
+        let a =
+            ops::attention(&self.q_proj.forward(&h)?, &self.k_proj.forward(&h)?, &self.v_proj.forward(&h)?, heads, Some(mask))?;
         let x = (x + self.out_proj.forward(&a)?)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&act.apply(&self.fc1.forward(&h)?)?)?;
@@ -277,13 +257,9 @@ impl ClipTextModel {
     pub fn load(path: &Path, cfg: &ClipTextConfig, dtype: DType, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let vb = ops::open_safetensors(path, dtype, device, WHAT)?;
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, e),
+            Error::Tensor(e) => Error::weights(path, format!("{e}; expected {WHAT}")),
             other => other,
         })
     }
@@ -295,9 +271,7 @@ impl ClipTextModel {
         let c = cfg.hidden_size;
         let token_embedding = vb.get((cfg.vocab_size, c), "embeddings.token_embedding.weight")?;
         let position_embedding = vb.get((cfg.max_position_embeddings, c), "embeddings.position_embedding.weight")?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&vb, cfg, i))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::load(&vb, cfg, i)).collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", c, cfg.layer_norm_eps)?;
         Ok(Self { cfg: cfg.clone(), token_embedding, position_embedding, layers, final_layer_norm })
     }
@@ -325,9 +299,8 @@ impl ClipTextModel {
     /// Looks up token ids (`u32 [B, L]`) in the embedding table: `[B, L, hidden]`. Ids must be below
     /// the vocabulary size.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids
-            .dims2()
-            .map_err(|_| Error::InvalidInput(format!("token ids of shape {:?}, expected [B, L]", ids.dims())))?;
+        let (b, l) =
+            ids.dims2().map_err(|_| Error::InvalidInput(format!("token ids of shape {:?}, expected [B, L]", ids.dims())))?;
         if ids.dtype() != DType::U32 {
             return Err(Error::InvalidInput(format!("token ids of dtype {:?}, expected u32", ids.dtype())));
         }
@@ -336,10 +309,7 @@ impl ClipTextModel {
         }
         let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
         if max >= self.cfg.vocab_size {
-            return Err(Error::InvalidInput(format!(
-                "token id {max} out of the vocabulary ({} tokens)",
-                self.cfg.vocab_size
-            )));
+            return Err(Error::InvalidInput(format!("token id {max} out of the vocabulary ({} tokens)", self.cfg.vocab_size)));
         }
         let rows = self.token_embedding.index_select(&ids.flatten_all()?, 0)?;
         Ok(rows.reshape((b, l, self.cfg.hidden_size))?)
@@ -362,10 +332,7 @@ impl ClipTextModel {
             )));
         }
         if skip_last_layers > self.layers.len() {
-            return Err(Error::InvalidInput(format!(
-                "cannot skip {skip_last_layers} of {} layers",
-                self.layers.len()
-            )));
+            return Err(Error::InvalidInput(format!("cannot skip {skip_last_layers} of {} layers", self.layers.len())));
         }
         let dtype = self.dtype();
         let x = token_embeds.to_dtype(dtype)?;
@@ -385,9 +352,7 @@ impl ClipTextModel {
 
 /// `[L, L]`: 0 on and below the diagonal, -inf above (a token attends to itself and earlier ones).
 fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..l * l)
-        .map(|k| if k % l > k / l { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
+    let v: Vec<f32> = (0..l * l).map(|k| if k % l > k / l { f32::NEG_INFINITY } else { 0.0 }).collect();
     Ok(Tensor::from_vec(v, (l, l), device)?.to_dtype(dtype)?)
 }
 

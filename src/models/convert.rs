@@ -68,11 +68,7 @@ const IGNORED_NAMES: &[&str] = &[
 
 /// Prefixes of checkpoint entries no model here uses: EMA copies of the UNet, the autoencoder's
 /// training loss (LPIPS, discriminator), and an OpenCLIP image tower when one was left in.
-const IGNORED_PREFIXES: &[&str] = &[
-    "model_ema.",
-    "first_stage_model.loss.",
-    "cond_stage_model.model.visual.",
-];
+const IGNORED_PREFIXES: &[&str] = &["model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual."];
 
 /// Whether a full checkpoint name is on the ignore list (not converted, reported, no error).
 pub fn is_ignored(name: &str) -> bool {
@@ -128,10 +124,7 @@ pub struct UnetLayout {
 impl UnetLayout {
     /// SD 2.x / MVDream: 4 levels of 2 resnets, attention on the first three.
     pub fn sd2() -> Self {
-        UnetLayout {
-            layers_per_block: 2,
-            attention: vec![true, true, true, false],
-        }
+        UnetLayout { layers_per_block: 2, attention: vec![true, true, true, false] }
     }
 
     /// Number of levels (down blocks, and up blocks).
@@ -142,9 +135,7 @@ impl UnetLayout {
     /// Infers the layout from UNet tensor names (prefix already stripped): levels from the
     /// downsamplers (`input_blocks.{i}.0.op`), resnets per level from the input block count, attention
     /// from the `input_blocks.{i}.1.*` present. The message says what is inconsistent.
-    pub fn infer<'a>(
-        names: impl IntoIterator<Item = &'a str>,
-    ) -> std::result::Result<Self, String> {
+    pub fn infer<'a>(names: impl IntoIterator<Item = &'a str>) -> std::result::Result<Self, String> {
         let mut inputs = BTreeSet::new();
         let mut ops = BTreeSet::new();
         let mut with_attention = BTreeSet::new();
@@ -177,17 +168,10 @@ impl UnetLayout {
         let per = count / levels;
         let expected_ops: BTreeSet<usize> = (1..levels).map(|k| k * per).collect();
         if ops != expected_ops {
-            return Err(format!(
-                "downsamplers at input blocks {ops:?}, expected {expected_ops:?}"
-            ));
+            return Err(format!("downsamplers at input blocks {ops:?}, expected {expected_ops:?}"));
         }
-        let attention = (0..levels)
-            .map(|k| with_attention.iter().any(|&i| i >= 1 && (i - 1) / per == k))
-            .collect();
-        Ok(UnetLayout {
-            layers_per_block: per - 1,
-            attention,
-        })
+        let attention = (0..levels).map(|k| with_attention.iter().any(|&i| i >= 1 && (i - 1) / per == k)).collect();
+        Ok(UnetLayout { layers_per_block: per - 1, attention })
     }
 
     /// Maps one LDM UNet name (`model.diffusion_model.` stripped) to its diffusers name; `None` when
@@ -226,17 +210,12 @@ impl UnetLayout {
                 match (*slot, j == l) {
                     ("0", true) if level + 1 < n => {
                         let (stem, leaf) = param_leaf(rest)?;
-                        (stem == "op")
-                            .then(|| format!("down_blocks.{level}.downsamplers.0.conv.{leaf}"))
+                        (stem == "op").then(|| format!("down_blocks.{level}.downsamplers.0.conv.{leaf}"))
                     }
-                    ("0", false) => Some(format!(
-                        "down_blocks.{level}.resnets.{j}.{}",
-                        unet_resnet(rest)?
-                    )),
-                    ("1", false) if self.attention[level] => Some(format!(
-                        "down_blocks.{level}.attentions.{j}.{}",
-                        unet_transformer(rest)?
-                    )),
+                    ("0", false) => Some(format!("down_blocks.{level}.resnets.{j}.{}", unet_resnet(rest)?)),
+                    ("1", false) if self.attention[level] => {
+                        Some(format!("down_blocks.{level}.attentions.{j}.{}", unet_transformer(rest)?))
+                    }
                     _ => None,
                 }
             }
@@ -244,10 +223,7 @@ impl UnetLayout {
                 let rest = rest.join(".");
                 match *k {
                     "0" => Some(format!("mid_block.resnets.0.{}", unet_resnet(&rest)?)),
-                    "1" => Some(format!(
-                        "mid_block.attentions.0.{}",
-                        unet_transformer(&rest)?
-                    )),
+                    "1" => Some(format!("mid_block.attentions.0.{}", unet_transformer(&rest)?)),
                     "2" => Some(format!("mid_block.resnets.1.{}", unet_resnet(&rest)?)),
                     _ => None,
                 }
@@ -261,15 +237,11 @@ impl UnetLayout {
                 let attention = self.attention[n - 1 - b];
                 let upsampler = || {
                     let (stem, leaf) = param_leaf(rest)?;
-                    (j == l && b + 1 < n && stem == "conv")
-                        .then(|| format!("up_blocks.{b}.upsamplers.0.conv.{leaf}"))
+                    (j == l && b + 1 < n && stem == "conv").then(|| format!("up_blocks.{b}.upsamplers.0.conv.{leaf}"))
                 };
                 match *slot {
                     "0" => Some(format!("up_blocks.{b}.resnets.{j}.{}", unet_resnet(rest)?)),
-                    "1" if attention => Some(format!(
-                        "up_blocks.{b}.attentions.{j}.{}",
-                        unet_transformer(rest)?
-                    )),
+                    "1" if attention => Some(format!("up_blocks.{b}.attentions.{j}.{}", unet_transformer(rest)?)),
                     "1" => upsampler(),
                     "2" if attention => upsampler(),
                     _ => None,
@@ -306,9 +278,7 @@ impl VaeLayout {
         names
             .into_iter()
             .filter_map(|name| {
-                let rest = name
-                    .strip_prefix("encoder.down.")
-                    .or_else(|| name.strip_prefix("decoder.up."))?;
+                let rest = name.strip_prefix("encoder.down.").or_else(|| name.strip_prefix("decoder.up."))?;
                 index(rest.split('.').next()?)
             })
             .max()
@@ -322,8 +292,8 @@ impl VaeLayout {
         let n = self.levels;
         let (stem, leaf) = param_leaf(name)?;
         match stem {
-            "quant_conv" | "post_quant_conv" | "encoder.conv_in" | "encoder.conv_out"
-            | "decoder.conv_in" | "decoder.conv_out" => return Some(name.to_string()),
+            "quant_conv" | "post_quant_conv" | "encoder.conv_in" | "encoder.conv_out" | "decoder.conv_in"
+            | "decoder.conv_out" => return Some(name.to_string()),
             "encoder.norm_out" | "decoder.norm_out" => {
                 return Some(format!("{}.conv_norm_out.{leaf}", &stem[..7]));
             }
@@ -344,11 +314,7 @@ impl VaeLayout {
             ["encoder", "down", i, "block", j, sub] => {
                 let i = index(i)?;
                 (i < n).then_some(())?;
-                Some(format!(
-                    "encoder.down_blocks.{i}.resnets.{}.{}.{leaf}",
-                    index(j)?,
-                    resnet(sub)?
-                ))
+                Some(format!("encoder.down_blocks.{i}.resnets.{}.{}.{leaf}", index(j)?, resnet(sub)?))
             }
             ["encoder", "down", i, "downsample", "conv"] => {
                 let i = index(i)?;
@@ -357,17 +323,11 @@ impl VaeLayout {
             ["decoder", "up", i, "block", j, sub] => {
                 let i = index(i)?;
                 (i < n).then_some(())?;
-                Some(format!(
-                    "decoder.up_blocks.{}.resnets.{}.{}.{leaf}",
-                    n - 1 - i,
-                    index(j)?,
-                    resnet(sub)?
-                ))
+                Some(format!("decoder.up_blocks.{}.resnets.{}.{}.{leaf}", n - 1 - i, index(j)?, resnet(sub)?))
             }
             ["decoder", "up", i, "upsample", "conv"] => {
                 let i = index(i)?;
-                (i >= 1 && i < n)
-                    .then(|| format!("decoder.up_blocks.{}.upsamplers.0.conv.{leaf}", n - 1 - i))
+                (i >= 1 && i < n).then(|| format!("decoder.up_blocks.{}.upsamplers.0.conv.{leaf}", n - 1 - i))
             }
             [side @ ("encoder" | "decoder"), "mid", block, sub] => {
                 let block = match *block {
@@ -407,12 +367,8 @@ pub fn ldm_vae_to_diffusers(name: &str) -> Option<String> {
 /// `.bias` ([`FUSED_QKV`]), which [`convert_ldm_state_dict`] splits into q/k/v projections.
 pub fn open_clip_text_to_hf(name: &str) -> Option<String> {
     match name {
-        "token_embedding.weight" => {
-            return Some("text_model.embeddings.token_embedding.weight".into())
-        }
-        "positional_embedding" => {
-            return Some("text_model.embeddings.position_embedding.weight".into())
-        }
+        "token_embedding.weight" => return Some("text_model.embeddings.token_embedding.weight".into()),
+        "positional_embedding" => return Some("text_model.embeddings.position_embedding.weight".into()),
         "ln_final.weight" => return Some("text_model.final_layer_norm.weight".into()),
         "ln_final.bias" => return Some("text_model.final_layer_norm.bias".into()),
         _ => {}
@@ -487,13 +443,6 @@ pub struct ConvertReport {
 /// The path used in errors about an in-memory state dict.
 const IN_MEMORY: &str = "(in-memory state dict)";
 
-fn weights_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
 /// Converts an LDM / OpenCLIP-named state dict (full names, e.g. `model.diffusion_model.out.2.weight`)
 /// into the three models in our naming. The UNet and autoencoder level structures are inferred from
 /// the names; tensors keep their dtype. Any name that is neither converted nor ignored
@@ -528,7 +477,7 @@ fn route(name: &str) -> Route<'_> {
 
 fn unknown_error(path: &Path, unknown: &[String]) -> Error {
     let shown: Vec<&str> = unknown.iter().take(8).map(String::as_str).collect();
-    weights_err(
+    Error::weights(
         path,
         format!(
             "{} tensor name(s) are neither converted nor on the ignore list, e.g. {}; expected an MVDream / \
@@ -539,27 +488,14 @@ fn unknown_error(path: &Path, unknown: &[String]) -> Error {
     )
 }
 
-fn insert(
-    path: &Path,
-    model: &mut ConvertedModel,
-    from: &str,
-    name: String,
-    t: Tensor,
-) -> Result<()> {
+fn insert(path: &Path, model: &mut ConvertedModel, from: &str, name: String, t: Tensor) -> Result<()> {
     if model.tensors.insert(name.clone(), t).is_some() {
-        return Err(weights_err(
-            path,
-            format!("two checkpoint tensors map to {name} (the second is {from})"),
-        ));
+        return Err(Error::weights(path, format!("two checkpoint tensors map to {name} (the second is {from})")));
     }
     Ok(())
 }
 
-fn convert_at(
-    path: &Path,
-    tensors: Vec<(String, Tensor)>,
-    mut ignored: Vec<String>,
-) -> Result<ConvertedParts> {
+fn convert_at(path: &Path, tensors: Vec<(String, Tensor)>, mut ignored: Vec<String>) -> Result<ConvertedParts> {
     let mut unet_in = Vec::new();
     let mut vae_in = Vec::new();
     let mut text_in = Vec::new();
@@ -574,37 +510,21 @@ fn convert_at(
         }
     }
     if unet_in.is_empty() || vae_in.is_empty() || text_in.is_empty() {
-        let missing: Vec<&str> = [
-            (UNET_PREFIX, &unet_in),
-            (VAE_PREFIX, &vae_in),
-            (TEXT_PREFIX, &text_in),
-        ]
-        .iter()
-        .filter(|(_, v)| v.is_empty())
-        .map(|(p, _)| *p)
-        .collect();
-        return Err(weights_err(
+        let missing: Vec<&str> = [(UNET_PREFIX, &unet_in), (VAE_PREFIX, &vae_in), (TEXT_PREFIX, &text_in)]
+            .iter()
+            .filter(|(_, v)| v.is_empty())
+            .map(|(p, _)| *p)
+            .collect();
+        return Err(Error::weights(
             path,
-            format!(
-                "no {}* tensors; expected an MVDream / SD 2.x LDM checkpoint",
-                missing.join("*, no ")
-            ),
+            format!("no {}* tensors; expected an MVDream / SD 2.x LDM checkpoint", missing.join("*, no ")),
         ));
     }
 
-    let layout = UnetLayout::infer(unet_in.iter().map(|(n, _, _)| n.as_str())).map_err(|m| {
-        weights_err(
-            path,
-            format!("cannot infer the UNet levels from {UNET_PREFIX}*: {m}"),
-        )
-    })?;
-    let vae_layout =
-        VaeLayout::infer(vae_in.iter().map(|(n, _, _)| n.as_str())).ok_or_else(|| {
-            weights_err(
-                path,
-                format!("no {VAE_PREFIX}encoder.down.* / decoder.up.* tensors"),
-            )
-        })?;
+    let layout = UnetLayout::infer(unet_in.iter().map(|(n, _, _)| n.as_str()))
+        .map_err(|m| Error::weights(path, format!("cannot infer the UNet levels from {UNET_PREFIX}*: {m}")))?;
+    let vae_layout = VaeLayout::infer(vae_in.iter().map(|(n, _, _)| n.as_str()))
+        .ok_or_else(|| Error::weights(path, format!("no {VAE_PREFIX}encoder.down.* / decoder.up.* tensors")))?;
 
     let mut parts = ConvertedParts {
         unet_layout: layout.clone(),
@@ -624,15 +544,11 @@ fn convert_at(
             unknown.push(full);
             continue;
         };
-        let is_attn_weight =
-            name.contains(".mid_block.attentions.0.to_") && name.ends_with(".weight");
+        let is_attn_weight = name.contains(".mid_block.attentions.0.to_") && name.ends_with(".weight");
         let t = if is_attn_weight && t.rank() > 2 {
             let dims = t.dims().to_vec();
             if dims[2..].iter().any(|&d| d != 1) {
-                return Err(weights_err(
-                    path,
-                    format!("{full} has shape {dims:?}, expected [C, C, 1, 1]"),
-                ));
+                return Err(Error::weights(path, format!("{full} has shape {dims:?}, expected [C, C, 1, 1]")));
             }
             t.reshape((dims[0], dims[1]))?
         } else {
@@ -648,21 +564,12 @@ fn convert_at(
         if let Some((head, leaf)) = name.split_once(FUSED_QKV) {
             let rows = t.dim(0)?;
             if rows % 3 != 0 || rows == 0 {
-                return Err(weights_err(
-                    path,
-                    format!("{full} has shape {:?}, expected [3C, ...]", t.dims()),
-                ));
+                return Err(Error::weights(path, format!("{full} has shape {:?}, expected [3C, ...]", t.dims())));
             }
             let c = rows / 3;
             for (k, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
                 let part = t.narrow(0, k * c, c)?.contiguous()?;
-                insert(
-                    path,
-                    &mut parts.text_encoder,
-                    &full,
-                    format!("{head}.self_attn.{proj}.{leaf}"),
-                    part,
-                )?;
+                insert(path, &mut parts.text_encoder, &full, format!("{head}.self_attn.{proj}.{leaf}"), part)?;
             }
         } else {
             insert(path, &mut parts.text_encoder, &full, name, t)?;
@@ -680,75 +587,40 @@ fn convert_at(
 
 /// Comma-separated list.
 fn list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
-    items
-        .into_iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    items.into_iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// Fills in the metadata of each part from the names and shapes.
 fn describe(parts: &mut ConvertedParts, layout: &UnetLayout, vae: VaeLayout) {
-    let dim = |m: &ConvertedModel, name: &str, d: usize| {
-        m.tensors.get(name).and_then(|t| t.dims().get(d).copied())
-    };
-    let dtype_of = |m: &ConvertedModel| {
-        list(
-            m.tensors
-                .values()
-                .map(|t| format!("{:?}", t.dtype()))
-                .collect::<BTreeSet<_>>(),
-        )
-    };
+    let dim = |m: &ConvertedModel, name: &str, d: usize| m.tensors.get(name).and_then(|t| t.dims().get(d).copied());
+    let dtype_of = |m: &ConvertedModel| list(m.tensors.values().map(|t| format!("{:?}", t.dtype())).collect::<BTreeSet<_>>());
     for m in [&mut parts.unet, &mut parts.vae, &mut parts.text_encoder] {
         m.metadata.insert("format".into(), "pt".into());
-        m.metadata.insert(
-            "source".into(),
-            "converted from an LDM / OpenCLIP checkpoint by congeal".into(),
-        );
+        m.metadata.insert("source".into(), "converted from an LDM / OpenCLIP checkpoint by congeal".into());
         let dt = dtype_of(m);
         m.metadata.insert("dtype".into(), dt);
     }
 
     // UNet.
     let u = &parts.unet;
-    let channels: Vec<Option<usize>> = (0..layout.levels())
-        .map(|k| dim(u, &format!("down_blocks.{k}.resnets.0.conv1.weight"), 0))
-        .collect();
+    let channels: Vec<Option<usize>> =
+        (0..layout.levels()).map(|k| dim(u, &format!("down_blocks.{k}.resnets.0.conv1.weight"), 0)).collect();
     let mut md = BTreeMap::new();
-    md.insert(
-        "layers_per_block".to_string(),
-        layout.layers_per_block.to_string(),
-    );
+    md.insert("layers_per_block".to_string(), layout.layers_per_block.to_string());
     md.insert(
         "down_block_types".into(),
-        list(layout.attention.iter().map(|&a| {
-            if a {
-                "CrossAttnDownBlock2D"
-            } else {
-                "DownBlock2D"
-            }
-        })),
+        list(layout.attention.iter().map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })),
     );
     md.insert(
         "up_block_types".into(),
-        list(
-            layout
-                .attention
-                .iter()
-                .rev()
-                .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }),
-        ),
+        list(layout.attention.iter().rev().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })),
     );
     if channels.iter().all(Option::is_some) {
         let channels: Vec<usize> = channels.into_iter().flatten().collect();
         md.insert("block_out_channels".into(), list(&channels));
         // SD 2.x / MVDream use 64-channel heads (`num_head_channels: 64`), so heads = channels / 64.
         if channels.iter().all(|c| c % 64 == 0) {
-            md.insert(
-                "num_attention_heads".into(),
-                list(channels.iter().map(|c| c / 64)),
-            );
+            md.insert("num_attention_heads".into(), list(channels.iter().map(|c| c / 64)));
         }
     }
     if let Some(cross) = u
@@ -769,28 +641,15 @@ fn describe(parts: &mut ConvertedParts, layout: &UnetLayout, vae: VaeLayout) {
     let mut md = BTreeMap::new();
     md.insert("layers_per_block".to_string(), {
         let mut n = 0;
-        while v
-            .tensors
-            .contains_key(&format!("encoder.down_blocks.0.resnets.{n}.conv1.weight"))
-        {
+        while v.tensors.contains_key(&format!("encoder.down_blocks.0.resnets.{n}.conv1.weight")) {
             n += 1;
         }
         n.to_string()
     });
-    let channels: Vec<Option<usize>> = (0..vae.levels)
-        .map(|k| {
-            dim(
-                v,
-                &format!("encoder.down_blocks.{k}.resnets.0.conv1.weight"),
-                0,
-            )
-        })
-        .collect();
+    let channels: Vec<Option<usize>> =
+        (0..vae.levels).map(|k| dim(v, &format!("encoder.down_blocks.{k}.resnets.0.conv1.weight"), 0)).collect();
     if channels.iter().all(Option::is_some) {
-        md.insert(
-            "block_out_channels".into(),
-            list(channels.into_iter().flatten()),
-        );
+        md.insert("block_out_channels".into(), list(channels.into_iter().flatten()));
     }
     if let Some(z) = dim(v, "post_quant_conv.weight", 0) {
         md.insert("latent_channels".into(), z.to_string());
@@ -824,27 +683,27 @@ fn describe(parts: &mut ConvertedParts, layout: &UnetLayout, vae: VaeLayout) {
 /// Counts `text_model.encoder.layers.{i}` blocks.
 fn text_layers(m: &ConvertedModel) -> usize {
     let mut n = 0;
-    while m
-        .tensors
-        .contains_key(&format!("text_model.encoder.layers.{n}.layer_norm1.weight"))
-    {
+    while m.tensors.contains_key(&format!("text_model.encoder.layers.{n}.layer_norm1.weight")) {
         n += 1;
     }
     n
 }
 
+/// Tensors with their names, in file order.
+type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads the tensors of a PyTorch zip checkpoint, under `state_dict` when there is one, else at the
 /// top level. Names on the ignore list are listed but not loaded (EMA copies can be gigabytes).
 /// Returns (tensors to convert, ignored names).
-fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> {
+fn read_checkpoint(path: &Path) -> Result<(NamedTensors, Vec<String>)> {
     if !path.is_file() {
-        return Err(weights_err(
-            path,
-            "no such file; expected MVDream's sd-v2.1-base-4view.pt (a PyTorch zip checkpoint)",
-        ));
+        return Err(Error::weights(path, "no such file; expected MVDream's sd-v2.1-base-4view.pt (a PyTorch zip checkpoint)"));
     }
     let unreadable = |e: candle_core::Error| {
-        weights_err(path, format!("cannot read it as a PyTorch zip checkpoint ({e}); expected MVDream's sd-v2.1-base-4view.pt"))
+        Error::weights(
+            path,
+            format!("cannot read it as a PyTorch zip checkpoint ({e}); expected MVDream's sd-v2.1-base-4view.pt"),
+        )
     };
     // A nested checkpoint ({"state_dict": {...}, ...}) fails or gives nothing without the key, and
     // a flat one fails with it ("key not found"): try the nested form first, then the flat one.
@@ -855,10 +714,7 @@ fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> 
     let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
     names.sort();
     if names.is_empty() {
-        return Err(weights_err(
-            path,
-            "no tensors found (neither at the top level nor under `state_dict`)",
-        ));
+        return Err(Error::weights(path, "no tensors found (neither at the top level nor under `state_dict`)"));
     }
     let mut tensors = Vec::with_capacity(names.len());
     let mut ignored = Vec::new();
@@ -869,12 +725,7 @@ fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<String>)> 
         }
         match pth.get(&name).map_err(unreadable)? {
             Some(t) => tensors.push((name, t)),
-            None => {
-                return Err(weights_err(
-                    path,
-                    format!("tensor {name} is listed but cannot be read"),
-                ))
-            }
+            None => return Err(Error::weights(path, format!("tensor {name} is listed but cannot be read"))),
         }
     }
     Ok((tensors, ignored))
@@ -898,44 +749,29 @@ fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
 /// creating the parent folder.
 pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::to_value(&model.metadata).map_err(|e| weights_err(path, e.to_string()))?,
-    );
+    header.insert("__metadata__".into(), serde_json::to_value(&model.metadata).map_err(|e| Error::weights(path, e.to_string()))?);
     // Offsets come from the shapes, so tensors are streamed to the file after the header instead of
     // being gathered in memory (the real UNet is 3.4 GB).
     let mut offset = 0usize;
     for (name, t) in &model.tensors {
-        let dtype = safetensors_dtype(t.dtype()).ok_or_else(|| {
-            weights_err(
-                path,
-                format!(
-                    "tensor {name} has dtype {:?}, which is not written",
-                    t.dtype()
-                ),
-            )
-        })?;
+        let dtype = safetensors_dtype(t.dtype())
+            .ok_or_else(|| Error::weights(path, format!("tensor {name} has dtype {:?}, which is not written", t.dtype())))?;
         let end = offset + t.elem_count() * t.dtype().size_in_bytes();
-        let entry =
-            serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [offset, end] });
+        let entry = serde_json::json!({ "dtype": dtype, "shape": t.dims(), "data_offsets": [offset, end] });
         header.insert(name.clone(), entry);
         offset = end;
     }
-    let mut header = serde_json::to_vec(&header).map_err(|e| weights_err(path, e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::weights(path, e.to_string()))?;
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let mut f =
-        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    f.write_all(&(header.len() as u64).to_le_bytes())
-        .and_then(|()| f.write_all(&header))
-        .map_err(|e| Error::io(path, e))?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+    f.write_all(&(header.len() as u64).to_le_bytes()).and_then(|()| f.write_all(&header)).map_err(|e| Error::io(path, e))?;
     for (name, t) in &model.tensors {
-        t.write_bytes(&mut f)
-            .map_err(|e| weights_err(path, format!("cannot write tensor {name}: {e}")))?;
+        t.write_bytes(&mut f).map_err(|e| Error::weights(path, format!("cannot write tensor {name}: {e}")))?;
     }
     f.flush().map_err(|e| Error::io(path, e))
 }
@@ -947,30 +783,17 @@ pub fn write_safetensors(path: &Path, model: &ConvertedModel) -> Result<()> {
 pub fn convert_mvdream_checkpoint(ckpt: &Path, out_dir: &Path) -> Result<ConvertReport> {
     let (tensors, ignored) = read_checkpoint(ckpt)?;
     let mut parts = convert_at(ckpt, tensors, ignored)?;
-    if !parts
-        .unet
-        .tensors
-        .contains_key("camera_embedding.linear_1.weight")
-    {
-        return Err(weights_err(
+    if !parts.unet.tensors.contains_key("camera_embedding.linear_1.weight") {
+        return Err(Error::weights(
             ckpt,
             format!("no {UNET_PREFIX}camera_embed.* tensors: not an MVDream checkpoint (a plain SD 2.x one?)"),
         ));
     }
-    let file_name = ckpt
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = ckpt.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     for m in [&mut parts.unet, &mut parts.vae, &mut parts.text_encoder] {
-        m.metadata.insert(
-            "source".into(),
-            format!("converted from {file_name} by congeal"),
-        );
+        m.metadata.insert("source".into(), format!("converted from {file_name} by congeal"));
     }
-    let files: Vec<PathBuf> = [UNET_FILE, VAE_FILE, TEXT_ENCODER_FILE]
-        .iter()
-        .map(|f| out_dir.join(f))
-        .collect();
+    let files: Vec<PathBuf> = [UNET_FILE, VAE_FILE, TEXT_ENCODER_FILE].iter().map(|f| out_dir.join(f)).collect();
     write_safetensors(&files[0], &parts.unet)?;
     write_safetensors(&files[1], &parts.vae)?;
     write_safetensors(&files[2], &parts.text_encoder)?;

@@ -21,14 +21,13 @@
 //! The fast LayerNorm and softmax kernels used here cut candle's autograd graph: no gradient flows
 //! through this model.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+use crate::models::ops::{self, read_safetensors_header, SafetensorsHeader};
 
 /// ImageNet mean (RGB) used by DINOv2's preprocessing.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -56,109 +55,23 @@ pub struct Dinov2Config {
     pub swiglu: bool,
 }
 
-/// Tensor names and shapes of a safetensors header, plus its `__metadata__`.
-struct Header {
-    tensors: HashMap<String, Vec<usize>>,
-    metadata: HashMap<String, String>,
-}
-
-fn weights_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
-    let bad = |m: &str| weights_err(path, format!("not a safetensors file ({m})"));
-    if bytes.len() < 8 {
-        return Err(bad("shorter than 8 bytes"));
-    }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&bytes[..8]);
-    let n = u64::from_le_bytes(len8) as usize;
-    let json = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| bad("truncated header"))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| bad(&format!("header is not JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object"))?;
-    let mut tensors = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    if let Some(s) = v.as_str() {
-                        metadata.insert(k.clone(), s.to_string());
-                    }
-                }
-            }
-            continue;
-        }
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| bad(&format!("tensor {name} has no valid shape")))?;
-        tensors.insert(name.clone(), shape);
-    }
-    Ok(Header { tensors, metadata })
-}
-
-fn read_header_only(path: &Path) -> Result<Header> {
-    let mut f = std::fs::File::open(path).map_err(|e| weights_err(path, missing_message(&e)))?;
-    let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| weights_err(path, format!("not a safetensors file ({e})")))?;
-    let n = u64::from_le_bytes(len8);
-    if n > 100 << 20 {
-        return Err(weights_err(
-            path,
-            format!("not a safetensors file (header length {n})"),
-        ));
-    }
-    let mut buf = len8.to_vec();
-    buf.resize(8 + n as usize, 0);
-    f.read_exact(&mut buf[8..]).map_err(|e| {
-        weights_err(
-            path,
-            format!("not a safetensors file (truncated header: {e})"),
-        )
-    })?;
-    parse_header(path, &buf)
-}
-
-fn missing_message(e: &std::io::Error) -> String {
-    format!(
-        "cannot read the DINOv2 safetensors file ({e}); expected a HF-named Dinov2Model file such as \
-         weights/dinov2_vits14.safetensors, which scripts/setup_weights.sh writes"
-    )
-}
+/// What a DINOv2 weight file is expected to be (for errors).
+const WHAT: &str = "a HF-named Dinov2Model file such as weights/dinov2_vits14.safetensors, which scripts/setup_weights.sh writes";
 
 /// The prefix (e.g. `""`, `"dinov2."`, `"backbone."`) in front of `embeddings.cls_token`.
-fn find_prefix(path: &Path, header: &Header) -> Result<String> {
-    let mut found: Vec<&String> = header
-        .tensors
-        .keys()
-        .filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token"))
-        .collect();
+fn find_prefix(path: &Path, header: &SafetensorsHeader) -> Result<String> {
+    let mut found: Vec<&String> =
+        header.shapes.keys().filter(|k| *k == "embeddings.cls_token" || k.ends_with(".embeddings.cls_token")).collect();
     found.sort();
     match found.first() {
         Some(k) => Ok(k[..k.len() - "embeddings.cls_token".len()].to_string()),
-        None => Err(weights_err(
+        None => Err(Error::weights(
             path,
             format!(
                 "no tensor `embeddings.cls_token`: not a DINOv2 file in the HF Dinov2Model naming \
                  ({} tensors, e.g. {:?})",
-                header.tensors.len(),
-                header.tensors.keys().take(3).collect::<Vec<_>>()
+                header.shapes.len(),
+                header.shapes.keys().take(3).collect::<Vec<_>>()
             ),
         )),
     }
@@ -168,21 +81,18 @@ impl Dinov2Config {
     /// Reads only the header of a safetensors file and infers the architecture from the tensor
     /// shapes (and `num_attention_heads` / `layer_norm_eps` metadata when present).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let header = read_header_only(path)?;
+        let header = read_safetensors_header(path, WHAT)?;
         let prefix = find_prefix(path, &header)?;
         Self::infer(path, &header, &prefix)
     }
 
-    fn infer(path: &Path, header: &Header, prefix: &str) -> Result<Self> {
-        let get = |name: &str| header.tensors.get(&format!("{prefix}{name}"));
+    fn infer(path: &Path, header: &SafetensorsHeader, prefix: &str) -> Result<Self> {
+        let get = |name: &str| header.shapes.get(&format!("{prefix}{name}"));
         let need = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match get(name) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(weights_err(
-                    path,
-                    format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"),
-                )),
-                None => Err(weights_err(path, format!("missing tensor {prefix}{name}"))),
+                Some(s) => Err(Error::weights(path, format!("tensor {prefix}{name} has shape {s:?}, expected rank {rank}"))),
+                None => Err(Error::weights(path, format!("missing tensor {prefix}{name}"))),
             }
         };
         let hidden_size = need("embeddings.cls_token", 3)?[2];
@@ -192,7 +102,7 @@ impl Dinov2Config {
         let n_pos = pos[1].saturating_sub(1);
         let pos_grid = (n_pos as f64).sqrt().round() as usize;
         if pos_grid == 0 || pos_grid * pos_grid != n_pos {
-            return Err(weights_err(
+            return Err(Error::weights(
                 path,
                 format!("{prefix}embeddings.position_embeddings has shape {pos:?}: expected [1, 1 + G*G, C]"),
             ));
@@ -202,10 +112,7 @@ impl Dinov2Config {
             num_layers += 1;
         }
         if num_layers == 0 {
-            return Err(weights_err(
-                path,
-                format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)"),
-            ));
+            return Err(Error::weights(path, format!("missing tensor {prefix}encoder.layer.0.norm1.weight (no blocks)")));
         }
         let swiglu = get("encoder.layer.0.mlp.weights_in.weight").is_some();
         let intermediate_size = if swiglu {
@@ -214,16 +121,14 @@ impl Dinov2Config {
             need("encoder.layer.0.mlp.fc1.weight", 2)?[0]
         };
         let num_heads = match header.metadata.get("num_attention_heads") {
-            Some(s) => s.trim().parse::<usize>().map_err(|_| {
-                weights_err(
-                    path,
-                    format!("metadata num_attention_heads = {s:?} is not a positive integer"),
-                )
-            })?,
+            Some(s) => s
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| Error::weights(path, format!("metadata num_attention_heads = {s:?} is not a positive integer")))?,
             None => hidden_size / 64,
         };
         if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
-            return Err(weights_err(
+            return Err(Error::weights(
                 path,
                 format!(
                     "cannot split hidden size {hidden_size} into heads ({num_heads}); set metadata \
@@ -232,24 +137,13 @@ impl Dinov2Config {
             ));
         }
         let layer_norm_eps = match header.metadata.get("layer_norm_eps") {
-            Some(s) => s.trim().parse::<f64>().map_err(|_| {
-                weights_err(
-                    path,
-                    format!("metadata layer_norm_eps = {s:?} is not a number"),
-                )
-            })?,
+            Some(s) => s
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| Error::weights(path, format!("metadata layer_norm_eps = {s:?} is not a number")))?,
             None => 1e-6,
         };
-        Ok(Self {
-            hidden_size,
-            num_layers,
-            num_heads,
-            intermediate_size,
-            patch_size,
-            pos_grid,
-            layer_norm_eps,
-            swiglu,
-        })
+        Ok(Self { hidden_size, num_layers, num_heads, intermediate_size, patch_size, pos_grid, layer_norm_eps, swiglu })
     }
 
     /// Every tensor the model reads, with its shape, in the HF naming (no prefix).
@@ -259,18 +153,9 @@ impl Dinov2Config {
         let i = self.intermediate_size;
         let mut v: Vec<(String, Vec<usize>)> = vec![
             ("embeddings.cls_token".into(), vec![1, 1, c]),
-            (
-                "embeddings.position_embeddings".into(),
-                vec![1, 1 + self.pos_grid * self.pos_grid, c],
-            ),
-            (
-                "embeddings.patch_embeddings.projection.weight".into(),
-                vec![c, 3, p, p],
-            ),
-            (
-                "embeddings.patch_embeddings.projection.bias".into(),
-                vec![c],
-            ),
+            ("embeddings.position_embeddings".into(), vec![1, 1 + self.pos_grid * self.pos_grid, c]),
+            ("embeddings.patch_embeddings.projection.weight".into(), vec![c, 3, p, p]),
+            ("embeddings.patch_embeddings.projection.bias".into(), vec![c]),
             ("layernorm.weight".into(), vec![c]),
             ("layernorm.bias".into(), vec![c]),
         ];
@@ -280,12 +165,9 @@ impl Dinov2Config {
                 v.push((format!("{pre}{n}.weight"), vec![c]));
                 v.push((format!("{pre}{n}.bias"), vec![c]));
             }
-            for n in [
-                "attention.attention.query",
-                "attention.attention.key",
-                "attention.attention.value",
-                "attention.output.dense",
-            ] {
+            for n in
+                ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"]
+            {
                 v.push((format!("{pre}{n}.weight"), vec![c, c]));
                 v.push((format!("{pre}{n}.bias"), vec![c]));
             }
@@ -307,16 +189,14 @@ impl Dinov2Config {
     }
 
     /// Checks a header against [`Self::expected_tensors`], naming every missing or misshapen tensor.
-    fn check(&self, path: &Path, header: &Header, prefix: &str) -> Result<()> {
+    fn check(&self, path: &Path, header: &SafetensorsHeader, prefix: &str) -> Result<()> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
         for (name, shape) in self.expected_tensors() {
             let full = format!("{prefix}{name}");
-            match header.tensors.get(&full) {
+            match header.shapes.get(&full) {
                 None => missing.push(full),
-                Some(s) if *s != shape => {
-                    wrong.push(format!("{full}: found {s:?}, expected {shape:?}"))
-                }
+                Some(s) if *s != shape => wrong.push(format!("{full}: found {s:?}, expected {shape:?}")),
                 Some(_) => {}
             }
         }
@@ -341,7 +221,7 @@ impl Dinov2Config {
         if !wrong.is_empty() {
             msg += &format!(" wrong shapes: {}", wrong.join("; "));
         }
-        Err(weights_err(path, msg))
+        Err(Error::weights(path, msg))
     }
 }
 
@@ -352,21 +232,16 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), &format!("{name}.weight"))?;
-        let b = vb.get(out_dim, &format!("{name}.bias"))?;
-        Ok(Self {
-            w_t: w.t()?.contiguous()?,
-            b,
-        })
+    /// Loads `{name}.weight` `[out, in]` and `{name}.bias` `[out]` (sizes in [`ops::Linear::load`]'s order).
+    fn load(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let ops::Linear { weight, bias } = ops::Linear::load(vb, name, in_dim, out_dim, true)?;
+        let b = bias.ok_or_else(|| Error::InvalidInput(format!("linear layer {name} has no bias")))?;
+        Ok(Self { w_t: weight.t()?.contiguous()?, b })
     }
 
     /// Folds a per-output scale (LayerScale) into the weight and bias.
     fn scaled(self, scale: &Tensor) -> Result<Self> {
-        Ok(Self {
-            w_t: self.w_t.broadcast_mul(scale)?,
-            b: self.b.mul(scale)?,
-        })
+        Ok(Self { w_t: self.w_t.broadcast_mul(scale)?, b: self.b.mul(scale)? })
     }
 
     /// `x` is `[M, in]`.
@@ -383,44 +258,25 @@ struct Norm {
 
 impl Norm {
     fn load(vb: &VarBuilder, name: &str, c: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            w: vb.get(c, &format!("{name}.weight"))?,
-            b: vb.get(c, &format!("{name}.bias"))?,
-            eps: eps as f32,
-        })
+        let ops::LayerNorm { weight, bias, .. } = ops::LayerNorm::load(vb, name, c, eps)?;
+        Ok(Self { w: weight, b: bias, eps: eps as f32 })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.w,
-            &self.b,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps)?)
     }
 }
 
 enum Mlp {
-    Gelu {
-        fc1: Linear,
-        fc2: Linear,
-    },
-    SwiGlu {
-        w_in: Linear,
-        w_out: Linear,
-        hidden: usize,
-    },
+    Gelu { fc1: Linear, fc2: Linear },
+    SwiGlu { w_in: Linear, w_out: Linear, hidden: usize },
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Gelu { fc1, fc2 } => fc2.forward(&gelu_erf(&fc1.forward(x)?)?),
-            Mlp::SwiGlu {
-                w_in,
-                w_out,
-                hidden,
-            } => {
+            Mlp::SwiGlu { w_in, w_out, hidden } => {
                 let h = w_in.forward(x)?;
                 let x1 = h.narrow(1, 0, *hidden)?;
                 let x2 = h.narrow(1, *hidden, *hidden)?;
@@ -475,13 +331,10 @@ impl candle_core::CustomOp1 for FastGeluErf {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast gelu: non-contiguous input".into()))?;
-        let out: Vec<f32> = data[start..end]
-            .iter()
-            .map(|&v| 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2)))
-            .collect();
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast gelu: non-contiguous input".into()))?;
+        let out: Vec<f32> =
+            data[start..end].iter().map(|&v| 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2))).collect();
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -513,9 +366,7 @@ pub(crate) fn fast_exp_nonpositive(x: f32) -> f32 {
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n: the low mantissa bits of (n + 127) + 1.5 * 2^23 hold the biased exponent n + 127.
-    let biased = (n + (127.0 + 12_582_912.0))
-        .to_bits()
-        .wrapping_sub(0x4B40_0000);
+    let biased = (n + (127.0 + 12_582_912.0)).to_bits().wrapping_sub(0x4B40_0000);
     y * f32::from_bits(biased << 23)
 }
 
@@ -563,20 +414,17 @@ impl candle_core::CustomOp1 for FastSoftmax {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
         let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast softmax: non-contiguous input".into()))?;
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast softmax: non-contiguous input".into()))?;
         let src = &data[start..end];
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; src.len()];
         let rows_per_task = (16384 / n).max(1);
-        out.par_chunks_mut(n * rows_per_task)
-            .zip(src.par_chunks(n * rows_per_task))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-                    softmax_row(x, o);
-                }
-            });
+        out.par_chunks_mut(n * rows_per_task).zip(src.par_chunks(n * rows_per_task)).for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                softmax_row(x, o);
+            }
+        });
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -604,25 +452,20 @@ impl Block {
         let d = c / cfg.num_heads;
         let mut scale = vec![1f32; 3 * c];
         scale[..c].fill(1.0 / (d as f32).sqrt());
-        let qkv = Linear {
-            w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?,
-            b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)?,
-        }
-        .scaled(&Tensor::from_vec(scale, 3 * c, vb.device())?)?;
+        let qkv =
+            Linear { w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? }
+                .scaled(&Tensor::from_vec(scale, 3 * c, vb.device())?)?;
         let i = cfg.intermediate_size;
         let ls1 = vb.get(c, "layer_scale1.lambda1")?;
         let ls2 = vb.get(c, "layer_scale2.lambda1")?;
         let mlp = if cfg.swiglu {
             Mlp::SwiGlu {
-                w_in: Linear::load(vb, "mlp.weights_in", 2 * i, c)?,
-                w_out: Linear::load(vb, "mlp.weights_out", c, i)?.scaled(&ls2)?,
+                w_in: Linear::load(vb, "mlp.weights_in", c, 2 * i)?,
+                w_out: Linear::load(vb, "mlp.weights_out", i, c)?.scaled(&ls2)?,
                 hidden: i,
             }
         } else {
-            Mlp::Gelu {
-                fc1: Linear::load(vb, "mlp.fc1", i, c)?,
-                fc2: Linear::load(vb, "mlp.fc2", c, i)?.scaled(&ls2)?,
-            }
+            Mlp::Gelu { fc1: Linear::load(vb, "mlp.fc1", c, i)?, fc2: Linear::load(vb, "mlp.fc2", i, c)?.scaled(&ls2)? }
         };
         Ok(Self {
             norm1: Norm::load(vb, "norm1", c, eps)?,
@@ -638,11 +481,7 @@ impl Block {
         let (b, n, c) = x.dims3()?;
         let d = c / heads;
         let h = self.norm1.forward(x)?.reshape((b * n, c))?;
-        let qkv = self
-            .qkv
-            .forward(&h)?
-            .reshape((b, n, 3, heads, d))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = self.qkv.forward(&h)?.reshape((b, n, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
         let q = qkv.i(0)?.contiguous()?; // already scaled by 1/sqrt(d)
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
@@ -698,20 +537,16 @@ impl Dinov2 {
     /// (see the module docs). A missing/unreadable file, or missing/misshapen tensors, give
     /// [`Error::Weights`] naming the path and what was expected.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| weights_err(path, missing_message(&e)))?;
-        let header = parse_header(path, &bytes)?;
+        let header = read_safetensors_header(path, WHAT)?;
         let prefix = find_prefix(path, &header)?;
         let cfg = Dinov2Config::infer(path, &header, &prefix)?;
         cfg.check(path, &header, &prefix)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::weights(path, format!("cannot read it ({e}); expected {WHAT}")))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
-            .map_err(|e| weights_err(path, format!("cannot parse safetensors: {e}")))?;
-        let vb = if prefix.is_empty() {
-            vb
-        } else {
-            vb.pp(prefix.trim_end_matches('.'))
-        };
+            .map_err(|e| Error::weights(path, format!("cannot parse safetensors: {e}")))?;
+        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => weights_err(path, e.to_string()),
+            Error::Tensor(e) => Error::weights(path, e.to_string()),
             e => e,
         })
     }
@@ -731,28 +566,12 @@ impl Dinov2 {
         let pos_cls = pos.i((0, 0..1))?.contiguous()?;
         let pos_grid = pos.i((0, 1..))?.reshape((g, g * c))?.contiguous()?;
         let proj = emb.pp("patch_embeddings.projection");
-        let patch_w_t = proj
-            .get((c, 3, p, p), "weight")?
-            .reshape((c, 3 * p * p))?
-            .t()?
-            .contiguous()?;
+        let patch_w_t = proj.get((c, 3, p, p), "weight")?.reshape((c, 3 * p * p))?.t()?.contiguous()?;
         let patch_b = proj.get(c, "bias")?;
         let enc = vb.pp("encoder.layer");
-        let blocks = (0..cfg.num_layers)
-            .map(|l| Block::load(&enc.pp(l), &cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.num_layers).map(|l| Block::load(&enc.pp(l), &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = Norm::load(&vb, "layernorm", c, cfg.layer_norm_eps)?;
-        Ok(Self {
-            cfg,
-            cls_token,
-            pos_cls,
-            pos_grid,
-            patch_w_t,
-            patch_b,
-            blocks,
-            norm,
-            device,
-        })
+        Ok(Self { cfg, cls_token, pos_cls, pos_grid, patch_w_t, patch_b, blocks, norm, device })
     }
 
     /// The architecture.
@@ -775,11 +594,7 @@ impl Dinov2 {
             let mh = Tensor::from_vec(bicubic_matrix(g, gh), (gh, g), &self.device)?;
             let mw = Tensor::from_vec(bicubic_matrix(g, gw), (gw, g), &self.device)?;
             let rows = mh.matmul(&self.pos_grid)?.reshape((gh, g, c))?; // interpolated along y
-            mw.unsqueeze(0)?
-                .broadcast_as((gh, gw, g))?
-                .contiguous()?
-                .matmul(&rows)?
-                .reshape((gh * gw, c))?
+            mw.unsqueeze(0)?.broadcast_as((gh, gw, g))?.contiguous()?.matmul(&rows)?.reshape((gh * gw, c))?
         };
         Ok(Tensor::cat(&[&self.pos_cls, &grid], 0)?.unsqueeze(0)?)
     }
@@ -812,18 +627,11 @@ impl Dinov2 {
         let p = self.cfg.patch_size;
         let c = self.cfg.hidden_size;
         let x = pixels.to_dtype(DType::F32)?;
-        let patches = x
-            .reshape((b, 3, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, 3 * p * p))?;
-        let patches = patches
-            .matmul(&self.patch_w_t)?
-            .broadcast_add(&self.patch_b)?
-            .reshape((b, gh * gw, c))?;
+        let patches =
+            x.reshape((b, 3, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((b * gh * gw, 3 * p * p))?;
+        let patches = patches.matmul(&self.patch_w_t)?.broadcast_add(&self.patch_b)?.reshape((b, gh * gw, c))?;
         let cls = self.cls_token.broadcast_as((b, 1, c))?.contiguous()?;
-        let mut x =
-            Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
+        let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(gh, gw)?)?;
         let last = layer.unwrap_or(self.cfg.num_layers - 1);
         for block in &self.blocks[..=last] {
             x = block.forward(&x, self.cfg.num_heads)?;
@@ -840,17 +648,10 @@ impl Dinov2 {
         let (b, gh, gw) = self.check_input(images_01)?;
         let mean = Tensor::from_slice(&IMAGENET_MEAN, (1, 3, 1, 1), images_01.device())?;
         let std = Tensor::from_slice(&IMAGENET_STD, (1, 3, 1, 1), images_01.device())?;
-        let x = images_01
-            .to_dtype(DType::F32)?
-            .broadcast_sub(&mean)?
-            .broadcast_div(&std)?;
+        let x = images_01.to_dtype(DType::F32)?.broadcast_sub(&mean)?.broadcast_div(&std)?;
         let tokens = self.forward_tokens(&x, layer)?;
         let c = self.cfg.hidden_size;
-        Ok(tokens
-            .i((.., 1..))?
-            .reshape((b, gh, gw, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
+        Ok(tokens.i((.., 1..))?.reshape((b, gh, gw, c))?.permute((0, 3, 1, 2))?.contiguous()?)
     }
 }
 
@@ -867,58 +668,25 @@ mod tests {
     fn fast_erf_matches_candle_erf() {
         let xs: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 1e-3).collect();
         let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
-        let reference: Vec<f32> = t
-            .to_dtype(DType::F64)
-            .unwrap()
-            .erf()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let worst = xs
-            .iter()
-            .zip(&reference)
-            .map(|(x, r)| (fast_erf(*x) - r).abs())
-            .fold(0f32, f32::max);
+        let reference: Vec<f32> = t.to_dtype(DType::F64).unwrap().erf().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let worst = xs.iter().zip(&reference).map(|(x, r)| (fast_erf(*x) - r).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-6, "fast erf max error {worst}");
         let g: Vec<f32> = gelu_erf(&t).unwrap().to_vec1().unwrap();
         let gr: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
-        let worst = g
-            .iter()
-            .zip(&gr)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = g.iter().zip(&gr).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "fast gelu max error {worst}");
     }
 
     #[test]
     fn fast_softmax_matches_candle() {
-        let xs: Vec<f32> = (0..7 * 300)
-            .map(|i| ((i as f32 * 0.37).sin() * 40.0) - 3.0)
-            .collect();
+        let xs: Vec<f32> = (0..7 * 300).map(|i| ((i as f32 * 0.37).sin() * 40.0) - 3.0).collect();
         let t = Tensor::from_vec(xs, (7, 300), &Device::Cpu).unwrap();
-        let a: Vec<f32> = softmax_last_dim(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = candle_nn::ops::softmax_last_dim(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs() / y.max(1e-30))
-            .fold(0f32, f32::max);
+        let a: Vec<f32> = softmax_last_dim(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = candle_nn::ops::softmax_last_dim(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.max(1e-30)).fold(0f32, f32::max);
         assert!(worst < 1e-5, "fast softmax relative error {worst}");
         for x in [-100.0f32, -87.0, -20.0, -1.0, -0.3, -1e-4, 0.0] {
-            let rel = (fast_exp_nonpositive(x) as f64 - (x as f64).exp().max(1e-38)).abs()
-                / (x as f64).exp().max(1e-38);
+            let rel = (fast_exp_nonpositive(x) as f64 - (x as f64).exp().max(1e-38)).abs() / (x as f64).exp().max(1e-38);
             assert!(rel < 1e-6 || x < -87.0, "exp({x}) relative error {rel}");
         }
         let nan = Tensor::new(&[[0f32, f32::NAN], [1.0, 2.0]], &Device::Cpu).unwrap();

@@ -1,9 +1,9 @@
 //! Differentiable building blocks shared by the diffusion models (CLIP text encoder, UNet, VAE).
 //!
 //! candle 0.11's fused `LayerNorm::forward` and `ops::softmax_last_dim` silently cut the autograd
-//! graph (DESIGN.md, known pitfalls), and textual inversion and score distillation need gradients
-//! through these networks, so every normalisation and softmax here is written as plain tensor
-//! algebra, which candle differentiates. Norms are computed in f32 whatever the weights' dtype (f16 on
+//! graph (they have no backward; the tests below check ours against them), and textual inversion and
+//! score distillation need gradients through these networks, so every normalisation and softmax here
+//! is written as plain tensor algebra, which candle differentiates. Norms are computed in f32 whatever the weights' dtype (f16 on
 //! GPUs) and cast back, as the reference implementations do.
 
 use std::collections::HashMap;
@@ -32,9 +32,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let out = normed
-        .broadcast_mul(&weight.to_dtype(cd)?)?
-        .broadcast_add(&bias.to_dtype(cd)?)?;
+    let out = normed.broadcast_mul(&weight.to_dtype(cd)?)?.broadcast_add(&bias.to_dtype(cd)?)?;
     Ok(out.to_dtype(dtype)?)
 }
 
@@ -42,7 +40,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// then a per-channel affine transform.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         return Err(Error::InvalidInput(format!("group norm of {dims:?} with {groups} groups")));
     }
     let (b, c) = (dims[0], dims[1]);
@@ -80,9 +78,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         return Err(Error::InvalidInput(format!("attention width {c} with {heads} heads")));
     }
     let dh = c / heads;
-    let split = |t: &Tensor, n: usize| -> Result<Tensor> {
-        Ok(t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous()?)
-    };
+    let split = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous()?) };
     let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
     let mut logits = (qh.matmul(&kh.transpose(2, 3)?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
     if let Some(m) = mask {
@@ -141,11 +137,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `{name}.weight` and `{name}.bias`.
     pub fn load(vb: &VarBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, &format!("{name}.weight"))?,
-            bias: vb.get(dim, &format!("{name}.bias"))?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, &format!("{name}.weight"))?, bias: vb.get(dim, &format!("{name}.bias"))?, eps })
     }
 
     /// Normalises the last dimension.
@@ -221,14 +213,9 @@ impl Conv2d {
 /// Opens a safetensors weight file as a [`VarBuilder`] (`dtype` on `device`). A missing, unreadable
 /// or malformed file is an [`Error::Weights`] naming the path and `what` was expected there.
 pub fn open_safetensors(path: &Path, dtype: DType, device: &Device, what: &str) -> Result<VarBuilder<'static>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("cannot read it ({e}); expected {what}"),
-    })?;
-    VarBuilder::from_buffered_safetensors(bytes, dtype, device).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("not a safetensors file ({e}); expected {what}"),
-    })
+    let bytes = std::fs::read(path).map_err(|e| Error::weights(path, format!("cannot read it ({e}); expected {what}")))?;
+    VarBuilder::from_buffered_safetensors(bytes, dtype, device)
+        .map_err(|e| Error::weights(path, format!("not a safetensors file ({e}); expected {what}")))
 }
 
 /// Tensor shapes and string `__metadata__` of a safetensors file.
@@ -243,7 +230,7 @@ pub struct SafetensorsHeader {
 /// Reads only the JSON header of a safetensors file (not its data), to infer a model's configuration
 /// before loading it. Any problem is an [`Error::Weights`] naming the path and `what` was expected.
 pub fn read_safetensors_header(path: &Path, what: &str) -> Result<SafetensorsHeader> {
-    let bad = |m: String| Error::Weights { path: path.to_path_buf(), message: format!("{m}; expected {what}") };
+    let bad = |m: String| Error::weights(path, format!("{m}; expected {what}"));
     let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
     let mut len8 = [0u8; 8];
     f.read_exact(&mut len8).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
@@ -274,15 +261,6 @@ pub fn read_safetensors_header(path: &Path, what: &str) -> Result<SafetensorsHea
         header.shapes.insert(name.clone(), shape);
     }
     Ok(header)
-}
-
-/// Wraps an error met while building a model from `path` (a missing tensor or a wrong shape, as
-/// candle reports it) into an [`Error::Weights`] that names the file and what was expected.
-pub fn weights_error(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("{e}; expected {what}"),
-    }
 }
 
 #[cfg(test)]

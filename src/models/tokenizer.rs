@@ -23,8 +23,7 @@ use regex::Regex;
 use crate::error::{Error, Result};
 
 /// CLIP's pre-tokenisation pattern (applied to cleaned, lowercased text).
-const PATTERN: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// The start-of-text token.
 const BOS: &str = "<|startoftext|>";
 /// The end-of-text token (also the unknown token).
@@ -76,10 +75,6 @@ fn bytes_to_unicode() -> Vec<char> {
     out
 }
 
-fn file_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights { path: path.to_path_buf(), message: message.into() }
-}
-
 /// CJK ideograph blocks (as BERT's BasicTokenizer, which HF's CLIPTokenizer uses without ftfy).
 fn is_cjk(c: char) -> bool {
     matches!(c as u32,
@@ -102,10 +97,7 @@ fn clean(text: &str) -> String {
             s.push(c);
         }
     }
-    s.split_whitespace()
-        .map(|w| w.to_lowercase())
-        .collect::<Vec<_>>()
-        .join(" ")
+    s.split_whitespace().map(|w| w.to_lowercase()).collect::<Vec<_>>().join(" ")
 }
 
 /// FNV-1a, 64 bit: a hash that is stable across runs and platforms.
@@ -129,23 +121,19 @@ impl ClipTokenizer {
     /// `<|startoftext|>` and `<|endoftext|>`. `max_len` is 77; `pad_id` is the id of `"!"` when the
     /// vocabulary has it (SD 2.x), else `<|endoftext|>` (see [`Self::with_pad_id`]).
     pub fn from_files(vocab_json: &Path, merges_txt: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(vocab_json).map_err(|e| {
-            file_err(vocab_json, format!("cannot read it ({e}); expected CLIP's vocab.json (token -> id)"))
-        })?;
+        let text = std::fs::read_to_string(vocab_json)
+            .map_err(|e| Error::weights(vocab_json, format!("cannot read it ({e}); expected CLIP's vocab.json (token -> id)")))?;
         let encoder: HashMap<String, u32> = serde_json::from_str(&text).map_err(|e| {
-            file_err(vocab_json, format!("not a JSON object of token -> id ({e}); expected CLIP's vocab.json"))
+            Error::weights(vocab_json, format!("not a JSON object of token -> id ({e}); expected CLIP's vocab.json"))
         })?;
         let special = |name: &str| {
-            encoder
-                .get(name)
-                .copied()
-                .ok_or_else(|| file_err(vocab_json, format!("the vocabulary has no {name} token")))
+            encoder.get(name).copied().ok_or_else(|| Error::weights(vocab_json, format!("the vocabulary has no {name} token")))
         };
         let (bos_id, eos_id) = (special(BOS)?, special(EOS)?);
         let pad_id = encoder.get("!").copied().unwrap_or(eos_id);
 
         let text = std::fs::read_to_string(merges_txt).map_err(|e| {
-            file_err(merges_txt, format!("cannot read it ({e}); expected CLIP's merges.txt (one `a b` pair a line)"))
+            Error::weights(merges_txt, format!("cannot read it ({e}); expected CLIP's merges.txt (one `a b` pair a line)"))
         })?;
         let mut lines = text.trim().lines().peekable();
         if lines.peek().is_some_and(|l| l.starts_with('#')) {
@@ -155,7 +143,7 @@ impl ClipTokenizer {
         for (rank, line) in lines.take(MAX_MERGES).enumerate() {
             let parts: Vec<&str> = line.split_whitespace().collect();
             if parts.len() != 2 {
-                return Err(file_err(
+                return Err(Error::weights(
                     merges_txt,
                     format!("merge {} is {line:?}: expected two symbols separated by a space", rank + 1),
                 ));
@@ -270,14 +258,9 @@ impl ClipTokenizer {
                 if piece == BOS || piece == EOS {
                     return vec![encoder.get(piece).copied().unwrap_or(self.eos_id)];
                 }
-                let mapped: Vec<String> = piece
-                    .bytes()
-                    .map(|b| byte_encoder.get(b as usize).copied().unwrap_or('?').to_string())
-                    .collect();
-                bpe(mapped, ranks)
-                    .iter()
-                    .map(|s| encoder.get(s).copied().unwrap_or(self.eos_id))
-                    .collect()
+                let mapped: Vec<String> =
+                    piece.bytes().map(|b| byte_encoder.get(b as usize).copied().unwrap_or('?').to_string()).collect();
+                bpe(mapped, ranks).iter().map(|s| encoder.get(s).copied().unwrap_or(self.eos_id)).collect()
             }
         }
     }

@@ -45,11 +45,8 @@ struct Conv {
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() {
-            self.forward_gemm(x)?
-        } else {
-            x.conv2d(&self.weight, self.padding, 1, self.dilation, 1)?
-        };
+        let y =
+            if x.device().is_cpu() { self.forward_gemm(x)? } else { x.conv2d(&self.weight, self.padding, 1, self.dilation, 1)? };
         let y = y.broadcast_add(&self.bias)?;
         Ok(if self.relu { y.relu()? } else { y })
     }
@@ -62,9 +59,8 @@ impl Conv {
         let (o, _, k, _) = self.weight.dims4()?;
         let (p, d) = (self.padding, self.dilation);
         let xp = if p > 0 { x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { x.clone() };
-        let taps = (0..k * k)
-            .map(|t| Ok(xp.narrow(2, (t / k) * d, h)?.narrow(3, (t % k) * d, w)?))
-            .collect::<Result<Vec<Tensor>>>()?;
+        let taps =
+            (0..k * k).map(|t| Ok(xp.narrow(2, (t / k) * d, h)?.narrow(3, (t % k) * d, w)?)).collect::<Result<Vec<Tensor>>>()?;
         // [O, k, k, C] so that column (tap * C + channel) matches the tap-major im2col below.
         let wm = self.weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
         let cols_bytes = b * k * k * c * h * w * 4;
@@ -293,9 +289,9 @@ impl U2NetP {
     /// Like [`U2NetP::forward`] but returns all seven outputs d0..d6 as logits (before the sigmoid),
     /// each `[B, 1, H, W]`; useful for debugging and parity checks.
     pub fn forward_logits(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let (_, c, h, w) = x.dims4().map_err(|_| {
-            Error::InvalidInput(format!("U^2-Net-p expects a [B, 3, H, W] input, got shape {:?}", x.dims()))
-        })?;
+        let (_, c, h, w) = x
+            .dims4()
+            .map_err(|_| Error::InvalidInput(format!("U^2-Net-p expects a [B, 3, H, W] input, got shape {:?}", x.dims())))?;
         if c != 3 || h == 0 || w == 0 {
             return Err(Error::InvalidInput(format!(
                 "U^2-Net-p expects a [B, 3, H, W] input with H, W > 0, got shape {:?}",

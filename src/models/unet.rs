@@ -39,8 +39,7 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result};
 use crate::models::ops::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 
-const WHAT: &str =
-    "a diffusers UNet2DConditionModel safetensors file (conv_in, time_embedding, down_blocks.*, \
+const WHAT: &str = "a diffusers UNet2DConditionModel safetensors file (conv_in, time_embedding, down_blocks.*, \
                     mid_block.*, up_blocks.*, conv_norm_out, conv_out)";
 
 /// Architecture of a [`UNet`] (diffusers' `UNet2DConditionModel` fields, SD naming).
@@ -88,10 +87,7 @@ impl UNetConfig {
 
     /// MVDream's SD 2.1-based multi-view UNet: SD 2.1 plus a 16-wide camera embedding.
     pub fn mvdream_sd21() -> Self {
-        Self {
-            camera_dim: Some(16),
-            ..Self::sd21_base()
-        }
+        Self { camera_dim: Some(16), ..Self::sd21_base() }
     }
 
     /// A small model for CPU end-to-end runs: widths 32 and 64, one resnet per block, heads 2 and 4,
@@ -131,22 +127,12 @@ impl UNetConfig {
                 self.cross_attn_blocks.len()
             ));
         }
-        for (i, (&c, &h)) in self
-            .block_out_channels
-            .iter()
-            .zip(&self.attention_heads)
-            .enumerate()
-        {
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&self.attention_heads).enumerate() {
             if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
-                return bad(format!(
-                    "level {i}: {c} channels not divisible into {} groups",
-                    self.norm_num_groups
-                ));
+                return bad(format!("level {i}: {c} channels not divisible into {} groups", self.norm_num_groups));
             }
             if h == 0 || c % h != 0 {
-                return bad(format!(
-                    "level {i}: {c} channels not divisible into {h} heads"
-                ));
+                return bad(format!("level {i}: {c} channels not divisible into {h} heads"));
             }
         }
         if self.cross_attention_dim == 0 || self.camera_dim == Some(0) {
@@ -160,36 +146,26 @@ impl UNetConfig {
     /// present, else are `channels / 64` (SD 2.x, MVDream); groups from `norm_num_groups`, else 32.
     pub fn from_file(path: &Path) -> Result<Self> {
         let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
-        let err = |m: String| ops::weights_error(path, WHAT, m);
+        let err = |m: String| Error::weights(path, format!("{m}; expected {WHAT}"));
         let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
             match tensors.get(name) {
                 Some(s) if s.len() == rank => Ok(s.clone()),
-                Some(s) => Err(err(format!(
-                    "tensor {name} has shape {s:?}, expected rank {rank}"
-                ))),
+                Some(s) => Err(err(format!("tensor {name} has shape {s:?}, expected rank {rank}"))),
                 None => Err(err(format!("missing tensor {name}"))),
             }
         };
         let conv_in = shape("conv_in.weight", 4)?;
         let conv_out = shape("conv_out.weight", 4)?;
         let mut block_out_channels = Vec::new();
-        while tensors.contains_key(&format!(
-            "down_blocks.{}.resnets.0.conv1.weight",
-            block_out_channels.len()
-        )) {
+        while tensors.contains_key(&format!("down_blocks.{}.resnets.0.conv1.weight", block_out_channels.len())) {
             let i = block_out_channels.len();
-            block_out_channels
-                .push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"), 4)?[0]);
+            block_out_channels.push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"), 4)?[0]);
         }
         if block_out_channels.is_empty() {
-            return Err(err(
-                "missing tensor down_blocks.0.resnets.0.conv1.weight".into()
-            ));
+            return Err(err("missing tensor down_blocks.0.resnets.0.conv1.weight".into()));
         }
         let mut layers_per_block = 0;
-        while tensors.contains_key(&format!(
-            "down_blocks.0.resnets.{layers_per_block}.conv1.weight"
-        )) {
+        while tensors.contains_key(&format!("down_blocks.0.resnets.{layers_per_block}.conv1.weight")) {
             layers_per_block += 1;
         }
         let cross_attn_blocks: Vec<bool> = (0..block_out_channels.len())
@@ -197,32 +173,21 @@ impl UNetConfig {
             .collect();
         let mid = "mid_block.attentions.0";
         let use_linear_projection = shape(&format!("{mid}.proj_in.weight"), 2).is_ok();
-        let cross_attention_dim =
-            shape(&format!("{mid}.transformer_blocks.0.attn2.to_k.weight"), 2)?[1];
+        let cross_attention_dim = shape(&format!("{mid}.transformer_blocks.0.attn2.to_k.weight"), 2)?[1];
         let camera_dim = ["camera_embedding", "class_embedding"]
             .iter()
             .find_map(|p| tensors.get(&format!("{p}.linear_1.weight")))
-            .map(|s| {
-                s.get(1)
-                    .copied()
-                    .ok_or_else(|| err(format!("camera embedding weight of shape {s:?}")))
-            })
+            .map(|s| s.get(1).copied().ok_or_else(|| err(format!("camera embedding weight of shape {s:?}"))))
             .transpose()?;
         let norm_num_groups = match metadata.get("norm_num_groups") {
-            Some(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| err(format!("metadata norm_num_groups = {s:?}")))?,
+            Some(s) => s.trim().parse().map_err(|_| err(format!("metadata norm_num_groups = {s:?}")))?,
             None => 32,
         };
         let attention_heads = match metadata.get("attention_heads") {
             Some(s) => s
                 .split(|c: char| !c.is_ascii_digit())
                 .filter(|p| !p.is_empty())
-                .map(|p| {
-                    p.parse::<usize>()
-                        .map_err(|_| err(format!("metadata attention_heads = {s:?}")))
-                })
+                .map(|p| p.parse::<usize>().map_err(|_| err(format!("metadata attention_heads = {s:?}"))))
                 .collect::<Result<Vec<_>>>()?,
             None => block_out_channels.iter().map(|c| (c / 64).max(1)).collect(),
         };
@@ -242,7 +207,6 @@ impl UNetConfig {
         Ok(cfg)
     }
 }
-
 
 /// The message of a candle error without the backtrace candle appends when `RUST_BACKTRACE` is set.
 fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
@@ -268,27 +232,9 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn load(
-        vb: &VarBuilder,
-        p: &str,
-        groups: usize,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-    ) -> Result<Self> {
-        let shortcut = if cin != cout {
-            Some(Conv2d::load(
-                vb,
-                &format!("{p}.conv_shortcut"),
-                cin,
-                cout,
-                1,
-                1,
-                0,
-            )?)
-        } else {
-            None
-        };
+    fn load(vb: &VarBuilder, p: &str, groups: usize, cin: usize, cout: usize, temb: usize) -> Result<Self> {
+        let shortcut =
+            if cin != cout { Some(Conv2d::load(vb, &format!("{p}.conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
         Ok(Self {
             norm1: GroupNorm::load(vb, &format!("{p}.norm1"), groups, cin, 1e-5)?,
             conv1: Conv2d::load(vb, &format!("{p}.conv1"), cin, cout, 3, 1, 1)?,
@@ -302,11 +248,7 @@ impl ResnetBlock {
     /// `x` `[B, Cin, H, W]`, `emb` `[B, T]` (the raw time embedding; SiLU applied here).
     fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&silu(emb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
+        let t = self.time_emb_proj.forward(&silu(emb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
         let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
@@ -328,13 +270,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(
-        vb: &VarBuilder,
-        p: &str,
-        dim: usize,
-        context_dim: usize,
-        heads: usize,
-    ) -> Result<Self> {
+    fn load(vb: &VarBuilder, p: &str, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
         Ok(Self {
             to_q: Linear::load(vb, &format!("{p}.to_q"), dim, dim, false)?,
             to_k: Linear::load(vb, &format!("{p}.to_k"), context_dim, dim, false)?,
@@ -358,13 +294,7 @@ impl Attention {
                 let (k, v) = (self.to_k.forward(x)?, self.to_v.forward(x)?);
                 if num_views > 1 {
                     let joint = (b / num_views, num_views * l, c);
-                    let o = ops::attention(
-                        &q.reshape(joint)?,
-                        &k.reshape(joint)?,
-                        &v.reshape(joint)?,
-                        self.heads,
-                        None,
-                    )?;
+                    let o = ops::attention(&q.reshape(joint)?, &k.reshape(joint)?, &v.reshape(joint)?, self.heads, None)?;
                     o.reshape((b, l, c))?
                 } else {
                     ops::attention(&q, &k, &v, self.heads, None)?
@@ -388,13 +318,7 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(
-        vb: &VarBuilder,
-        p: &str,
-        dim: usize,
-        context_dim: usize,
-        heads: usize,
-    ) -> Result<Self> {
+    fn load(vb: &VarBuilder, p: &str, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             norm1: LayerNorm::load(vb, &format!("{p}.norm1"), dim, 1e-5)?,
@@ -408,20 +332,11 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor, num_views: usize) -> Result<Tensor> {
-        let x = (self
-            .attn1
-            .forward(&self.norm1.forward(x)?, None, num_views)?
-            + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context), 1)?
-            + &x)?;
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, num_views)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), 1)? + &x)?;
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let (value, gate) = (
-            h.narrow(D::Minus1, 0, half)?,
-            h.narrow(D::Minus1, half, half)?,
-        );
+        let (value, gate) = (h.narrow(D::Minus1, 0, half)?, h.narrow(D::Minus1, half, half)?);
         let h = (value * gate.gelu_erf()?)?;
         Ok((self.ff_out.forward(&h)? + x)?)
     }
@@ -456,26 +371,15 @@ impl Transformer2D {
         Ok(Self {
             norm: GroupNorm::load(vb, &format!("{p}.norm"), cfg.norm_num_groups, dim, 1e-6)?,
             proj_in: proj("proj_in")?,
-            block: TransformerBlock::load(
-                vb,
-                &format!("{p}.transformer_blocks.0"),
-                dim,
-                cfg.cross_attention_dim,
-                heads,
-            )?,
+            block: TransformerBlock::load(vb, &format!("{p}.transformer_blocks.0"), dim, cfg.cross_attention_dim, heads)?,
             proj_out: proj("proj_out")?,
         })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor, num_views: usize) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let to_tokens =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
-        let to_map = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
+        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let to_map = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
         let normed = self.norm.forward(x)?;
         let tokens = match &self.proj_in {
             Proj::Linear(l) => l.forward(&to_tokens(&normed)?)?,
@@ -531,7 +435,7 @@ impl UNet {
     pub fn load(path: &Path, cfg: &UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
         let vb = ops::open_safetensors(path, dtype, device, WHAT)?;
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, without_backtrace(e)),
+            Error::Tensor(e) => Error::weights(path, format!("{}; expected {WHAT}", without_backtrace(e))),
             other => other,
         })
     }
@@ -569,49 +473,24 @@ impl UNet {
         };
         let mut down = Vec::with_capacity(n);
         let mut prev = c0;
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
-                let cin = if j == 0 { prev } else { ch[i] };
-                resnets.push(ResnetBlock::load(
-                    vb,
-                    &format!("down_blocks.{i}.resnets.{j}"),
-                    g,
-                    cin,
-                    ch[i],
-                    temb,
-                )?);
+                let cin = if j == 0 { prev } else { c };
+                resnets.push(ResnetBlock::load(vb, &format!("down_blocks.{i}.resnets.{j}"), g, cin, c, temb)?);
                 if cfg.cross_attn_blocks[i] {
                     let p = format!("down_blocks.{i}.attentions.{j}");
-                    attentions.push(Transformer2D::load(
-                        vb,
-                        &p,
-                        cfg,
-                        ch[i],
-                        cfg.attention_heads[i],
-                    )?);
+                    attentions.push(Transformer2D::load(vb, &p, cfg, c, cfg.attention_heads[i])?);
                 }
             }
             let downsample = if i + 1 < n {
-                Some(Conv2d::load(
-                    vb,
-                    &format!("down_blocks.{i}.downsamplers.0.conv"),
-                    ch[i],
-                    ch[i],
-                    3,
-                    2,
-                    1,
-                )?)
+                Some(Conv2d::load(vb, &format!("down_blocks.{i}.downsamplers.0.conv"), c, c, 3, 2, 1)?)
             } else {
                 None
             };
-            down.push(DownBlock {
-                resnets,
-                attentions,
-                downsample,
-            });
-            prev = ch[i];
+            down.push(DownBlock { resnets, attentions, downsample });
+            prev = c;
         }
         let cl = ch[n - 1];
         let heads_mid = cfg.attention_heads[n - 1];
@@ -629,49 +508,20 @@ impl UNet {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..=cfg.layers_per_block {
-                let skip = if j == cfg.layers_per_block {
-                    skip_in
-                } else {
-                    out
-                };
+                let skip = if j == cfg.layers_per_block { skip_in } else { out };
                 let cin = if j == 0 { prev } else { out };
-                resnets.push(ResnetBlock::load(
-                    vb,
-                    &format!("up_blocks.{i}.resnets.{j}"),
-                    g,
-                    cin + skip,
-                    out,
-                    temb,
-                )?);
+                resnets.push(ResnetBlock::load(vb, &format!("up_blocks.{i}.resnets.{j}"), g, cin + skip, out, temb)?);
                 if cfg.cross_attn_blocks[level] {
                     let p = format!("up_blocks.{i}.attentions.{j}");
-                    attentions.push(Transformer2D::load(
-                        vb,
-                        &p,
-                        cfg,
-                        out,
-                        cfg.attention_heads[level],
-                    )?);
+                    attentions.push(Transformer2D::load(vb, &p, cfg, out, cfg.attention_heads[level])?);
                 }
             }
             let upsample = if i + 1 < n {
-                Some(Conv2d::load(
-                    vb,
-                    &format!("up_blocks.{i}.upsamplers.0.conv"),
-                    out,
-                    out,
-                    3,
-                    1,
-                    1,
-                )?)
+                Some(Conv2d::load(vb, &format!("up_blocks.{i}.upsamplers.0.conv"), out, out, 3, 1, 1)?)
             } else {
                 None
             };
-            up.push(UpBlock {
-                resnets,
-                attentions,
-                upsample,
-            });
+            up.push(UpBlock { resnets, attentions, upsample });
             prev = out;
         }
         Ok(Self {
@@ -712,23 +562,15 @@ impl UNet {
         let bad = |m: String| Err(Error::InvalidInput(format!("UNet forward: {m}")));
         let dims = sample.dims();
         if dims.len() != 4 || dims[1] != cfg.in_channels || dims[2] == 0 || dims[3] == 0 {
-            return bad(format!(
-                "sample of shape {dims:?}, expected [B, {}, h, w]",
-                cfg.in_channels
-            ));
+            return bad(format!("sample of shape {dims:?}, expected [B, {}, h, w]", cfg.in_channels));
         }
         let b = dims[0];
-        if num_views == 0 || b % num_views != 0 {
-            return bad(format!(
-                "batch of {b} is not a whole number of objects of {num_views} views"
-            ));
+        if num_views == 0 || !b.is_multiple_of(num_views) {
+            return bad(format!("batch of {b} is not a whole number of objects of {num_views} views"));
         }
         let ehs = encoder_hidden_states.dims();
         if ehs.len() != 3 || ehs[0] != b || ehs[2] != cfg.cross_attention_dim {
-            return bad(format!(
-                "encoder_hidden_states of shape {ehs:?}, expected [{b}, L, {}]",
-                cfg.cross_attention_dim
-            ));
+            return bad(format!("encoder_hidden_states of shape {ehs:?}, expected [{b}, L, {}]", cfg.cross_attention_dim));
         }
         let t = match timesteps.dims() {
             [] | [1] => timesteps.reshape(1)?.broadcast_as(b)?,
@@ -742,10 +584,7 @@ impl UNet {
             (Some((l1, l2)), Some(cam)) => {
                 let cd = cfg.camera_dim.unwrap_or(0);
                 if cam.dims() != [b, cd] {
-                    return bad(format!(
-                        "camera of shape {:?}, expected [{b}, {cd}]",
-                        cam.dims()
-                    ));
+                    return bad(format!("camera of shape {:?}, expected [{b}, {cd}]", cam.dims()));
                 }
                 let c = l2.forward(&silu(&l1.forward(&cam.to_dtype(dtype)?)?)?)?;
                 emb = (emb + c)?;
@@ -753,9 +592,7 @@ impl UNet {
             // As MVDream's own forward: no camera, no camera term (textual inversion on images of
             // unknown pose uses it so).
             (Some(_), None) => {}
-            (None, Some(_)) => {
-                return bad("camera given but the model has no camera embedding".into())
-            }
+            (None, Some(_)) => return bad("camera given but the model has no camera embedding".into()),
             (None, None) => {}
         }
         let ctx = encoder_hidden_states.to_dtype(dtype)?;
@@ -780,9 +617,7 @@ impl UNet {
         h = self.mid.2.forward(&h, &emb)?;
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| {
-                    Error::InvalidInput("UNet forward: ran out of skip connections".into())
-                })?;
+                let skip = skips.pop().ok_or_else(|| Error::InvalidInput("UNet forward: ran out of skip connections".into()))?;
                 h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb)?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward(&h, &ctx, num_views)?;
@@ -806,20 +641,13 @@ impl UNet {
 pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     if half == 0 {
-        return Err(Error::InvalidInput(format!(
-            "timestep embedding of width {dim}"
-        )));
+        return Err(Error::InvalidInput(format!("timestep embedding of width {dim}")));
     }
     let b = timesteps.dim(0)?;
     let ln = -(10000f32).ln();
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (ln * i as f32 / half as f32).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
-    let args = timesteps
-        .to_dtype(DType::F32)?
-        .reshape((b, 1))?
-        .broadcast_mul(&freqs)?;
+    let args = timesteps.to_dtype(DType::F32)?.reshape((b, 1))?.broadcast_mul(&freqs)?;
     let mut parts = vec![args.cos()?, args.sin()?];
     if dim % 2 == 1 {
         parts.push(Tensor::zeros((b, 1), DType::F32, timesteps.device())?);
@@ -832,17 +660,13 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
 fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if th == 2 * h && tw == 2 * w {
-        let y = x
-            .unsqueeze(3)?
-            .unsqueeze(5)?
-            .broadcast_as((b, c, h, 2, w, 2))?;
+        let y = x.unsqueeze(3)?.unsqueeze(5)?.broadcast_as((b, c, h, 2, w, 2))?;
         return Ok(y.reshape((b, c, th, tw))?);
     }
     let index = |n_in: usize, n_out: usize| -> Result<Tensor> {
         let scale = n_in as f32 / n_out as f32;
-        let idx: Vec<u32> = (0..n_out)
-            .map(|i| ((i as f32 * scale).floor() as usize).min(n_in.saturating_sub(1)) as u32)
-            .collect();
+        let idx: Vec<u32> =
+            (0..n_out).map(|i| ((i as f32 * scale).floor() as usize).min(n_in.saturating_sub(1)) as u32).collect();
         Ok(Tensor::from_vec(idx, n_out, x.device())?)
     };
     let y = x.index_select(&index(h, th)?, 2)?;
@@ -851,4 +675,3 @@ fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
 
 /// Seed of [`UNet::random`].
 const RANDOM_SEED: u64 = 0x5d21;
-

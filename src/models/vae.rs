@@ -101,10 +101,7 @@ impl VaeConfig {
             ));
         }
         if self.block_out_channels.is_empty() || self.block_out_channels.len() > 16 {
-            return bad(format!(
-                "{} resolution levels (expected 1 to 16)",
-                self.block_out_channels.len()
-            ));
+            return bad(format!("{} resolution levels (expected 1 to 16)", self.block_out_channels.len()));
         }
         if self.layers_per_block == 0 {
             return bad("layers_per_block is 0".into());
@@ -112,21 +109,11 @@ impl VaeConfig {
         if self.norm_num_groups == 0 {
             return bad("norm_num_groups is 0".into());
         }
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|&&c| c == 0 || c % self.norm_num_groups != 0)
-        {
-            return bad(format!(
-                "level width {c} is not a positive multiple of norm_num_groups {}",
-                self.norm_num_groups
-            ));
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| c == 0 || c % self.norm_num_groups != 0) {
+            return bad(format!("level width {c} is not a positive multiple of norm_num_groups {}", self.norm_num_groups));
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
-            return bad(format!(
-                "scaling_factor {} is not a positive number",
-                self.scaling_factor
-            ));
+            return bad(format!("scaling_factor {} is not a positive number", self.scaling_factor));
         }
         Ok(())
     }
@@ -136,36 +123,25 @@ impl VaeConfig {
     /// from the file's `__metadata__` when present, else 32 and 0.18215 (the SD values).
     pub fn from_file(path: &Path) -> Result<Self> {
         let ops::SafetensorsHeader { shapes: tensors, metadata } = ops::read_safetensors_header(path, WHAT)?;
-        let err = |m: String| ops::weights_error(path, WHAT, m);
+        let err = |m: String| Error::weights(path, format!("{m}; expected {WHAT}"));
         let shape = |name: &str, rank: usize| -> Result<&Vec<usize>> {
             match tensors.get(name) {
                 Some(s) if s.len() == rank => Ok(s),
-                Some(s) => Err(err(format!(
-                    "tensor {name} has shape {s:?}, expected rank {rank}"
-                ))),
+                Some(s) => Err(err(format!("tensor {name} has shape {s:?}, expected rank {rank}"))),
                 None => Err(err(format!("missing tensor {name}"))),
             }
         };
         let in_channels = shape("encoder.conv_in.weight", 4)?[1];
         let mut block_out_channels = Vec::new();
-        while let Some(s) = tensors.get(&format!(
-            "encoder.down_blocks.{}.resnets.0.conv1.weight",
-            block_out_channels.len()
-        )) {
-            let c = *s
-                .first()
-                .ok_or_else(|| err("a conv1 weight of rank 0".into()))?;
+        while let Some(s) = tensors.get(&format!("encoder.down_blocks.{}.resnets.0.conv1.weight", block_out_channels.len())) {
+            let c = *s.first().ok_or_else(|| err("a conv1 weight of rank 0".into()))?;
             block_out_channels.push(c);
         }
         if block_out_channels.is_empty() {
-            return Err(err(
-                "missing tensor encoder.down_blocks.0.resnets.0.conv1.weight".into(),
-            ));
+            return Err(err("missing tensor encoder.down_blocks.0.resnets.0.conv1.weight".into()));
         }
         let mut layers_per_block = 0;
-        while tensors.contains_key(&format!(
-            "encoder.down_blocks.0.resnets.{layers_per_block}.conv1.weight"
-        )) {
+        while tensors.contains_key(&format!("encoder.down_blocks.0.resnets.{layers_per_block}.conv1.weight")) {
             layers_per_block += 1;
         }
         let latent_channels = shape("decoder.conv_in.weight", 4)?[1];
@@ -173,21 +149,13 @@ impl VaeConfig {
         let parse = |key: &str| -> Result<Option<f64>> {
             match metadata.get(key) {
                 None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse::<f64>()
-                    .map(Some)
-                    .map_err(|_| err(format!("metadata {key} = {v:?} is not a number"))),
+                Some(v) => v.trim().parse::<f64>().map(Some).map_err(|_| err(format!("metadata {key} = {v:?} is not a number"))),
             }
         };
         let norm_num_groups = match parse("norm_num_groups")? {
             None => 32,
             Some(g) if g >= 1.0 && g.fract() == 0.0 => g as usize,
-            Some(g) => {
-                return Err(err(format!(
-                    "metadata norm_num_groups = {g} is not a positive integer"
-                )))
-            }
+            Some(g) => return Err(err(format!("metadata norm_num_groups = {g} is not a positive integer"))),
         };
         let cfg = Self {
             in_channels,
@@ -198,27 +166,18 @@ impl VaeConfig {
             norm_num_groups,
             scaling_factor: parse("scaling_factor")?.unwrap_or(SD_SCALING_FACTOR),
         };
-        cfg.validate()
-            .map_err(|e| err(format!("inferred configuration {cfg:?} is unusable: {e}")))?;
+        cfg.validate().map_err(|e| err(format!("inferred configuration {cfg:?} is unusable: {e}")))?;
         Ok(cfg)
     }
 }
 
-
 /// Errors unless every element of `x` is finite (one reduction, read back to the host).
 fn check_finite(x: &Tensor, what: &str) -> Result<()> {
-    let s = x
-        .detach()
-        .to_dtype(DType::F32)?
-        .abs()?
-        .sum_all()?
-        .to_scalar::<f32>()?;
+    let s = x.detach().to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
     if s.is_finite() {
         Ok(())
     } else {
-        Err(Error::InvalidInput(format!(
-            "{what} contain NaN or infinite values"
-        )))
+        Err(Error::InvalidInput(format!("{what} contain NaN or infinite values")))
     }
 }
 
@@ -239,11 +198,7 @@ impl ResnetBlock {
             conv1: Conv2d::load(vb, "conv1", in_c, out_c, 3, 1, 1)?,
             norm2: GroupNorm::load(vb, "norm2", groups, out_c, NORM_EPS)?,
             conv2: Conv2d::load(vb, "conv2", out_c, out_c, 3, 1, 1)?,
-            shortcut: if in_c != out_c {
-                Some(Conv2d::load(vb, "conv_shortcut", in_c, out_c, 1, 1, 0)?)
-            } else {
-                None
-            },
+            shortcut: if in_c != out_c { Some(Conv2d::load(vb, "conv_shortcut", in_c, out_c, 1, 1, 0)?) } else { None },
         })
     }
 
@@ -273,11 +228,7 @@ impl SpatialAttention {
     fn load(vb: &VarBuilder, groups: usize, c: usize) -> Result<Self> {
         // Legacy (pre-0.14 diffusers) checkpoints name the projections query/key/value/proj_attn.
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let names = if legacy {
-            ["query", "key", "value", "proj_attn"]
-        } else {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-        };
+        let names = if legacy { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
         Ok(Self {
             norm: GroupNorm::load(vb, "group_norm", groups, c, NORM_EPS)?,
             q: Linear::load(vb, names[0], c, c, true)?,
@@ -289,24 +240,9 @@ impl SpatialAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self
-            .norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let attended = ops::attention(
-            &self.q.forward(&tokens)?,
-            &self.k.forward(&tokens)?,
-            &self.v.forward(&tokens)?,
-            1,
-            None,
-        )?;
-        let y = self
-            .out
-            .forward(&attended)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
+        let tokens = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let attended = ops::attention(&self.q.forward(&tokens)?, &self.k.forward(&tokens)?, &self.v.forward(&tokens)?, 1, None)?;
+        let y = self.out.forward(&attended)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((y + x)?)
     }
 }
@@ -364,24 +300,11 @@ impl Encoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block);
             for j in 0..cfg.layers_per_block {
                 let c = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::load(
-                    &bvb.pp(format!("resnets.{j}")),
-                    g,
-                    c,
-                    out_c,
-                )?);
+                resnets.push(ResnetBlock::load(&bvb.pp(format!("resnets.{j}")), g, c, out_c)?);
             }
             let resample = if i + 1 < chans.len() {
                 // Padding is applied asymmetrically in `forward`, so the conv itself has none.
-                Some(Conv2d::load(
-                    &bvb,
-                    "downsamplers.0.conv",
-                    out_c,
-                    out_c,
-                    3,
-                    2,
-                    0,
-                )?)
+                Some(Conv2d::load(&bvb, "downsamplers.0.conv", out_c, out_c, 3, 2, 0)?)
             } else {
                 None
             };
@@ -435,26 +358,10 @@ impl Decoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
             for j in 0..=cfg.layers_per_block {
                 let c = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::load(
-                    &bvb.pp(format!("resnets.{j}")),
-                    g,
-                    c,
-                    out_c,
-                )?);
+                resnets.push(ResnetBlock::load(&bvb.pp(format!("resnets.{j}")), g, c, out_c)?);
             }
-            let resample = if i + 1 < reversed.len() {
-                Some(Conv2d::load(
-                    &bvb,
-                    "upsamplers.0.conv",
-                    out_c,
-                    out_c,
-                    3,
-                    1,
-                    1,
-                )?)
-            } else {
-                None
-            };
+            let resample =
+                if i + 1 < reversed.len() { Some(Conv2d::load(&bvb, "upsamplers.0.conv", out_c, out_c, 3, 1, 1)?) } else { None };
             up.push(Level { resnets, resample });
             in_c = out_c;
         }
@@ -500,8 +407,8 @@ impl Vae {
     pub fn load(path: &Path, cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Self> {
         let vb = ops::open_safetensors(path, dtype, device, WHAT)?;
         Self::from_varbuilder(cfg, vb).map_err(|e| match e {
-            Error::Tensor(e) => ops::weights_error(path, WHAT, e),
-            Error::Config(m) => ops::weights_error(path, WHAT, m),
+            Error::Tensor(e) => Error::weights(path, format!("{e}; expected {WHAT}")),
+            Error::Config(m) => Error::weights(path, format!("{m}; expected {WHAT}")),
             other => other,
         })
     }
@@ -515,24 +422,8 @@ impl Vae {
             cfg: cfg.clone(),
             encoder: Encoder::load(&vb.pp("encoder"), cfg)?,
             decoder: Decoder::load(&vb.pp("decoder"), cfg)?,
-            quant_conv: Conv2d::load(
-                &vb,
-                "quant_conv",
-                2 * cfg.latent_channels,
-                2 * cfg.latent_channels,
-                1,
-                1,
-                0,
-            )?,
-            post_quant_conv: Conv2d::load(
-                &vb,
-                "post_quant_conv",
-                cfg.latent_channels,
-                cfg.latent_channels,
-                1,
-                1,
-                0,
-            )?,
+            quant_conv: Conv2d::load(&vb, "quant_conv", 2 * cfg.latent_channels, 2 * cfg.latent_channels, 1, 1, 0)?,
+            post_quant_conv: Conv2d::load(&vb, "post_quant_conv", cfg.latent_channels, cfg.latent_channels, 1, 1, 0)?,
             dtype,
         })
     }
@@ -559,8 +450,8 @@ impl Vae {
             && dims[1] == self.cfg.in_channels
             && dims[2] > 0
             && dims[3] > 0
-            && dims[2] % f == 0
-            && dims[3] % f == 0;
+            && dims[2].is_multiple_of(f)
+            && dims[3].is_multiple_of(f);
         if !ok {
             return Err(Error::InvalidInput(format!(
                 "VAE encode expects images [B, {}, H, W] with B > 0 and H, W positive multiples of {f}; got {dims:?}",
@@ -568,9 +459,7 @@ impl Vae {
             )));
         }
         check_finite(images, "VAE encode input images")?;
-        let moments = self
-            .quant_conv
-            .forward(&self.encoder.forward(&images.to_dtype(self.dtype)?)?)?;
+        let moments = self.quant_conv.forward(&self.encoder.forward(&images.to_dtype(self.dtype)?)?)?;
         let l = self.cfg.latent_channels;
         let mean = moments.narrow(1, 0, l)?;
         let logvar = moments.narrow(1, l, l)?.clamp(-30f64, 20f64)?;
@@ -581,11 +470,7 @@ impl Vae {
     /// (roughly in [-1, 1]): `post_quant_conv`, then the decoder. Differentiable.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let dims = latents.dims();
-        let ok = dims.len() == 4
-            && dims[0] > 0
-            && dims[1] == self.cfg.latent_channels
-            && dims[2] > 0
-            && dims[3] > 0;
+        let ok = dims.len() == 4 && dims[0] > 0 && dims[1] == self.cfg.latent_channels && dims[2] > 0 && dims[3] > 0;
         if !ok {
             return Err(Error::InvalidInput(format!(
                 "VAE decode expects latents [B, {}, h, w] with B, h, w > 0; got {dims:?}",
@@ -593,10 +478,6 @@ impl Vae {
             )));
         }
         check_finite(latents, "VAE decode input latents")?;
-        self.decoder.forward(
-            &self
-                .post_quant_conv
-                .forward(&latents.to_dtype(self.dtype)?)?,
-        )
+        self.decoder.forward(&self.post_quant_conv.forward(&latents.to_dtype(self.dtype)?)?)
     }
 }

@@ -1,4 +1,4 @@
-//! Pictures and files for people and evaluation scripts: NOCS PNGs (FORMAT.md encoding), NOCS colour
+//! Pictures and files for people and evaluation scripts: NOCS PNGs (the collection format's 16-bit encoding), NOCS colour
 //! pictures, rendering overlays, contact sheets.
 
 use std::path::Path;
@@ -41,7 +41,8 @@ fn write_error(path: &Path, e: ImageError) -> Error {
     }
 }
 
-/// Writes a NOCS image as a 16-bit RGB PNG (FORMAT.md): channel = `round(65535 * clamp(nocs, 0, 1))` on
+/// Writes a NOCS image as a 16-bit RGB PNG (as the collection format's ground-truth `nocs/`):
+/// channel = `round(65535 * clamp(nocs, 0, 1))` on
 /// mask pixels, `(0, 0, 0)` elsewhere. `nocs` and `mask` are row-major, `width * height` long. NaN/inf on a
 /// mask pixel is an error; parent folders are created.
 pub fn write_nocs_png(path: &Path, width: u32, height: u32, nocs: &[[f32; 3]], mask: &[bool]) -> Result<()> {
@@ -75,7 +76,7 @@ pub fn write_nocs_png(path: &Path, width: u32, height: u32, nocs: &[[f32; 3]], m
 }
 
 /// Reads a 16-bit RGB (or RGBA, alpha ignored) NOCS PNG: `(width, height, row-major values / 65535)`.
-/// 8-bit files are refused, since they cannot hold the FORMAT.md precision.
+/// 8-bit files are refused, since they cannot hold the 16-bit precision of the encoding.
 pub fn read_nocs_png(path: &Path) -> Result<(u32, u32, Vec<[f32; 3]>)> {
     let img = crate::collection::load_dynamic(path)?;
     let (w, h) = (img.width(), img.height());
@@ -165,7 +166,7 @@ pub fn overlay(rgb: &RgbImage, render_rgb: &[[f32; 3]], render_alpha: &[f32], st
 }
 
 /// A grid of thumbnails (`columns` per row, each fitted into `thumb` x `thumb` keeping its aspect ratio,
-/// centred and letterboxed on dark grey, [`SHEET_GAP`] pixels apart). Empty input gives a small blank
+/// centred and letterboxed on dark grey, `SHEET_GAP` (4) pixels apart). Empty input gives a small blank
 /// image; `columns`/`thumb` of 0 are treated as 1.
 pub fn contact_sheet(images: &[RgbImage], columns: u32, thumb: u32) -> RgbImage {
     let thumb = thumb.max(1);
@@ -214,6 +215,7 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
+pub mod images;
+pub mod result;
 #[cfg(test)]
 mod tests;
-pub mod result;

@@ -1,4 +1,4 @@
-//! `result.json`: the run's contract with evaluation scripts and users (DESIGN.md, CLI contract).
+//! `result.json`: the run's contract with evaluation scripts and users (README, "`RUN_DIR` receives").
 
 use std::collections::BTreeMap;
 use std::path::Path;

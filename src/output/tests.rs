@@ -1,12 +1,8 @@
-use std::path::PathBuf;
-
 use image::{Rgb, RgbImage};
 
 use super::*;
 
-fn data_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/collections").join(name)
-}
+use crate::test_util::collection_dir as data_dir;
 
 #[test]
 fn nocs_png_round_trip() {

@@ -173,10 +173,7 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         return Err(Error::InvalidInput(format!("slop must be non-negative, got {} ns", opts.slop_ns)));
     }
     if out.join("collection.json").exists() {
-        return Err(Error::InvalidInput(format!(
-            "{} already holds a collection; choose a new --out folder",
-            out.display()
-        )));
+        return Err(Error::InvalidInput(format!("{} already holds a collection; choose a new --out folder", out.display())));
     }
     let buf = std::fs::read(bag).map_err(|e| Error::io(bag, e))?;
     let stream = mcap::MessageStream::new(&buf).map_err(|e| bag_err(bag, e))?;
@@ -374,7 +371,8 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         }
     }
     let path = out.join("collection.json");
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::Collection { path: path.clone(), message: e.to_string() })?;
+    let text =
+        serde_json::to_string_pretty(&doc).map_err(|e| Error::Collection { path: path.clone(), message: e.to_string() })?;
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     report.skipped = skips.finish();
     Ok(report)
@@ -384,8 +382,8 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
 // Schemas
 
 const PRIMITIVES: [&str; 16] = [
-    "bool", "byte", "char", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
-    "uint64", "string", "wstring", "time",
+    "bool", "byte", "char", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "string", "wstring", "time",
 ];
 
 fn find_msg_file(pkg: &str, name: &str) -> Option<PathBuf> {
@@ -489,11 +487,8 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
     }
     let file = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
     let mcap_err = |e: mcap::McapError| Error::InvalidInput(format!("writing {}: {e}", out.display()));
-    let mut writer = mcap::WriteOptions::new()
-        .compression(None)
-        .profile("ros2")
-        .create(BufWriter::new(file))
-        .map_err(mcap_err)?;
+    let mut writer =
+        mcap::WriteOptions::new().compression(None).profile("ros2").create(BufWriter::new(file)).map_err(mcap_err)?;
     let mut report = WriteReport { bag: out.display().to_string(), ..Default::default() };
     let mut skips = Skips::new();
     let mut seq = 0u32;
@@ -505,11 +500,7 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
         let header = match (sec, nanosec) {
             (Some(s), Some(ns)) if i32::try_from(s).is_ok() && ns < 1_000_000_000 => Header {
                 stamp: Time { sec: s as i32, nanosec: ns as u32 },
-                frame_id: entry
-                    .and_then(|e| e.get("frame_id"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("camera")
-                    .to_string(),
+                frame_id: entry.and_then(|e| e.get("frame_id")).and_then(Value::as_str).unwrap_or("camera").to_string(),
             },
             _ => Header { stamp: Time { sec: index as i32, nanosec: 0 }, frame_id: "camera".into() },
         };
@@ -525,7 +516,13 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
             .to_serialized_bytes()
             .map_err(|e| Error::InvalidInput(format!("serialising PoseStamped: {e}")))?;
         writer
-            .write(&mcap::Message { channel: pose_ch.clone(), sequence: seq, log_time: t, publish_time: t, data: Cow::Owned(data) })
+            .write(&mcap::Message {
+                channel: pose_ch.clone(),
+                sequence: seq,
+                log_time: t,
+                publish_time: t,
+                data: Cow::Owned(data),
+            })
             .map_err(mcap_err)?;
         seq += 1;
         report.poses += 1;
@@ -540,7 +537,13 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
                     .to_serialized_bytes()
                     .map_err(|e| Error::InvalidInput(format!("serialising Image: {e}")))?;
                 writer
-                    .write(&mcap::Message { channel: nocs_ch.clone(), sequence: seq, log_time: t, publish_time: t, data: Cow::Owned(data) })
+                    .write(&mcap::Message {
+                        channel: nocs_ch.clone(),
+                        sequence: seq,
+                        log_time: t,
+                        publish_time: t,
+                        data: Cow::Owned(data),
+                    })
                     .map_err(mcap_err)?;
                 seq += 1;
                 report.nocs_images += 1;

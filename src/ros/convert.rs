@@ -15,13 +15,7 @@ pub fn stamp_ns(t: &Time) -> i64 {
 
 /// The raw bytes of an image message (every accepted encoding is 8-bit, so endianness does not matter).
 pub fn raw_image(msg: &Image) -> RawImage {
-    RawImage {
-        width: msg.width,
-        height: msg.height,
-        encoding: msg.encoding.clone(),
-        step: msg.step,
-        data: msg.data.clone(),
-    }
+    RawImage { width: msg.width, height: msg.height, encoding: msg.encoding.clone(), step: msg.step, data: msg.data.clone() }
 }
 
 /// A pose message from camera_from_object (already in canonical units).
@@ -30,10 +24,7 @@ pub fn pose_stamped(header: Header, camera_from_object: &Isometry3<f64>) -> Pose
     let q = camera_from_object.rotation;
     PoseStamped {
         header,
-        pose: Pose {
-            position: Point { x: t.x, y: t.y, z: t.z },
-            orientation: QuatMsg { x: q.i, y: q.j, z: q.k, w: q.w },
-        },
+        pose: Pose { position: Point { x: t.x, y: t.y, z: t.z }, orientation: QuatMsg { x: q.i, y: q.j, z: q.k, w: q.w } },
     }
 }
 

@@ -259,7 +259,10 @@ fn disk_writer(shared: Arc<Shared>) {
                     .map_err(|_| crate::Error::InvalidInput(format!("camera_info K has {} values, expected 9", info.k.len())))
                     .and_then(|k| intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height())));
                 checked.unwrap_or_else(|e| {
-                    warn!("ignoring camera_info for the frame at {}.{:09}: {e}", info.header.stamp.sec, info.header.stamp.nanosec);
+                    warn!(
+                        "ignoring camera_info for the frame at {}.{:09}: {e}",
+                        info.header.stamp.sec, info.header.stamp.nanosec
+                    );
                     None
                 })
             });
@@ -270,7 +273,7 @@ fn disk_writer(shared: Arc<Shared>) {
         })();
         if let Err(e) = result {
             errors += 1;
-            if errors <= 20 || errors % 100 == 0 {
+            if errors <= 20 || errors.is_multiple_of(100) {
                 warn!("dropping a frame ({errors} so far): {e}");
             }
         }
@@ -290,7 +293,8 @@ fn start_job(shared: &Arc<Shared>, req: &Congeal::Request) -> (bool, String, Str
     }
     let spec = match req.shape.as_str() {
         "" | "template" => {
-            let path = if !req.template_path.is_empty() { req.template_path.clone() } else { shared.params.template_path.clone() };
+            let path =
+                if !req.template_path.is_empty() { req.template_path.clone() } else { shared.params.template_path.clone() };
             ShapeSpec::Template((!path.is_empty()).then(|| PathBuf::from(path)))
         }
         "sds" => ShapeSpec::Sds,
@@ -313,7 +317,8 @@ fn start_job(shared: &Arc<Shared>, req: &Congeal::Request) -> (bool, String, Str
         return (false, String::new(), format!("no images collected for `{category}` yet ({})", root.display()));
     }
     let id = job_id();
-    let state = JobState { job_id: id.clone(), stage: "queued".into(), progress: 0.0, done: false, ok: false, message: String::new() };
+    let state =
+        JobState { job_id: id.clone(), stage: "queued".into(), progress: 0.0, done: false, ok: false, message: String::new() };
     lock(&shared.jobs).insert(category.clone(), state);
     let sh = shared.clone();
     let job = id.clone();
@@ -387,10 +392,11 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
 }
 
 fn header_for(store: &CollectionStore, file: &str) -> Option<Header> {
-    store.frames().iter().find(|f| f.rgb == file).map(|f| Header {
-        stamp: Time { sec: f.stamp_sec, nanosec: f.stamp_nanosec },
-        frame_id: f.frame_id.clone(),
-    })
+    store
+        .frames()
+        .iter()
+        .find(|f| f.rgb == file)
+        .map(|f| Header { stamp: Time { sec: f.stamp_sec, nanosec: f.stamp_nanosec }, frame_id: f.frame_id.clone() })
 }
 
 fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult, run_dir: &Path) {
@@ -439,7 +445,7 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
     if let Err(e) = lock(&shared.publishers).result.publish(&msg) {
         warn!("publishing result: {e}");
     }
-    match crate::field::mesh::TriangleMesh::load(&run_dir.join(&result.canonical.mesh)) {
+    match crate::field::mesh::TriangleMesh::load(run_dir.join(&result.canonical.mesh)) {
         Ok(mesh) => {
             let mut points = Vec::with_capacity(mesh.triangles.len() * 3);
             let mut colors = Vec::with_capacity(mesh.triangles.len() * 3);
@@ -530,7 +536,7 @@ fn get_pose(shared: &Shared, req: &GetPose::Request) -> GetPose::Response {
 fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> TransferKeypoints::Response {
     let fail = |message: String| TransferKeypoints::Response { ok: false, message, ..Default::default() };
     let category = shared.category_or_default(&req.category);
-    if req.points.len() % 2 != 0 {
+    if !req.points.len().is_multiple_of(2) {
         return fail(format!("points must be x, y pairs; got {} numbers", req.points.len()));
     }
     let Some((result, run_dir)) = lock(&shared.results).get(&category).cloned() else {
@@ -607,7 +613,8 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
             )?;
         }
         let mut timings = Default::default();
-        let reg = pipeline::register_with_candidates(field, set, &[view], &[&mask], config, &pipeline::no_progress, &mut timings)?;
+        let reg =
+            pipeline::register_with_candidates(field, set, &[view], &[&mask], config, &pipeline::no_progress, &mut timings)?;
         drop(cache);
         let pose_n = reg.camera_from_object[0];
         let k = reg.intrinsics[0];
@@ -615,7 +622,13 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
         let cams = CameraBatch::from_poses(&[pose_n], &[k], field.device())?;
         let pixels = crate::field::render::pixel_grid(k.width, k.height, field.device())?;
         let what = RenderWhat { nocs: true, ..Default::default() };
-        let r = render_rays_host(field, &cams.rays(&pixels)?, shared.config.render.samples_per_ray, what, shared.config.render.chunk_rays)?;
+        let r = render_rays_host(
+            field,
+            &cams.rays(&pixels)?,
+            shared.config.render.samples_per_ray,
+            what,
+            shared.config.render.chunk_rays,
+        )?;
         let m: Vec<bool> = mask.pixels().map(|p| p.0[0] >= 128).collect();
         let pose = nalgebra::Isometry3::from_parts(
             nalgebra::Translation3::from(pose_n.translation.vector * field.units_per_normalised),
@@ -652,11 +665,7 @@ pub fn run_node() -> anyhow::Result<()> {
         nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
         mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
     };
-    let sync_cfg = SyncConfig {
-        slop_ns: (params.slop_s * 1e9) as i64,
-        queue: params.queue_size,
-        wait_for_mask: params.use_mask,
-    };
+    let sync_cfg = SyncConfig { slop_ns: (params.slop_s * 1e9) as i64, queue: params.queue_size, wait_for_mask: params.use_mask };
     let shared = Arc::new(Shared {
         collecting: Mutex::new(params.collect.then(|| params.category.clone())),
         sync: Mutex::new(ApproxTimeSync::new(sync_cfg)),

@@ -68,19 +68,16 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<CanonicalShape> {
     let json = dir.join("model.json");
     let bad = |path: &Path, message: String| Error::Run { path: path.to_path_buf(), message };
     let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
-    let info: ModelInfo =
-        serde_json::from_str(&text).map_err(|e| bad(&json, format!("not a congeal model description: {e}")))?;
+    let info: ModelInfo = serde_json::from_str(&text).map_err(|e| bad(&json, format!("not a congeal model description: {e}")))?;
     if info.format != MODEL_FORMAT {
         return Err(bad(&json, format!("format `{}`, expected `{MODEL_FORMAT}`", info.format)));
     }
-    let numbers = info
-        .grid_min
-        .iter()
-        .chain(&info.grid_max)
-        .chain(&info.nocs_min)
-        .chain(&info.nocs_max)
-        .map(|v| *v as f64)
-        .chain([info.units_per_normalised, info.bounding_radius as f64, info.density_per_occupancy as f64]);
+    let numbers =
+        info.grid_min.iter().chain(&info.grid_max).chain(&info.nocs_min).chain(&info.nocs_max).map(|v| *v as f64).chain([
+            info.units_per_normalised,
+            info.bounding_radius as f64,
+            info.density_per_occupancy as f64,
+        ]);
     if numbers.clone().any(|v| !v.is_finite()) || info.units_per_normalised <= 0.0 || info.density_per_occupancy <= 0.0 {
         return Err(bad(&json, "non-finite or non-positive geometry".into()));
     }

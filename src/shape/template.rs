@@ -104,11 +104,7 @@ pub fn voxelize(mesh: &TriangleMesh, opts: &TemplateOptions) -> Result<VoxelGrid
     for i in 0..n {
         if surface[i] {
             let w = sums[i][3];
-            grid.colors[i] = if w > 0.0 {
-                [0, 1, 2].map(|k| (sums[i][k] / w).clamp(0.0, 1.0))
-            } else {
-                [0.5; 3]
-            };
+            grid.colors[i] = if w > 0.0 { [0, 1, 2].map(|k| (sums[i][k] / w).clamp(0.0, 1.0)) } else { [0.5; 3] };
             colored[i] = true;
         }
     }
@@ -288,22 +284,8 @@ fn dilate_colors(colors: &mut [[f32; 3]], colored: &mut [bool], dims: [usize; 3]
 mod tests {
     use super::*;
     use crate::field::mesh::Material;
-    use std::path::PathBuf;
 
-    fn collections_dir() -> PathBuf {
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            std::env::var_os("CONGEAL_DATA_DIR").map(|d| PathBuf::from(d).join("collections")),
-            Some(manifest.join("shared/data/collections")),
-            Some(manifest.join("../shared/data/collections")),
-            Some(PathBuf::from("/work/shared/data/collections")),
-        ];
-        candidates
-            .into_iter()
-            .flatten()
-            .find(|p| p.join("duck/template.obj").is_file())
-            .expect("collections not found; set CONGEAL_DATA_DIR to the folder holding collections/")
-    }
+    use crate::test_util::collections_dir;
 
     /// Icosahedron subdivided `level` times, projected on a sphere of radius `r`, triangles outward.
     pub(crate) fn icosphere(r: f32, level: usize) -> TriangleMesh {
@@ -489,7 +471,7 @@ mod tests {
     fn sphere_with_small_hole_is_still_filled() {
         let r = 1.0;
         let mut mesh = icosphere(r, 5); // edges ~0.033 r
-        // three holes of one triangle each (edges ~0.033 r, smaller than a voxel)
+                                        // three holes of one triangle each (edges ~0.033 r, smaller than a voxel)
         for t in [2000, 1000, 100] {
             mesh.triangles.remove(t);
             mesh.triangle_materials.remove(t);
@@ -544,12 +526,7 @@ mod tests {
         let box_vol: f64 = (0..3).map(|a| (hi[a] - lo[a]) as f64).product();
         assert!(vol > 0.2 * box_vol && vol < 1.2 * box_vol, "duck volume {vol} vs bbox {box_vol}");
         // colour of occupied voxels: the duck is yellow, not grey
-        let colourful = grid
-            .occupancy
-            .iter()
-            .zip(&grid.colors)
-            .filter(|(&o, c)| o > 0.5 && (c[0] - c[2]).abs() > 0.15)
-            .count();
+        let colourful = grid.occupancy.iter().zip(&grid.colors).filter(|(&o, c)| o > 0.5 && (c[0] - c[2]).abs() > 0.15).count();
         let occupied = grid.occupancy.iter().filter(|&&o| o > 0.5).count();
         assert!(colourful > occupied / 2, "{colourful} colourful of {occupied} occupied voxels");
     }

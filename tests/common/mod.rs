@@ -1,9 +1,10 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use congeal::field::canonical::CanonicalField;
 use congeal::field::voxel::VoxelGrid;
 
@@ -27,10 +28,43 @@ pub fn sphere_field(radius: f32, half: f32, n: usize, opacity_per_voxel: f32) ->
     CanonicalField::from_voxels(&grid, ([-radius; 3], [radius; 3]), opacity_per_voxel, &Device::Cpu).unwrap()
 }
 
-/// The shared evaluation data (`../shared/data/collections/NAME`) when present.
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The folder of the shared evaluation collections: `$CONGEAL_DATA_DIR/collections` when that is
+/// set, else `../shared/data/collections` beside the repository (the rule of the unit tests'
+/// `test_util::collections_dir`).
+pub fn collections_dir() -> PathBuf {
+    match std::env::var_os("CONGEAL_DATA_DIR") {
+        Some(d) => PathBuf::from(d).join("collections"),
+        None => repo().join("../shared/data/collections"),
+    }
+}
+
+/// The shared evaluation collection `name` when present.
 pub fn shared_collection(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/collections").join(name);
+    let p = collections_dir().join(name);
     p.join("collection.json").exists().then_some(p)
+}
+
+/// A file of `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(name)
+}
+
+/// Every tensor of a safetensors file on the CPU; panics naming the file if it cannot be read.
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Largest absolute difference of two tensors of one shape, computed in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// The demo collection shipped in the repo.
@@ -46,8 +80,8 @@ pub fn asymmetric_field(n: usize) -> CanonicalField {
     // Axis-aligned boxes (min, max).
     let boxes = [
         ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]), // base slab
-        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),         // post at +x, -z, tall
-        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),       // bump at -x, front
+        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),        // post at +x, -z, tall
+        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),      // bump at -x, front
     ];
     let mut occupancy = Vec::with_capacity(n * n * n);
     let mut colors = Vec::with_capacity(n * n * n);

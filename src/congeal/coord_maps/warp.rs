@@ -1,10 +1,8 @@
-//! Canonical coordinate maps (paper Eq. 10-16).
+//! The coordinate-map warp (paper Eq. 10, 14-16).
 //!
 //! For each image `x` with estimated pose, [`optimise_warps`] finds the 2D warp `u -> ũ` from the
 //! image to the rendering `x̃ = R(π(x), θ)` that minimises
 //! `d_ζ^{ũ,u}(x̃, x) + λ_l2 ||ũ - u||² + λ_smooth L_smooth` (Eq. 10) with AdamW, all images at once.
-//! The forward map of a pixel is then the NOCS rendering at `ũ` (Eq. 11) and the reverse map inverts
-//! both steps by nearest neighbours (Eq. 12-13, see [`ReverseMap`]).
 //!
 //! Coordinates: `u` and `ũ` live in the unit square of the image's square feature crop (`[0, 1]²`,
 //! so `||ũ - u||` is normalised as the paper asks). The warp is a `grid x grid` field of
@@ -17,7 +15,6 @@
 //! iteration costs O(1) per node, with an analytic gradient (checked by finite differences in the
 //! tests).
 
-use kiddo::{KdTree, SquaredEuclidean};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -257,9 +254,9 @@ impl WarpProblem {
                 e[4] as f64
             }
         };
-        for a in 0..4 {
-            for b in 0..4 {
-                g[a][b] = pair(a, b);
+        for (a, row) in g.iter_mut().enumerate() {
+            for (b, v) in row.iter_mut().enumerate() {
+                *v = pair(a, b);
             }
         }
         let num: f64 = (0..4).map(|k| w[k] * s[k]).sum();
@@ -447,54 +444,6 @@ pub fn optimise_warps(problems: &[WarpProblem], s: &WarpSettings) -> Result<Vec<
         .collect()
 }
 
-/// Reverse canonical coordinate map of one image (Eq. 12-13): NOCS point -> pixel of the rendering
-/// with the nearest NOCS (Eq. 12) -> input pixel whose warped position is nearest (Eq. 13).
-pub struct ReverseMap {
-    rendering: KdTree<f64, 3>,
-    rendering_pixels: Vec<[f64; 2]>,
-    warped: KdTree<f64, 2>,
-    input_pixels: Vec<[f64; 2]>,
-}
-
-impl ReverseMap {
-    /// Builds the two k-d trees: `rendering` = (pixel, NOCS) of the rendering's foreground, `warped` =
-    /// (input pixel, its warped position ũ in image pixels) over the input's foreground.
-    pub fn new(rendering: &[([f64; 2], [f32; 3])], warped: &[([f64; 2], [f64; 2])]) -> Result<Self> {
-        if rendering.is_empty() || warped.is_empty() {
-            return Err(Error::InvalidInput("reverse map needs a non-empty rendering and input foreground".into()));
-        }
-        let mut tree3: KdTree<f64, 3> = KdTree::with_capacity(rendering.len());
-        for (k, (_, n)) in rendering.iter().enumerate() {
-            tree3.add(&n.map(|v| v as f64), k as u64);
-        }
-        let mut tree2: KdTree<f64, 2> = KdTree::with_capacity(warped.len());
-        for (k, (_, w)) in warped.iter().enumerate() {
-            tree2.add(w, k as u64);
-        }
-        Ok(Self {
-            rendering: tree3,
-            rendering_pixels: rendering.iter().map(|r| r.0).collect(),
-            warped: tree2,
-            input_pixels: warped.iter().map(|w| w.0).collect(),
-        })
-    }
-
-    /// The input pixel for canonical point `nocs`; `None` when no rendered NOCS lies within
-    /// `max_distance` of it (the point is not visible in this image).
-    pub fn find(&self, nocs: [f32; 3], max_distance: f64) -> Option<[f64; 2]> {
-        if nocs.iter().any(|v| !v.is_finite()) {
-            return None;
-        }
-        let hit = self.rendering.nearest_one::<SquaredEuclidean>(&nocs.map(|v| v as f64));
-        if hit.distance > max_distance * max_distance {
-            return None;
-        }
-        let ut = self.rendering_pixels[hit.item as usize];
-        let back = self.warped.nearest_one::<SquaredEuclidean>(&ut);
-        Some(self.input_pixels[back.item as usize])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,8 +479,7 @@ mod tests {
                 dp[n][c] += h;
                 let mut dm = d.clone();
                 dm[n][c] -= h;
-                let fd = (p.loss_and_grad(&dp, &s, &mut scratch) - p.loss_and_grad(&dm, &s, &mut scratch))
-                    / (2.0 * h as f64);
+                let fd = (p.loss_and_grad(&dp, &s, &mut scratch) - p.loss_and_grad(&dm, &s, &mut scratch)) / (2.0 * h as f64);
                 let a = grad[n][c];
                 let err = (fd - a).abs() / (fd.abs().max(a.abs()).max(1e-3));
                 worst = worst.max(err);
@@ -563,7 +511,7 @@ mod tests {
         let rendering = FeatureGrid::new(w, w, c, pick(0)).unwrap();
         let p = WarpProblem::new(&input, &rendering, &|x, y| x > 0.2 && x < 0.7 && y > 0.2 && y < 0.8, 16).unwrap();
         let s = WarpSettings { iterations: 600, lambda_l2: 0.1, ..Default::default() };
-        let warp = optimise_warps(&[p.clone()], &s).unwrap().remove(0);
+        let warp = optimise_warps(std::slice::from_ref(&p), &s).unwrap().remove(0);
         let before = p.semantic_distance(&Warp::identity(16));
         let after = p.semantic_distance(&warp);
         assert!(after < 0.2 * before, "semantic distance {before} -> {after}");
@@ -589,16 +537,5 @@ mod tests {
         assert!((at_identity - 2.0 * 2f64.sqrt()).abs() < 1e-9, "{at_identity}");
         let stretch: Vec<[f32; 2]> = (0..g * g).map(|n| [0.3 * node_position(n, g)[0] as f32, 0.0]).collect();
         assert!(rigidity(&stretch, g, 1, 1.0, 1.0, &mut grad) > at_identity + 0.05);
-    }
-
-    #[test]
-    fn reverse_map_inverts_nearest_neighbours() {
-        let rendering = vec![([10.0, 10.0], [0.1, 0.2, 0.3]), ([20.0, 10.0], [0.8, 0.2, 0.3])];
-        let warped = vec![([11.0, 9.0], [10.5, 10.0]), ([22.0, 9.0], [19.0, 10.0])];
-        let r = ReverseMap::new(&rendering, &warped).unwrap();
-        assert_eq!(r.find([0.75, 0.2, 0.3], 0.1), Some([22.0, 9.0]));
-        assert_eq!(r.find([0.12, 0.2, 0.3], 0.1), Some([11.0, 9.0]));
-        assert_eq!(r.find([0.5, 0.9, 0.9], 0.1), None);
-        assert_eq!(r.find([f32::NAN, 0.0, 0.0], 0.1), None);
     }
 }
