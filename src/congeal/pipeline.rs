@@ -124,23 +124,11 @@ pub fn run(
 
     // Outputs: per image (forward maps, overlays), then the shape.
     let t = Instant::now();
-    let posed = prepared.iter().zip(&warps).enumerate().map(|(k, (p, warp))| {
-        let pose = registration.camera_from_object[k];
-        let intrinsics = registration.intrinsics[k];
-        Ok(PosedImage {
-            index: p.index,
-            file: p.file.clone(),
-            rgb: &p.image.rgb,
-            mask: &p.image.mask,
-            mask_has_file: collection.has_mask_file(p.index),
-            camera_from_object: to_canonical_units(&pose, field.units_per_normalised),
-            intrinsics,
-            score: registration.iou[k],
-            init: registration.init_info[k].clone(),
-            warp: warp.as_ref(),
-            rasters: pose_rasters(field, &p.view, &p.image.mask, &pose, &intrinsics, warp.as_ref(), config)?,
-        })
-    });
+    let posed = prepared
+        .iter()
+        .zip(&warps)
+        .enumerate()
+        .map(|(k, (p, warp))| posed_image(p, &registration, k, warp.as_ref(), collection, field, config));
     let images = write_images(out_dir, &config.output, prepared.len(), posed, &|f| progress("outputs", f))?;
     let mesh = crate::field::field_mesh(field)?;
     mesh.write_ply(out_dir.join("canonical.ply"))?;
@@ -159,6 +147,34 @@ pub fn run(
     let yaml = serde_yaml::to_string(config).map_err(|e| Error::Config(format!("cannot serialise the configuration: {e}")))?;
     std::fs::write(out_dir.join("config.yaml"), yaml).map_err(|e| Error::io(out_dir.join("config.yaml"), e))?;
     Ok(result)
+}
+
+/// Image `k` of a run as [`write_images`] takes it: its registration, its warp and the rasters
+/// rendered at its pose.
+fn posed_image<'a>(
+    p: &'a Prepared,
+    registration: &Registration,
+    k: usize,
+    warp: Option<&'a StoredWarp>,
+    collection: &Collection,
+    field: &CanonicalField,
+    config: &Config,
+) -> Result<PosedImage<'a, StoredWarp>> {
+    let pose = registration.camera_from_object[k];
+    let intrinsics = registration.intrinsics[k];
+    Ok(PosedImage {
+        index: p.index,
+        file: p.file.clone(),
+        rgb: &p.image.rgb,
+        mask: &p.image.mask,
+        mask_has_file: collection.has_mask_file(p.index),
+        camera_from_object: to_canonical_units(&pose, field.units_per_normalised),
+        intrinsics,
+        score: registration.iou[k],
+        init: registration.init_info[k].clone(),
+        warp,
+        rasters: pose_rasters(field, &p.view, &p.image.mask, &pose, &intrinsics, warp, config)?,
+    })
 }
 
 /// Loads every image of `collection` with its mask (built-in U^2-Net-p masks for images without a
