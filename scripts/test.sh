@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: the format and lint gates, the library/CLI tests and doc examples (one
-# release build, tested as built), then the
-# ROS 2 node's rclpy peer tests and the bag round trip (ROS 2 Jazzy from PyPI wheels, see setup.sh --ros).
+# release build, tested as built), then the ROS 2 node's rclpy peer tests and the bag round trip
+# (ROS 2 Jazzy from PyPI wheels, see setup.sh --ros).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --ros

@@ -169,44 +169,89 @@ pub fn bench_sds(
         report(&format!("{name}: textual-inversion step (batch 1): {step:.3} s"));
         if name == "tiny" || sds_full {
             let kind = if unet_cfg.camera_dim.is_some() { GuidanceKind::Mvdream } else { GuidanceKind::StableDiffusion };
-            let models = if name == "tiny" {
-                DiffusionModels::random_tiny(0, kind, dtype, device)?
-            } else {
-                DiffusionModels {
-                    tokenizer: ClipTokenizer::hashed(text_cfg.vocab_size, 77)?,
-                    text,
-                    text_skip_layers: 0,
-                    unet,
-                    vae: Vae::from_varbuilder(&VaeConfig::sd21(), random_varbuilder(3, dtype, device))?,
-                    kind,
-                    schedule: NoiseSchedule::stable_diffusion(),
-                    source: "random".into(),
-                }
-            };
-            let mut cfg = SdsConfig {
-                iterations: reps,
-                low_res: render,
-                high_res: render,
-                views,
-                guidance_resolution: (latent * 8) as u32,
-                ..Default::default()
-            };
-            if name == "tiny" {
-                cfg.guidance_resolution = (latent * 2) as u32;
-                cfg.grid = 24;
-            }
-            let cond = models.encode_prompt("a photo of sks object")?.detach();
-            let uncond = models.encode_prompt("")?.detach();
-            let t0 = std::time::Instant::now();
-            score_distillation(&models, &cond, &uncond, &cfg, device, &|_| {})?;
-            device.synchronize()?;
-            report(&format!(
-                "{name}: score-distillation step ({views} views, {render} px renders, {} px to the VAE, grid {}^3): {:.3} s",
-                cfg.guidance_resolution,
-                cfg.grid,
-                t0.elapsed().as_secs_f64() / reps as f64
-            ));
+            let step = SdsStep { latent, reps, render, views, dtype, device };
+            step.run(name, kind, text, unet, text_cfg.vocab_size, report)?;
         }
     }
     Ok(())
+}
+
+/// The settings of one timed score-distillation step of [`bench_sds`].
+struct SdsStep<'a> {
+    latent: usize,
+    reps: usize,
+    render: u32,
+    views: usize,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl SdsStep<'_> {
+    /// Times `reps` score-distillation steps of model `name` (`tiny`: config/tiny.yaml's random
+    /// models; otherwise `text` and `unet` with a random SD 2.1 VAE) and reports the mean.
+    fn run(
+        &self,
+        name: &str,
+        kind: GuidanceKind,
+        text: ClipTextModel,
+        unet: UNet,
+        vocab_size: usize,
+        report: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let SdsStep { latent, reps, render, views, dtype, device } = *self;
+        let models = if name == "tiny" {
+            DiffusionModels::random_tiny(0, kind, dtype, device)?
+        } else {
+            DiffusionModels {
+                tokenizer: ClipTokenizer::hashed(vocab_size, 77)?,
+                text,
+                text_skip_layers: 0,
+                unet,
+                vae: Vae::from_varbuilder(&VaeConfig::sd21(), random_varbuilder(3, dtype, device))?,
+                kind,
+                schedule: NoiseSchedule::stable_diffusion(),
+                source: "random".into(),
+            }
+        };
+        let mut cfg = SdsConfig {
+            iterations: reps,
+            low_res: render,
+            high_res: render,
+            views,
+            guidance_resolution: (latent * 8) as u32,
+            ..Default::default()
+        };
+        if name == "tiny" {
+            cfg.guidance_resolution = (latent * 2) as u32;
+            cfg.grid = 24;
+        }
+        let cond = models.encode_prompt("a photo of sks object")?.detach();
+        let uncond = models.encode_prompt("")?.detach();
+        let t0 = std::time::Instant::now();
+        score_distillation(&models, &cond, &uncond, &cfg, device, &|_| {})?;
+        device.synchronize()?;
+        report(&format!(
+            "{name}: score-distillation step ({views} views, {render} px renders, {} px to the VAE, grid {}^3): {:.3} s",
+            cfg.guidance_resolution,
+            cfg.grid,
+            t0.elapsed().as_secs_f64() / reps as f64
+        ));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_sds_reports_every_step_of_the_tiny_models() {
+        let mut lines = Vec::new();
+        bench_sds(&["tiny".to_string()], 8, 1, false, 16, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
+        for what in ["UNet forward", "textual-inversion step", "score-distillation step"] {
+            assert!(lines.iter().any(|l| l.starts_with("tiny: ") && l.contains(what)), "{what} missing from {lines:?}");
+        }
+        let err = bench_sds(&["huge".to_string()], 8, 1, false, 16, &Device::Cpu, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("unknown model size"), "{err}");
+    }
 }

@@ -24,128 +24,183 @@ impl TriangleMesh {
     /// and `usemtl`; other statements (`vn`, `o`, `g`, `s`, `l`, `p`, ...) are ignored. A missing MTL or
     /// texture file only logs a warning (the material falls back to its `Kd`, or grey).
     pub fn parse_obj(text: &str, base_dir: &Path, origin: &Path) -> Result<Self> {
-        let mut positions: Vec<[f32; 3]> = Vec::new();
-        let mut colors: Vec<[f32; 3]> = Vec::new();
-        let mut any_color = false;
-        let mut uvs: Vec<[f32; 2]> = Vec::new();
-        let mut triangles: Vec<[i64; 3]> = Vec::new();
-        let mut tri_uvs: Vec<[u32; 3]> = Vec::new();
-        let mut any_uv = false;
-        let mut tri_mats: Vec<u32> = Vec::new();
-        let mut tri_lines: Vec<usize> = Vec::new();
-        let mut materials: Vec<Material> = Vec::new();
-        let mut by_name: HashMap<String, u32> = HashMap::new();
-        let mut current = NO_INDEX;
-        let mut corners: Vec<(i64, Option<i64>)> = Vec::new();
-
+        let mut obj = ObjBuilder::new(origin);
         for (ln, kw, rest) in statements(text) {
             match kw {
-                "v" => {
-                    let vals =
-                        parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad vertex coordinate '{t}'")))?;
-                    if vals.len() < 3 {
-                        return Err(mesh_err(origin, format!("line {ln}: vertex needs 3 coordinates")));
-                    }
-                    if vals[..3].iter().any(|v| !v.is_finite()) {
-                        return Err(mesh_err(
-                            origin,
-                            format!("line {ln}: vertex {} has a NaN or infinite coordinate", positions.len() + 1),
-                        ));
-                    }
-                    positions.push([vals[0], vals[1], vals[2]]);
-                    if vals.len() >= 6 {
-                        any_color = true;
-                        colors.push([vals[3], vals[4], vals[5]].map(|c| if c.is_finite() { c.clamp(0.0, 1.0) } else { 0.5 }));
-                    } else {
-                        colors.push(DEFAULT_GREY);
-                    }
-                }
-                "vt" => {
-                    let vals =
-                        parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad texture coordinate '{t}'")))?;
-                    if vals.is_empty() {
-                        return Err(mesh_err(origin, format!("line {ln}: empty texture coordinate")));
-                    }
-                    uvs.push([vals[0], vals.get(1).copied().unwrap_or(0.0)]);
-                }
-                "f" => {
-                    corners.clear();
-                    for tok in rest.split_whitespace() {
-                        let mut parts = tok.split('/');
-                        let vi = parts.next().unwrap_or("");
-                        let ti = parts.next().unwrap_or("");
-                        let v = resolve_obj_index(vi, positions.len())
-                            .map_err(|m| mesh_err(origin, format!("line {ln}: vertex index {m}")))?;
-                        let t = if ti.is_empty() {
-                            None
-                        } else {
-                            Some(
-                                resolve_obj_index(ti, uvs.len())
-                                    .map_err(|m| mesh_err(origin, format!("line {ln}: texture index {m}")))?,
-                            )
-                        };
-                        corners.push((v, t));
-                    }
-                    if corners.len() < 3 {
-                        return Err(mesh_err(origin, format!("line {ln}: face has fewer than 3 vertices")));
-                    }
-                    for k in 1..corners.len() - 1 {
-                        let c = [corners[0], corners[k], corners[k + 1]];
-                        triangles.push([c[0].0, c[1].0, c[2].0]);
-                        let t = match (c[0].1, c[1].1, c[2].1) {
-                            (Some(a), Some(b), Some(d)) => {
-                                any_uv = true;
-                                [a, b, d].map(|x| u32::try_from(x).unwrap_or(NO_INDEX))
-                            }
-                            _ => [NO_INDEX; 3],
-                        };
-                        tri_uvs.push(t);
-                        tri_mats.push(current);
-                        tri_lines.push(ln);
-                    }
-                }
-                "mtllib" => {
-                    for file in mtllib_files(rest, base_dir) {
-                        let mtl_path = base_dir.join(&file);
-                        match load_mtl(&mtl_path) {
-                            Ok(mats) => {
-                                for m in mats {
-                                    let idx = materials.len() as u32;
-                                    by_name.insert(m.name.clone(), idx);
-                                    materials.push(m);
-                                }
-                            }
-                            Err(Error::Io { path, source }) => {
-                                tracing::warn!(
-                                    "{}: cannot read material library {}: {source}; using grey",
-                                    origin.display(),
-                                    path.display()
-                                );
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-                "usemtl" => {
-                    let name = rest.to_string();
-                    current = match by_name.get(&name) {
-                        Some(&i) => i,
-                        None => {
-                            tracing::warn!("{}: line {ln}: unknown material '{name}'; using grey", origin.display());
-                            let idx = materials.len() as u32;
-                            materials.push(Material::with_diffuse(name.clone(), DEFAULT_GREY));
-                            by_name.insert(name, idx);
-                            idx
-                        }
-                    };
-                }
+                "v" => obj.vertex(ln, rest)?,
+                "vt" => obj.texcoord(ln, rest)?,
+                "f" => obj.face(ln, rest)?,
+                "mtllib" => obj.mtllib(rest, base_dir)?,
+                "usemtl" => obj.usemtl(ln, rest),
                 _ => {}
             }
         }
+        obj.finish()
+    }
+}
 
-        let n = positions.len() as i64;
-        let mut tris = Vec::with_capacity(triangles.len());
-        for (t, ln) in triangles.iter().zip(&tri_lines) {
+/// What an OBJ file has defined so far; faces keep their (resolved, unchecked) indices and line until
+/// [`ObjBuilder::finish`] checks them against the whole file.
+struct ObjBuilder<'a> {
+    /// Names the source in errors.
+    origin: &'a Path,
+    positions: Vec<[f32; 3]>,
+    colors: Vec<[f32; 3]>,
+    any_color: bool,
+    uvs: Vec<[f32; 2]>,
+    triangles: Vec<[i64; 3]>,
+    tri_uvs: Vec<[u32; 3]>,
+    any_uv: bool,
+    tri_mats: Vec<u32>,
+    tri_lines: Vec<usize>,
+    materials: Vec<Material>,
+    by_name: HashMap<String, u32>,
+    /// The material of `usemtl`, `NO_INDEX` before any.
+    current: u32,
+    /// Scratch: the corners `(vertex, texture)` of the face being read.
+    corners: Vec<(i64, Option<i64>)>,
+}
+
+impl<'a> ObjBuilder<'a> {
+    fn new(origin: &'a Path) -> Self {
+        Self {
+            origin,
+            positions: Vec::new(),
+            colors: Vec::new(),
+            any_color: false,
+            uvs: Vec::new(),
+            triangles: Vec::new(),
+            tri_uvs: Vec::new(),
+            any_uv: false,
+            tri_mats: Vec::new(),
+            tri_lines: Vec::new(),
+            materials: Vec::new(),
+            by_name: HashMap::new(),
+            current: NO_INDEX,
+            corners: Vec::new(),
+        }
+    }
+
+    /// `v x y z [r g b]`.
+    fn vertex(&mut self, ln: usize, rest: &str) -> Result<()> {
+        let origin = self.origin;
+        let vals = parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad vertex coordinate '{t}'")))?;
+        if vals.len() < 3 {
+            return Err(mesh_err(origin, format!("line {ln}: vertex needs 3 coordinates")));
+        }
+        if vals[..3].iter().any(|v| !v.is_finite()) {
+            return Err(mesh_err(
+                origin,
+                format!("line {ln}: vertex {} has a NaN or infinite coordinate", self.positions.len() + 1),
+            ));
+        }
+        self.positions.push([vals[0], vals[1], vals[2]]);
+        if vals.len() >= 6 {
+            self.any_color = true;
+            self.colors.push([vals[3], vals[4], vals[5]].map(|c| if c.is_finite() { c.clamp(0.0, 1.0) } else { 0.5 }));
+        } else {
+            self.colors.push(DEFAULT_GREY);
+        }
+        Ok(())
+    }
+
+    /// `vt u [v [w]]`.
+    fn texcoord(&mut self, ln: usize, rest: &str) -> Result<()> {
+        let origin = self.origin;
+        let vals = parse_floats(rest).map_err(|t| mesh_err(origin, format!("line {ln}: bad texture coordinate '{t}'")))?;
+        if vals.is_empty() {
+            return Err(mesh_err(origin, format!("line {ln}: empty texture coordinate")));
+        }
+        self.uvs.push([vals[0], vals.get(1).copied().unwrap_or(0.0)]);
+        Ok(())
+    }
+
+    /// `f v[/vt[/vn]] ...`, fan-triangulated.
+    fn face(&mut self, ln: usize, rest: &str) -> Result<()> {
+        let origin = self.origin;
+        self.corners.clear();
+        for tok in rest.split_whitespace() {
+            let mut parts = tok.split('/');
+            let vi = parts.next().unwrap_or("");
+            let ti = parts.next().unwrap_or("");
+            let v = resolve_obj_index(vi, self.positions.len())
+                .map_err(|m| mesh_err(origin, format!("line {ln}: vertex index {m}")))?;
+            let t = if ti.is_empty() {
+                None
+            } else {
+                Some(
+                    resolve_obj_index(ti, self.uvs.len())
+                        .map_err(|m| mesh_err(origin, format!("line {ln}: texture index {m}")))?,
+                )
+            };
+            self.corners.push((v, t));
+        }
+        if self.corners.len() < 3 {
+            return Err(mesh_err(origin, format!("line {ln}: face has fewer than 3 vertices")));
+        }
+        for k in 1..self.corners.len() - 1 {
+            let c = [self.corners[0], self.corners[k], self.corners[k + 1]];
+            self.triangles.push([c[0].0, c[1].0, c[2].0]);
+            let t = match (c[0].1, c[1].1, c[2].1) {
+                (Some(a), Some(b), Some(d)) => {
+                    self.any_uv = true;
+                    [a, b, d].map(|x| u32::try_from(x).unwrap_or(NO_INDEX))
+                }
+                _ => [NO_INDEX; 3],
+            };
+            self.tri_uvs.push(t);
+            self.tri_mats.push(self.current);
+            self.tri_lines.push(ln);
+        }
+        Ok(())
+    }
+
+    /// `mtllib FILE...`: an unreadable library only logs a warning.
+    fn mtllib(&mut self, rest: &str, base_dir: &Path) -> Result<()> {
+        for file in mtllib_files(rest, base_dir) {
+            let mtl_path = base_dir.join(&file);
+            match load_mtl(&mtl_path) {
+                Ok(mats) => {
+                    for m in mats {
+                        let idx = self.materials.len() as u32;
+                        self.by_name.insert(m.name.clone(), idx);
+                        self.materials.push(m);
+                    }
+                }
+                Err(Error::Io { path, source }) => {
+                    tracing::warn!(
+                        "{}: cannot read material library {}: {source}; using grey",
+                        self.origin.display(),
+                        path.display()
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `usemtl NAME`: an unknown name becomes a grey material.
+    fn usemtl(&mut self, ln: usize, rest: &str) {
+        let name = rest.to_string();
+        self.current = match self.by_name.get(&name) {
+            Some(&i) => i,
+            None => {
+                tracing::warn!("{}: line {ln}: unknown material '{name}'; using grey", self.origin.display());
+                let idx = self.materials.len() as u32;
+                self.materials.push(Material::with_diffuse(name.clone(), DEFAULT_GREY));
+                self.by_name.insert(name, idx);
+                idx
+            }
+        };
+    }
+
+    /// Checks every face's indices against the whole file and builds the mesh.
+    fn finish(self) -> Result<TriangleMesh> {
+        let origin = self.origin;
+        let n = self.positions.len() as i64;
+        let mut tris = Vec::with_capacity(self.triangles.len());
+        for (t, ln) in self.triangles.iter().zip(&self.tri_lines) {
             if let Some(&bad) = t.iter().find(|&&i| i < 0 || i >= n) {
                 return Err(mesh_err(
                     origin,
@@ -154,8 +209,8 @@ impl TriangleMesh {
             }
             tris.push(t.map(|i| i as u32));
         }
-        let nuv = uvs.len() as u32;
-        for (t, ln) in tri_uvs.iter().zip(&tri_lines) {
+        let nuv = self.uvs.len() as u32;
+        for (t, ln) in self.tri_uvs.iter().zip(&self.tri_lines) {
             if t.iter().any(|&i| i != NO_INDEX && i >= nuv) {
                 return Err(mesh_err(
                     origin,
@@ -164,13 +219,13 @@ impl TriangleMesh {
             }
         }
         let mesh = TriangleMesh {
-            positions,
+            positions: self.positions,
             triangles: tris,
-            vertex_colors: if any_color { Some(colors) } else { None },
-            uvs,
-            triangle_uvs: if any_uv { Some(tri_uvs) } else { None },
-            triangle_materials: tri_mats,
-            materials,
+            vertex_colors: if self.any_color { Some(self.colors) } else { None },
+            uvs: self.uvs,
+            triangle_uvs: if self.any_uv { Some(self.tri_uvs) } else { None },
+            triangle_materials: self.tri_mats,
+            materials: self.materials,
         };
         mesh.validate(origin)?;
         Ok(mesh)
