@@ -8,6 +8,7 @@
 //! drag the alignment of the rest. Translation errors are *relative*: the distance between
 //! camera centres divided by the ground-truth camera's distance to the object origin (unitless).
 
+pub mod orbit;
 pub mod pairs;
 pub mod report;
 
