@@ -16,6 +16,9 @@ use std::collections::VecDeque;
 /// Camera info counts as live (images wait for their own) while its latest stamp is within this of
 /// the image's stamp, nanoseconds.
 pub const LIVE_INFO_NS: i64 = 1_000_000_000;
+/// An image stops waiting for its camera info once an image this much newer has arrived,
+/// nanoseconds (a camera_info publisher that stopped must not hold the images up).
+pub const MAX_INFO_WAIT_NS: i64 = 500_000_000;
 
 /// A message with its header stamp in nanoseconds.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,6 +73,8 @@ pub struct ApproxTimeSync<I, M, C> {
     infos: VecDeque<Stamped<C>>,
     /// Images with their mask (if any), waiting for their camera info.
     ready: VecDeque<(Stamped<I>, Option<M>)>,
+    /// Stamp of the newest image seen.
+    newest_image_ns: Option<i64>,
     dropped: Dropped,
 }
 
@@ -83,6 +88,7 @@ impl<I, M: Clone, C: Clone> ApproxTimeSync<I, M, C> {
             masks: VecDeque::new(),
             infos: VecDeque::new(),
             ready: VecDeque::new(),
+            newest_image_ns: None,
             dropped: Dropped::default(),
         }
     }
@@ -118,6 +124,7 @@ impl<I, M: Clone, C: Clone> ApproxTimeSync<I, M, C> {
             self.images.pop_front();
             self.dropped.images_overflow += 1;
         }
+        self.newest_image_ns = Some(self.newest_image_ns.map_or(image.stamp_ns, |n| n.max(image.stamp_ns)));
         self.images.push_back(image);
         self.drain()
     }
@@ -148,9 +155,12 @@ impl<I, M: Clone, C: Clone> ApproxTimeSync<I, M, C> {
 
     /// Whether an image at `stamp` should wait for its own camera info.
     fn info_pending(&self, stamp: i64) -> bool {
+        let waited_enough = self.newest_image_ns.is_some_and(|n| n - stamp > MAX_INFO_WAIT_NS);
         match self.infos.back() {
             // Live: recent, and nothing newer than the image's slop yet (that would mean it was lost).
-            Some(latest) => latest.stamp_ns <= stamp + self.cfg.slop_ns && stamp - latest.stamp_ns <= LIVE_INFO_NS,
+            Some(latest) => {
+                latest.stamp_ns <= stamp + self.cfg.slop_ns && stamp - latest.stamp_ns <= LIVE_INFO_NS && !waited_enough
+            }
             None => false,
         }
     }
@@ -257,6 +267,19 @@ mod tests {
         // A latched info with an old stamp is not live: no waiting.
         let m = sync.push_image(s(300 + 2 * LIVE_INFO_NS, 2));
         assert_eq!((m.len(), m[0].info), (1, Some("k3")));
+    }
+
+    #[test]
+    fn a_stopped_camera_info_publisher_does_not_hold_images_up() {
+        let mut sync: ApproxTimeSync<u32, u32, &str> = ApproxTimeSync::new(cfg(false));
+        sync.push_info(s(0, "k0"));
+        assert!(sync.push_image(s(100, 1)).is_empty(), "waits for its own info");
+        // No more camera_info: a much newer image releases the waiting one with the last info.
+        let m = sync.push_image(s(100 + MAX_INFO_WAIT_NS + 1, 2));
+        assert_eq!(m.iter().map(|m| (m.image.value, m.info)).collect::<Vec<_>>(), vec![(1, Some("k0"))]);
+        // Once camera_info is no longer live (older than LIVE_INFO_NS), images pass without waiting.
+        let m = sync.push_image(s(100 + MAX_INFO_WAIT_NS + LIVE_INFO_NS + 2, 3));
+        assert_eq!(m.iter().map(|m| m.image.value).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]
