@@ -72,16 +72,18 @@ pub struct TrackOutcome {
 pub struct Tracker {
     config: TrackConfig,
     previous: Option<TrackedPose>,
-    /// Frame-to-frame motion `camera_from_object_t * camera_from_object_{t-1}^-1` of the last two
-    /// tracked frames (none right after a re-initialisation).
-    motion: Option<Isometry3<f64>>,
+    /// Motion `camera_from_object_t * camera_from_object_{t-1}^-1` between the last two tracked
+    /// frames and the time between them, seconds (none right after a re-initialisation).
+    motion: Option<(Isometry3<f64>, f64)>,
+    /// Time of the previous frame, seconds.
+    previous_time: Option<f64>,
     reset_requested: bool,
 }
 
 impl Tracker {
     /// A tracker with no previous pose.
     pub fn new(config: TrackConfig) -> Self {
-        Self { config, previous: None, motion: None, reset_requested: false }
+        Self { config, previous: None, motion: None, previous_time: None, reset_requested: false }
     }
 
     /// The last pose, if the object is being tracked.
@@ -100,13 +102,28 @@ impl Tracker {
         self.motion = None;
     }
 
-    /// Poses one frame. `known` are the frame's intrinsics from its camera_info (or `None`: the
-    /// previous frame's are kept). `reinit` runs the candidate search on this frame.
+    /// Poses one frame taken at `time_s` (seconds, any epoch: the header stamp). `known` are the
+    /// frame's intrinsics from its camera_info (or `None`: the previous frame's are kept). `reinit`
+    /// runs the candidate search on this frame.
     pub fn step(
         &mut self,
         field: &CanonicalField,
         mask: &GrayImage,
         known: Option<Intrinsics>,
+        time_s: f64,
+        reinit: &mut dyn FnMut() -> Result<TrackedPose>,
+    ) -> Result<TrackOutcome> {
+        let outcome = self.step_inner(field, mask, known, time_s, reinit);
+        self.previous_time = outcome.as_ref().ok().map(|_| time_s);
+        outcome
+    }
+
+    fn step_inner(
+        &mut self,
+        field: &CanonicalField,
+        mask: &GrayImage,
+        known: Option<Intrinsics>,
+        time_s: f64,
         reinit: &mut dyn FnMut() -> Result<TrackedPose>,
     ) -> Result<TrackOutcome> {
         let reason = match &self.previous {
@@ -122,9 +139,15 @@ impl Tracker {
             return self.reinitialise(ReinitReason::NoPrevious, reinit);
         };
         let intrinsics = known.unwrap_or(previous.intrinsics);
-        let predicted = match &self.motion {
-            Some(m) => scaled_motion(m, self.config.velocity) * previous.camera_from_object,
-            None => previous.camera_from_object,
+        // Constant velocity: the last motion, scaled to the time since the previous frame (frames may
+        // have been skipped), damped by `velocity`.
+        let dt = self.previous_time.map(|t| time_s - t).filter(|dt| dt.is_finite() && *dt > 0.0);
+        let predicted = match (&self.motion, dt) {
+            (Some((m, m_dt)), Some(dt)) => {
+                let fraction = (self.config.velocity * dt / m_dt).clamp(0.0, MAX_EXTRAPOLATION);
+                scaled_motion(m, fraction) * previous.camera_from_object
+            }
+            _ => previous.camera_from_object,
         };
         let (refined, initial_score) = refine_from(field, mask, predicted, intrinsics, &self.config)?;
         let dropped = initial_score < previous.score - self.config.max_drop;
@@ -144,7 +167,7 @@ impl Tracker {
             }
             return Ok(TrackOutcome { initial_score, ..outcome });
         }
-        self.motion = Some(refined.camera_from_object * previous.camera_from_object.inverse());
+        self.motion = dt.map(|dt| (refined.camera_from_object * previous.camera_from_object.inverse(), dt));
         self.previous = Some(refined);
         Ok(TrackOutcome { pose: refined, reinitialised: None, initial_score })
     }
@@ -158,9 +181,14 @@ impl Tracker {
     }
 }
 
-/// `fraction` of a rigid motion (geodesic interpolation from the identity).
+/// The most frame-to-frame motions the prediction extrapolates over (after skipped frames).
+const MAX_EXTRAPOLATION: f64 = 3.0;
+
+/// `fraction` (may exceed 1) of a rigid motion: rotation angle and translation scaled along the
+/// rotation's axis (a screw-free approximation, fine for the small motions between frames).
 fn scaled_motion(motion: &Isometry3<f64>, fraction: f64) -> Isometry3<f64> {
-    Isometry3::identity().lerp_slerp(motion, fraction)
+    let rotation = nalgebra::UnitQuaternion::from_scaled_axis(motion.rotation.scaled_axis() * fraction);
+    Isometry3::from_parts(nalgebra::Translation3::from(motion.translation.vector * fraction), rotation)
 }
 
 /// A few Adam steps of silhouette refinement from `initial` (focal length fixed); returns the refined

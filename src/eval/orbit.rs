@@ -19,6 +19,8 @@ use crate::field::render::{pixel_grid, render_rays_host, CameraBatch, RenderWhat
 use crate::geometry::se3::orbit_camera_from_object;
 use crate::geometry::Intrinsics;
 
+/// Frame rate of a rendered path, Hz (the time stamps the tracker sees).
+pub const FRAME_RATE_HZ: f64 = 30.0;
 /// Opacity above which a rendered pixel is object in the mask.
 const MASK_OPACITY: f32 = 0.5;
 
@@ -173,7 +175,7 @@ pub fn track_orbit(
                 _ => Err(Error::Numerical("registration returned no pose".into())),
             }
         };
-        let outcome = tracker.step(field, &mask, known, &mut reinit)?;
+        let outcome = tracker.step(field, &mask, known, index as f64 / FRAME_RATE_HZ, &mut reinit)?;
         let latency_s = start.elapsed().as_secs_f64();
         let truth = &frame.camera_from_object;
         let estimate = &outcome.pose.camera_from_object;

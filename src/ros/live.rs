@@ -211,7 +211,9 @@ fn track_frame(shared: &Shared, slot: &ModelSlot, tracker: &mut Tracker, frame: 
             _ => Err(crate::Error::Numerical("registration returned no pose".into())),
         }
     };
-    tracker.step(field, &mask, known, &mut reinit)
+    let stamp = &frame.image.header.stamp;
+    let time_s = stamp.sec as f64 + stamp.nanosec as f64 * 1e-9;
+    tracker.step(field, &mask, known, time_s, &mut reinit)
 }
 
 /// The pose in canonical units (the model's field is in a normalised frame).
