@@ -689,3 +689,29 @@ pub fn parse_device(name: &str) -> Result<Device> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_are_the_shipped_files() {
+        for name in ["default", "fast", "fast_224", "tiny"] {
+            let file = Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{name}.yaml"))).unwrap();
+            assert_eq!(Config::builtin(name).unwrap(), file, "{name}");
+        }
+        assert_eq!(Config::builtin("paper").unwrap(), Config::builtin("default").unwrap());
+        assert_ne!(Config::builtin("fast").unwrap(), Config::builtin("default").unwrap());
+        let e = Config::builtin("turbo").unwrap_err().to_string();
+        assert!(e.contains("turbo") && e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn track_settings_are_checked() {
+        let bad = Config { track: TrackConfig { min_score: 1.5, ..TrackConfig::default() }, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("min_score"));
+        let bad = Config { track: TrackConfig { velocity: -0.1, ..TrackConfig::default() }, ..Config::default() };
+        assert!(bad.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+}
