@@ -77,7 +77,13 @@ where
     if matches!(value, ParameterValue::NotSet) {
         return Ok(default);
     }
-    let shown = format!("{value:?}");
+    let shown = match &value {
+        ParameterValue::Bool(v) => v.to_string(),
+        ParameterValue::Integer(v) => v.to_string(),
+        ParameterValue::Double(v) => v.to_string(),
+        ParameterValue::String(v) => format!("`{v}`"),
+        other => format!("{other:?}"),
+    };
     value.try_into().map_err(|e: r2r::WrongParameterType| {
         anyhow::anyhow!(
             "parameter `{name}` must be of type {} (default {default:?}), got {} {shown}{}",
@@ -244,6 +250,24 @@ pub(crate) struct Publishers {
     pub(crate) detections: r2r::Publisher<Detection3DArray>,
     pub(crate) tf: r2r::Publisher<TFMessage>,
     diagnostics: r2r::Publisher<DiagnosticArray>,
+}
+
+impl Publishers {
+    /// Every publisher of the node (names are the DESIGN.md contract).
+    fn create(node: &mut r2r::Node) -> anyhow::Result<Self> {
+        let latched = QosProfile::default().transient_local().keep_last(1);
+        Ok(Self {
+            status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
+            result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
+            pose: node.create_publisher::<PoseStamped>("~/pose", QosProfile::default().keep_last(100))?,
+            nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
+            mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
+            detections: node.create_publisher::<Detection3DArray>("~/detections", QosProfile::default().keep_last(10))?,
+            // tf2's own QoS for /tf: reliable, volatile, depth 100.
+            tf: node.create_publisher::<TFMessage>("/tf", QosProfile::default().keep_last(100))?,
+            diagnostics: node.create_publisher::<DiagnosticArray>("/diagnostics", QosProfile::default().keep_last(10))?,
+        })
+    }
 }
 
 impl Shared {
@@ -845,6 +869,41 @@ fn reset_srv(shared: &Shared) -> Trigger::Response {
     Trigger::Response { success: shared.params.track, message: message.into() }
 }
 
+/// Feeds the three input streams to the synchroniser (counting messages for `/diagnostics`) and
+/// forwards what matches.
+fn spawn_inputs(
+    shared: &Arc<Shared>,
+    images: impl futures::Stream<Item = Image> + Send + 'static,
+    masks: impl futures::Stream<Item = Image> + Send + 'static,
+    infos: impl futures::Stream<Item = CameraInfo> + Send + 'static,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sh = shared.clone();
+    tokio::spawn(images.for_each(move |msg| {
+        sh.live.stats.images.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_image(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+    let sh = shared.clone();
+    tokio::spawn(masks.for_each(move |msg| {
+        sh.live.stats.masks.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_mask(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+    let sh = shared.clone();
+    tokio::spawn(infos.for_each(move |msg| {
+        sh.live.stats.infos.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_info(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+}
+
 /// Runs the node until it is killed.
 pub fn run_node() -> anyhow::Result<()> {
     let ctx = r2r::Context::create()?;
@@ -862,17 +921,7 @@ pub fn run_node() -> anyhow::Result<()> {
         if params.track { "on" } else { "off" }
     );
 
-    let latched = QosProfile::default().transient_local().keep_last(1);
-    let publishers = Publishers {
-        status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
-        result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
-        pose: node.create_publisher::<PoseStamped>("~/pose", QosProfile::default().keep_last(100))?,
-        nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
-        mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
-        detections: node.create_publisher::<Detection3DArray>("~/detections", QosProfile::default().keep_last(10))?,
-        tf: node.create_publisher::<TFMessage>("/tf", QosProfile::default().keep_last(100))?,
-        diagnostics: node.create_publisher::<DiagnosticArray>("/diagnostics", QosProfile::default().keep_last(10))?,
-    };
+    let publishers = Publishers::create(&mut node)?;
     let sync_cfg = SyncConfig {
         slop_ns: (params.slop_s * 1e9) as i64,
         queue: params.queue_size,
@@ -922,30 +971,7 @@ pub fn run_node() -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let sh = shared.clone();
-        tokio::spawn(images.for_each(move |msg| {
-            sh.live.stats.images.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let stamp = stamp_ns(&msg.header.stamp);
-            let matched = lock(&sh.sync).push_image(Stamped { stamp_ns: stamp, value: msg });
-            forward(&sh, matched);
-            futures::future::ready(())
-        }));
-        let sh = shared.clone();
-        tokio::spawn(masks.for_each(move |msg| {
-            sh.live.stats.masks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let stamp = stamp_ns(&msg.header.stamp);
-            let matched = lock(&sh.sync).push_mask(Stamped { stamp_ns: stamp, value: msg });
-            forward(&sh, matched);
-            futures::future::ready(())
-        }));
-        let sh = shared.clone();
-        tokio::spawn(infos.for_each(move |msg| {
-            sh.live.stats.infos.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let stamp = stamp_ns(&msg.header.stamp);
-            let matched = lock(&sh.sync).push_info(Stamped { stamp_ns: stamp, value: msg });
-            forward(&sh, matched);
-            futures::future::ready(())
-        }));
+        spawn_inputs(&shared, images, masks, infos);
         let sh = shared.clone();
         serve(congeal_srv, "~/congeal", move |req: &Congeal::Request| {
             let (accepted, job_id, message) = start_job(&sh, req);
