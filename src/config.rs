@@ -63,12 +63,16 @@ pub struct TrackConfig {
     /// Constant-velocity prediction: the share (0..1) of the last frame-to-frame motion applied to
     /// the previous pose before refinement (0 = start from the previous pose).
     pub velocity: f64,
+    /// Refinement iterations of a re-initialisation (the candidate search's `pose_refine.iterations`
+    /// while tracking; its hypothesis phase keeps the same share). Tracking refines further on every
+    /// frame, so a re-initialisation needs fewer than a job.
+    pub reinit_iterations: usize,
 }
 
 impl Default for TrackConfig {
     fn default() -> Self {
         Self {
-            iterations: 8,
+            iterations: 12,
             ray_grid: 32,
             samples_per_ray: 32,
             lr: 0.01,
@@ -77,11 +81,23 @@ impl Default for TrackConfig {
             min_initial_score: 0.5,
             max_drop: 0.15,
             velocity: 0.8,
+            reinit_iterations: 60,
         }
     }
 }
 
 impl TrackConfig {
+    /// The configuration of a re-initialisation: `config` with `reinit_iterations` of refinement.
+    pub fn reinit_config(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        let r = &mut c.pose_refine;
+        let total = r.iterations.max(1);
+        let iterations = self.reinit_iterations.clamp(1, total);
+        r.hypothesis_iterations = r.hypothesis_iterations * iterations / total;
+        r.iterations = iterations;
+        c
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
         if self.ray_grid < 4 || self.samples_per_ray < 2 {
@@ -713,5 +729,16 @@ mod tests {
         let bad = Config { track: TrackConfig { velocity: -0.1, ..TrackConfig::default() }, ..Config::default() };
         assert!(bad.validate().is_err());
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn reinitialisation_refines_less_than_a_job() {
+        let fast = Config::builtin("fast").unwrap();
+        let r = fast.track.reinit_config(&fast);
+        assert_eq!(r.pose_refine.iterations, fast.track.reinit_iterations);
+        assert!(r.pose_refine.hypothesis_iterations < fast.pose_refine.hypothesis_iterations);
+        assert_eq!(r.pose_init, fast.pose_init, "the candidate settings are the model's");
+        let few = Config { pose_refine: PoseRefineConfig { iterations: 10, ..Default::default() }, ..Config::default() };
+        assert_eq!(few.track.reinit_config(&few).pose_refine.iterations, 10, "never more than a job");
     }
 }

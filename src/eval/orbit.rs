@@ -163,13 +163,14 @@ pub fn track_orbit(
     samples_per_ray: usize,
 ) -> Result<Vec<TrackedFrame>> {
     let mut tracker = Tracker::new(config.track.clone());
+    let reinit_config = config.track.reinit_config(config);
     let mut out = Vec::with_capacity(frames.len());
     for (index, frame) in frames.iter().enumerate() {
         let (rgb, mask) = render_frame(field, frame, samples_per_ray)?;
         let known = Some(frame.intrinsics);
         let start = Instant::now();
         let mut reinit = || -> Result<TrackedPose> {
-            let reg = register_frame(field, set, &rgb, &mask, known, config, extractor)?;
+            let reg = register_frame(field, set, &rgb, &mask, known, &reinit_config, extractor)?;
             match (reg.camera_from_object.first(), reg.intrinsics.first(), reg.iou.first()) {
                 (Some(p), Some(k), Some(s)) => Ok(TrackedPose { camera_from_object: *p, intrinsics: *k, score: *s }),
                 _ => Err(Error::Numerical("registration returned no pose".into())),

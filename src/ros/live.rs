@@ -204,8 +204,9 @@ fn track_frame(shared: &Shared, slot: &ModelSlot, tracker: &mut Tracker, frame: 
         intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height())).ok().flatten()
     });
     let field = &slot.shape.field;
+    let reinit_config = shared.config.track.reinit_config(&shared.config);
     let mut reinit = || -> crate::Result<TrackedPose> {
-        let reg = shared.register_with_model(slot, &rgb, &mask, known)?;
+        let reg = shared.register_with_model(slot, &rgb, &mask, known, &reinit_config)?;
         match (reg.camera_from_object.first(), reg.intrinsics.first(), reg.iou.first()) {
             (Some(p), Some(k), Some(s)) => Ok(TrackedPose { camera_from_object: *p, intrinsics: *k, score: *s }),
             _ => Err(crate::Error::Numerical("registration returned no pose".into())),

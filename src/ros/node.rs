@@ -317,16 +317,17 @@ impl Shared {
     }
 
     /// Registers one image against a model with the candidate search (candidates rendered once per
-    /// model and kept; DINOv2 loaded on first use for semantic scoring). Blocking.
+    /// model and kept; DINOv2 loaded on first use for semantic scoring) under `config` (the node's, or
+    /// its re-initialisation variant; both share the candidate settings). Blocking.
     pub(crate) fn register_with_model(
         &self,
         slot: &ModelSlot,
         rgb: &image::RgbImage,
         mask: &image::GrayImage,
         known: Option<crate::geometry::Intrinsics>,
+        config: &Config,
     ) -> crate::Result<pipeline::Registration> {
         let field = &slot.shape.field;
-        let config = &self.config;
         let extractor = if config.pose_init.score.is_semantic() { Some(self.features()?) } else { None };
         let mut cache = lock(&slot.candidates);
         if cache.is_none() {
@@ -728,7 +729,7 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
             Ok(k) => intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height()))?,
             Err(_) => None,
         };
-        let reg = shared.register_with_model(&slot, &rgb, &mask, known)?;
+        let reg = shared.register_with_model(&slot, &rgb, &mask, known, &shared.config)?;
         let field = &slot.shape.field;
         let (Some(&pose_n), Some(&k), Some(&score)) = (reg.camera_from_object.first(), reg.intrinsics.first(), reg.iou.first())
         else {
