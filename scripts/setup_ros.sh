@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs ROS 2 Jazzy (PyPI wheels) + what r2r needs into PREFIX (a venv that is the ROS prefix), with
 # the fix-ups the wheels need (see the comments). Usage: scripts/setup_ros.sh [PREFIX] (default .ros/jazzy).
-# Idempotent. Called by scripts/setup.sh --ros.
-# Idempotent: re-running re-applies the fixups; pip/apt skip what is already there.
+# Idempotent (re-running re-applies the fix-ups, each of which is a no-op once applied; pip/apt skip
+# what is already there). Called by scripts/setup.sh --ros.
 set -euo pipefail
 PREFIX=$(realpath -m "${1:-.ros/jazzy}")
 PY=${PYTHON:-python3}
@@ -23,6 +23,7 @@ T1=$(date +%s)
   'ros-jazzy-rclpy[fastrtps]==7.1.6' ros-jazzy-rmw-fastrtps-cpp==8.4.3 \
   ros-jazzy-std-msgs==5.3.6 ros-jazzy-sensor-msgs==5.3.6 ros-jazzy-geometry-msgs==5.3.6 \
   ros-jazzy-shape-msgs==5.3.6 ros-jazzy-visualization-msgs==5.3.6 ros-jazzy-std-srvs==5.3.6 \
+  ros-jazzy-diagnostic-msgs==5.3.6 \
   ros-jazzy-ament-cmake==2.5.4 ros-jazzy-ament-package==0.16.4 \
   ros-jazzy-ament-cmake-include-directories==2.5.4 ros-jazzy-ament-cmake-ros==0.12.0 \
   ros-jazzy-ament-cmake-gmock==2.5.4 ros-jazzy-ament-cmake-gtest==2.5.4 ros-jazzy-ament-cmake-pytest==2.5.4 \
@@ -47,7 +48,8 @@ done
 # 3c. exported CMake targets point at the wheel builder's Python (/opt/python/cp311-cp311/...)
 PYINC=$("$PREFIX/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NPINC=$("$PREFIX/bin/python" -c 'import numpy; print(numpy.get_include())')
-grep -rl '/opt/python/cp311-cp311' "$PREFIX/share" --include='*.cmake' | xargs -r sed -i \
+# (grep finds nothing on a second run: `|| true`, or pipefail would end the script there.)
+{ grep -rl '/opt/python/cp311-cp311' "$PREFIX/share" --include='*.cmake' || true; } | xargs -r sed -i \
   -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$NPINC#g" \
   -e "s#/opt/python/cp311-cp311/include/python3.11#$PYINC#g"
 
@@ -67,7 +69,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 # r2r: only generate bindings for these packages (+ r2r adds rcl_interfaces, builtin_interfaces,
 # unique_identifier_msgs, action_msgs); deps of listed packages must be listed too.
-export IDL_PACKAGE_FILTER="\${IDL_PACKAGE_FILTER:-std_msgs;sensor_msgs;geometry_msgs;std_srvs;service_msgs;type_description_interfaces}"
+export IDL_PACKAGE_FILTER="\${IDL_PACKAGE_FILTER:-std_msgs;sensor_msgs;geometry_msgs;std_srvs;service_msgs;type_description_interfaces;diagnostic_msgs}"
 EOF
 
 # ---- 5. smoke test

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --ros
+# Set-up must be idempotent (a user re-runs it): the second run must succeed too (cheap: all cached).
+scripts/setup.sh --ros >/dev/null || { echo "scripts/setup.sh --ros failed when run a second time (set-up must be idempotent)" >&2; exit 1; }
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
 # Everything builds inside the ROS environment (one set of artifacts for the CLI, the node and the tests).
 . .ros/env.sh

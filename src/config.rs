@@ -33,8 +33,10 @@ pub struct Config {
     pub output: OutputConfig,
     /// Shape source `sds`: textual inversion (Eq. 5) and score distillation (Eq. 2-4).
     pub sds: SdsConfig,
-    /// Keypoint transfer (`congeal transfer`, `~/transfer_keypoints`).
+    /// Keypoint transfer (`congeal transfer`).
     pub transfer: TransferConfig,
+    /// Live tracking (the ROS node's `track` mode): warm-started refinement per frame.
+    pub track: TrackConfig,
 }
 
 /// Keypoint transfer between images of a run.
@@ -51,6 +53,91 @@ pub struct TransferConfig {
 impl Default for TransferConfig {
     fn default() -> Self {
         Self { nocs_weight: 1.0 }
+    }
+}
+
+/// Live tracking: each frame's pose is refined from the previous frame's for a few Adam steps on a
+/// small silhouette raster; the candidate search runs again when the fit drops.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackConfig {
+    /// Adam iterations per tracked frame.
+    pub iterations: usize,
+    /// Rays per side of the square window around the frame's mask.
+    pub ray_grid: u32,
+    /// Samples per ray while tracking.
+    pub samples_per_ray: usize,
+    /// Adam learning rate of the se(3) correction.
+    pub lr: f64,
+    /// Padding of the window around the tight mask bbox (fraction of its longer side, each side).
+    pub crop_margin: f64,
+    /// Re-initialise (candidate search) when the fit (silhouette IoU) after refinement is below this.
+    pub min_score: f32,
+    /// Re-initialise when the fit of the predicted pose, before refinement, is below this (a sudden
+    /// jump of the camera or the object).
+    pub min_initial_score: f32,
+    /// Re-initialise when the fit of the predicted pose is this much below the previous frame's fit
+    /// (a jump; smooth motion keeps the two close).
+    pub max_drop: f32,
+    /// Constant-velocity prediction: the share (0..1) of the last frame-to-frame motion applied to
+    /// the previous pose before refinement (0 = start from the previous pose).
+    pub velocity: f64,
+    /// Refinement iterations of a re-initialisation (the candidate search's `pose_refine.iterations`
+    /// while tracking; its hypothesis phase keeps the same share). Tracking refines further on every
+    /// frame, so a re-initialisation needs fewer than a job.
+    pub reinit_iterations: usize,
+}
+
+impl Default for TrackConfig {
+    fn default() -> Self {
+        Self {
+            iterations: 12,
+            ray_grid: 32,
+            samples_per_ray: 32,
+            lr: 0.01,
+            crop_margin: 0.1,
+            min_score: 0.8,
+            min_initial_score: 0.5,
+            max_drop: 0.15,
+            velocity: 0.8,
+            reinit_iterations: 60,
+        }
+    }
+}
+
+impl TrackConfig {
+    /// The configuration of a re-initialisation: `config` with `reinit_iterations` of refinement.
+    pub fn reinit_config(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        let r = &mut c.pose_refine;
+        let total = r.iterations.max(1);
+        let iterations = self.reinit_iterations.clamp(1, total);
+        r.hypothesis_iterations = r.hypothesis_iterations * iterations / total;
+        r.iterations = iterations;
+        c
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        if self.ray_grid < 4 || self.samples_per_ray < 2 {
+            return Err(Error::Config("track.ray_grid >= 4 and track.samples_per_ray >= 2".into()));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0 && (0.0..1.0).contains(&self.crop_margin)) {
+            return Err(Error::Config("track.lr must be finite and >= 0, track.crop_margin in [0, 1)".into()));
+        }
+        if !(0.0..=1.0).contains(&self.min_score) || !(0.0..=1.0).contains(&self.min_initial_score) {
+            return Err(Error::Config(format!(
+                "track.min_score and track.min_initial_score must be in [0, 1], got {} and {}",
+                self.min_score, self.min_initial_score
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.max_drop) {
+            return Err(Error::Config(format!("track.max_drop must be in [0, 1], got {}", self.max_drop)));
+        }
+        if !(0.0..=1.0).contains(&self.velocity) {
+            return Err(Error::Config(format!("track.velocity must be in [0, 1], got {}", self.velocity)));
+        }
+        Ok(())
     }
 }
 
@@ -447,6 +534,7 @@ impl Default for Config {
             output: OutputConfig::default(),
             sds: SdsConfig::default(),
             transfer: TransferConfig::default(),
+            track: TrackConfig::default(),
         }
     }
 }
@@ -576,6 +664,7 @@ impl Config {
         }
         self.coord_maps.validate()?;
         self.sds.validate()?;
+        self.track.validate()?;
         parse_device(&self.device).map(|_| ())
     }
 
@@ -587,6 +676,31 @@ impl Config {
     /// The candle device named by `device`.
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
+    }
+}
+
+/// The profiles shipped in `config/`, built into the binary: (name, YAML).
+const BUILTIN_PROFILES: [(&str, &str); 4] = [
+    ("default", include_str!("../config/default.yaml")),
+    ("fast", include_str!("../config/fast.yaml")),
+    ("fast_224", include_str!("../config/fast_224.yaml")),
+    ("tiny", include_str!("../config/tiny.yaml")),
+];
+
+impl Config {
+    /// A built-in profile by name: `default` (alias `paper`: the paper's settings, for a GPU), `fast`
+    /// (the CPU profile), `fast_224`, `tiny`.
+    pub fn builtin(name: &str) -> Result<Self> {
+        let name = if name == "paper" { "default" } else { name };
+        let (_, text) = BUILTIN_PROFILES.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            Error::Config(format!(
+                "unknown profile `{name}` (expected {} or paper)",
+                BUILTIN_PROFILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let config: Config = serde_yaml::from_str(text).map_err(|e| Error::Config(format!("built-in profile `{name}`: {e}")))?;
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -630,5 +744,43 @@ pub fn parse_device(name: &str) -> Result<Device> {
             Some(Ok(n)) => Device::new_cuda(n).map_err(|e| Error::Config(format!("device `{other}`: {e}"))),
             _ => Err(Error::Config(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"))),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_are_the_shipped_files() {
+        for name in ["default", "fast", "fast_224", "tiny"] {
+            let file =
+                Config::from_yaml_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{name}.yaml"))).unwrap();
+            assert_eq!(Config::builtin(name).unwrap(), file, "{name}");
+        }
+        assert_eq!(Config::builtin("paper").unwrap(), Config::builtin("default").unwrap());
+        assert_ne!(Config::builtin("fast").unwrap(), Config::builtin("default").unwrap());
+        let e = Config::builtin("turbo").unwrap_err().to_string();
+        assert!(e.contains("turbo") && e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn track_settings_are_checked() {
+        let bad = Config { track: TrackConfig { min_score: 1.5, ..TrackConfig::default() }, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("min_score"));
+        let bad = Config { track: TrackConfig { velocity: -0.1, ..TrackConfig::default() }, ..Config::default() };
+        assert!(bad.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn reinitialisation_refines_less_than_a_job() {
+        let fast = Config::builtin("fast").unwrap();
+        let r = fast.track.reinit_config(&fast);
+        assert_eq!(r.pose_refine.iterations, fast.track.reinit_iterations);
+        assert!(r.pose_refine.hypothesis_iterations < fast.pose_refine.hypothesis_iterations);
+        assert_eq!(r.pose_init, fast.pose_init, "the candidate settings are the model's");
+        let few = Config { pose_refine: PoseRefineConfig { iterations: 10, ..Default::default() }, ..Config::default() };
+        assert_eq!(few.track.reinit_config(&few).pose_refine.iterations, 10, "never more than a job");
     }
 }

@@ -180,6 +180,35 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Render a smooth camera orbit around a template mesh (tracking test data): OUT/rgb/NNN.png,
+    /// OUT/mask/NNN.png, OUT/orbit.json (ground-truth camera_from_object in canonical units, K, jumps)
+    /// and OUT/model/ (the template as a canonical model for `~/load_model`).
+    RenderOrbit {
+        /// Template mesh (OBJ/PLY, canonical frame).
+        template: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        orbit: OrbitArgs,
+        /// Pipeline configuration (template resolution of the model).
+        #[arg(long, default_value = "config/fast.yaml")]
+        config: PathBuf,
+    },
+    /// Benchmark live tracking on a rendered orbit (accuracy against ground truth and latency per
+    /// frame): the same tracker and re-initialisation as the ROS node's `track` mode.
+    BenchTrack {
+        /// Template mesh (OBJ/PLY, canonical frame): the object and the model.
+        template: PathBuf,
+        #[command(flatten)]
+        orbit: OrbitArgs,
+        /// Pipeline configuration (its `track` section and the re-initialisation settings).
+        #[arg(long, default_value = "config/fast.yaml")]
+        config: PathBuf,
+        /// Write every frame's figures here (JSON).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Convert MVDream's `sd-v2.1-base-4view.pt` (LDM/OpenCLIP naming) into our safetensors files:
     /// OUT/mvdream/unet.safetensors, OUT/vae/..., OUT/text_encoder/... (use OUT as --weights-dir,
     /// with a tokenizer/ folder from stable-diffusion-2-1-base).
@@ -206,6 +235,47 @@ enum TransferMethod {
     TwoD,
     /// The same relative spot in the mask bbox (a floor).
     Bbox,
+}
+
+/// A rendered camera orbit (see `congeal::eval::orbit::OrbitSpec`).
+#[derive(clap::Args, Clone, Debug)]
+struct OrbitArgs {
+    /// Frames.
+    #[arg(long, default_value_t = 60)]
+    frames: usize,
+    /// Image width.
+    #[arg(long, default_value_t = 640)]
+    width: u32,
+    /// Image height.
+    #[arg(long, default_value_t = 480)]
+    height: u32,
+    /// Vertical field of view, degrees.
+    #[arg(long, default_value_t = 40.0)]
+    fov: f64,
+    /// Azimuth step between frames, degrees.
+    #[arg(long, default_value_t = 3.0)]
+    step: f64,
+    /// Frames at which the camera teleports by --jump-deg (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "30")]
+    jumps: Vec<usize>,
+    /// Size of a teleport, degrees of azimuth.
+    #[arg(long, default_value_t = 120.0)]
+    jump_deg: f64,
+}
+
+impl OrbitArgs {
+    fn spec(&self) -> congeal::eval::orbit::OrbitSpec {
+        congeal::eval::orbit::OrbitSpec {
+            frames: self.frames,
+            width: self.width,
+            height: self.height,
+            fov_deg: self.fov,
+            step_deg: self.step,
+            jumps: self.jumps.clone(),
+            jump_deg: self.jump_deg,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -384,6 +454,8 @@ fn main() -> Result<()> {
             println!("{report:#?}");
             println!("weights folder: {} (add tokenizer/ from stable-diffusion-2-1-base)", out.display());
         }
+        Command::RenderOrbit { template, out, orbit, config } => render_orbit(&template, &out, &orbit.spec(), &config)?,
+        Command::BenchTrack { template, orbit, config, out } => bench_track(&template, &orbit.spec(), &config, out.as_deref())?,
         Command::Masks { collection, out, weights, eval, device } => {
             masks(&collection, out.as_deref(), weights.as_deref(), eval, device.as_deref())?
         }
@@ -628,4 +700,116 @@ fn device_name(device: &candle_core::Device) -> &'static str {
     } else {
         "cpu"
     }
+}
+
+/// The template's canonical shape on the CPU.
+fn template_model(template: &Path, config: &Config) -> Result<congeal::shape::CanonicalShape> {
+    let mesh = congeal::field::mesh::TriangleMesh::load(template)?;
+    Ok(congeal::shape::template_shape(&mesh, config, &candle_core::Device::Cpu)?)
+}
+
+fn render_orbit(template: &Path, out: &Path, spec: &congeal::eval::orbit::OrbitSpec, config: &Path) -> Result<()> {
+    use congeal::eval::orbit::{orbit_cameras, render_frame};
+    let config = Config::from_yaml_file(config)?;
+    let shape = template_model(template, &config)?;
+    let field = &shape.field;
+    std::fs::create_dir_all(out.join("rgb"))?;
+    std::fs::create_dir_all(out.join("mask"))?;
+    let mut frames = Vec::new();
+    for (i, frame) in orbit_cameras(field, spec)?.iter().enumerate() {
+        let (rgb, mask) = render_frame(field, frame, spec.samples_per_ray)?;
+        let (rgb_file, mask_file) = (format!("rgb/{i:03}.png"), format!("mask/{i:03}.png"));
+        rgb.save(out.join(&rgb_file)).with_context(|| format!("writing {rgb_file}"))?;
+        mask.save(out.join(&mask_file)).with_context(|| format!("writing {mask_file}"))?;
+        let camera_from_object = nalgebra::Isometry3::from_parts(
+            nalgebra::Translation3::from(frame.camera_from_object.translation.vector * field.units_per_normalised),
+            frame.camera_from_object.rotation,
+        );
+        let k = frame.intrinsics;
+        frames.push(serde_json::json!({
+            "rgb": rgb_file,
+            "mask": mask_file,
+            "jump": frame.jump,
+            "camera_from_object": congeal::geometry::se3::isometry_to_row_major(&camera_from_object),
+            "K": [[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]],
+            "width": k.width,
+            "height": k.height,
+        }));
+    }
+    let (lo, hi) = shape.bbox;
+    let index = serde_json::json!({ "template": template, "bbox_min": lo, "bbox_max": hi, "frames": frames });
+    std::fs::write(out.join("orbit.json"), serde_json::to_string_pretty(&index)?)?;
+    congeal::shape::model::save_model(&shape, &out.join("model"))?;
+    println!("{} frames and the model in {}", spec.frames, out.display());
+    Ok(())
+}
+
+fn bench_track(template: &Path, spec: &congeal::eval::orbit::OrbitSpec, config: &Path, out: Option<&Path>) -> Result<()> {
+    use congeal::eval::orbit::{orbit_cameras, quantile, track_orbit};
+    let config = Config::from_yaml_file(config)?;
+    let shape = template_model(template, &config)?;
+    let field = &shape.field;
+    let extractor = if config.pose_init.score.is_semantic() {
+        Some(congeal::congeal::features::FeatureExtractor::load(&config.features, &candle_core::Device::Cpu)?)
+    } else {
+        None
+    };
+    let t = std::time::Instant::now();
+    let mut set = congeal::congeal::pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?;
+    println!("candidates: {} rendered in {:.2} s (once per model)", set.candidates.len(), t.elapsed().as_secs_f64());
+    let cameras = orbit_cameras(field, spec)?;
+    let frames = track_orbit(field, &cameras, &mut set, &config, extractor.as_ref(), spec.samples_per_ray)?;
+    // Frames right after a teleport (the re-initialisation window) are reported apart.
+    const RECOVERY_FRAMES: usize = 3;
+    let after_jump = |i: usize| spec.jumps.iter().any(|&j| i >= j && i < j + RECOVERY_FRAMES);
+    let rot: Vec<f64> = frames.iter().map(|f| f.rotation_error_deg).collect();
+    let steady: Vec<&congeal::eval::orbit::TrackedFrame> =
+        frames.iter().filter(|f| f.index > 0 && !after_jump(f.index)).collect();
+    let tracked: Vec<f64> = frames.iter().filter(|f| f.reinitialised.is_none()).map(|f| f.latency_s * 1e3).collect();
+    let reinit: Vec<&congeal::eval::orbit::TrackedFrame> = frames.iter().filter(|f| f.reinitialised.is_some()).collect();
+    println!(
+        "orbit: {} frames {}x{}, fov {:.0} deg, step {:.1} deg, jumps at {:?} ({:.0} deg); {} threads",
+        spec.frames,
+        spec.width,
+        spec.height,
+        spec.fov_deg,
+        spec.step_deg,
+        spec.jumps,
+        spec.jump_deg,
+        rayon::current_num_threads()
+    );
+    println!(
+        "rotation error (deg): median {:.2}, p95 {:.2}, max {:.2}; frames > 15 deg outside the {} frames after a jump: {}",
+        quantile(&rot, 0.5),
+        quantile(&rot, 0.95),
+        quantile(&rot, 1.0),
+        RECOVERY_FRAMES,
+        steady.iter().filter(|f| f.rotation_error_deg > 15.0).count()
+    );
+    let trans: Vec<f64> = frames.iter().map(|f| f.translation_error_rel).collect();
+    println!("translation error (relative): median {:.4}, max {:.4}", quantile(&trans, 0.5), quantile(&trans, 1.0));
+    println!(
+        "latency per tracked frame (ms, {} frames): median {:.1}, p95 {:.1}, max {:.1}",
+        tracked.len(),
+        quantile(&tracked, 0.5),
+        quantile(&tracked, 0.95),
+        quantile(&tracked, 1.0)
+    );
+    for f in &reinit {
+        println!(
+            "re-initialised frame {} ({}): {:.2} s, error {:.2} deg",
+            f.index,
+            f.reinitialised.as_deref().unwrap_or(""),
+            f.latency_s,
+            f.rotation_error_deg
+        );
+    }
+    for &j in &spec.jumps {
+        let recovered = frames.iter().skip(j).take_while(|f| f.rotation_error_deg > 15.0).count();
+        println!("jump at frame {j}: error <= 15 deg again after {recovered} frame(s)");
+    }
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(&frames)?)?;
+    }
+    Ok(())
 }

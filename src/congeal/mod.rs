@@ -6,6 +6,7 @@ pub mod features;
 pub mod pipeline;
 pub mod pose_init;
 pub mod pose_refine;
+pub mod track;
 pub mod transfer;
 
 pub use pipeline::{run, ProgressFn};

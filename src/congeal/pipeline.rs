@@ -413,6 +413,38 @@ pub fn register_with_candidates(
     Ok(Registration { camera_from_object: poses, intrinsics, iou, init_info })
 }
 
+/// Registers one image against a model whose candidates were rendered earlier (`set`, a cache kept
+/// per model): input view, DINOv2 features of the input and of the candidate FoV groups it needs
+/// (semantic scoring only, computed once per group), then [`register_with_candidates`]. Used by the
+/// node's `~/register`, by tracking re-initialisation and by the tracking benchmark.
+pub fn register_frame(
+    field: &CanonicalField,
+    set: &mut pose_init::CandidateSet,
+    rgb: &image::RgbImage,
+    mask: &image::GrayImage,
+    known: Option<Intrinsics>,
+    config: &Config,
+    extractor: Option<&FeatureExtractor>,
+) -> Result<Registration> {
+    let mut view = pose_init::input_view(rgb, mask, known, &config.pose_init)?;
+    if config.pose_init.score.is_semantic() {
+        let ex = extractor.ok_or_else(|| Error::Config("semantic pose scoring needs DINOv2 features".into()))?;
+        attach_input_features(std::slice::from_mut(&mut view), &[(rgb, mask)], ex)?;
+        let groups = pose_init::needed_fov_groups(set, std::slice::from_ref(&view), &config.pose_init);
+        pose_init::attach_candidate_features(
+            set,
+            field,
+            ex,
+            &config.features,
+            config.pose_init.samples_per_ray,
+            config.render.chunk_rays,
+            groups.as_deref(),
+        )?;
+    }
+    let mut timings = BTreeMap::new();
+    register_with_candidates(field, set, &[view], &[mask], config, &no_progress, &mut timings)
+}
+
 /// [`refine_poses`] over targets of different raster sizes (whole objects and truncated ones): one
 /// batch per size, results in the input order; the loss history is the first batch's.
 fn refine_grouped(

@@ -205,14 +205,13 @@ pub fn render_candidates(field: &CanonicalField, cfg: &PoseInitConfig, chunk_ray
     })
 }
 
+/// A rendering cropped to its silhouette: the crop window, the silhouette's bbox, and the cropped
+/// silhouette and colour.
+type CroppedRendering = (SquareCrop, PixelBox, Vec<f32>, Vec<[f32; 3]>);
+
 /// Crops a square rendering (row-major opacity, optional colour) to its silhouette; `None` when the
 /// silhouette is empty or touches the frame (clipped).
-fn crop_rendering(
-    opacity: &[f32],
-    colour: &[[f32; 3]],
-    size: u32,
-    cfg: &PoseInitConfig,
-) -> Option<(SquareCrop, PixelBox, Vec<f32>, Vec<[f32; 3]>)> {
+fn crop_rendering(opacity: &[f32], colour: &[[f32; 3]], size: u32, cfg: &PoseInitConfig) -> Option<CroppedRendering> {
     let mask =
         GrayImage::from_fn(size, size, |x, y| image::Luma([if opacity[(y * size + x) as usize] >= 0.5 { 255 } else { 0 }]));
     let bbox = mask_bbox(&mask)?;

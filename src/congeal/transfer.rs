@@ -113,15 +113,13 @@ pub fn joint_cost(cosine: f32, src_nocs: Option<[f32; 3]>, dst_nocs: Option<[f32
     feature + nocs_weight * d
 }
 
+/// A target pixel for matching: its position, unit DINOv2 feature and canonical coordinate.
+pub type MatchTarget = ([f64; 2], Vec<f32>, Option<[f32; 3]>);
+
 /// The target pixel of least [`joint_cost`] for a source point with unit feature `feature` and
 /// canonical coordinate `src_nocs`, among `targets` (pixel, unit feature, canonical coordinate);
 /// `nocs_weight = 0` is plain feature nearest neighbour (Eq. 18). `None` without targets.
-pub fn best_match(
-    feature: &[f32],
-    src_nocs: Option<[f32; 3]>,
-    targets: &[([f64; 2], Vec<f32>, Option<[f32; 3]>)],
-    nocs_weight: f32,
-) -> Option<[f64; 2]> {
+pub fn best_match(feature: &[f32], src_nocs: Option<[f32; 3]>, targets: &[MatchTarget], nocs_weight: f32) -> Option<[f64; 2]> {
     targets
         .iter()
         .map(|(t, f, n)| {
@@ -230,7 +228,7 @@ impl<'a> Transfer2d<'a> {
         Ok(points
             .iter()
             .map(|p| {
-                if !(p[0].is_finite() && p[1].is_finite()) || !on_mask(p) {
+                if !(p[0].is_finite() && p[1].is_finite() && on_mask(p)) {
                     return None;
                 }
                 let u = (p[0] - ba.x_min) / ba.width().max(1.0);
@@ -267,7 +265,7 @@ impl<'a> Transfer2d<'a> {
         };
         let (a, b) = (&fa.image, &fb.image);
         // Target candidates: every mask pixel, with its interpolated, normalised feature.
-        let targets: Vec<([f64; 2], Vec<f32>, Option<[f32; 3]>)> = b
+        let targets: Vec<MatchTarget> = b
             .mask
             .enumerate_pixels()
             .filter(|(_, _, v)| v[0] >= 128)
@@ -333,7 +331,6 @@ pub fn pck(pairs: &[TransferPair], target_bbox_size: &dyn Fn(&str) -> Option<f64
 mod tests {
     use super::*;
 
-    #[test]
     /// A synthetic pair where the feature-nearest pixel (A: cos 0.9, 0.5 away in NOCS) and the
     /// NOCS-nearest pixel (B: cos 0.6, same NOCS) disagree: the joint cost picks A while
     /// `0.1 + 0.5 w < 0.4` (w < 0.6) and B beyond, as documented.

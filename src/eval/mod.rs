@@ -9,6 +9,7 @@
 //! camera centres divided by the ground-truth camera's distance to the object origin (unitless).
 
 pub mod masks;
+pub mod orbit;
 pub mod pairs;
 pub mod report;
 

@@ -176,76 +176,14 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         return Err(Error::InvalidInput(format!("{} already holds a collection; choose a new --out folder", out.display())));
     }
     let buf = std::fs::read(bag).map_err(|e| Error::io(bag, e))?;
-    let stream = mcap::MessageStream::new(&buf).map_err(|e| bag_err(bag, e))?;
-
     let mut skips = Skips::new();
-    let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
-    let mut bad: BTreeMap<String, u64> = BTreeMap::new();
-    let mut images: Vec<(i64, Image)> = Vec::new();
-    let mut masks: Vec<(i64, Image)> = Vec::new();
-    let mut infos: Vec<(i64, CameraInfo)> = Vec::new();
-    let mut poses: Vec<(i64, PoseStamped)> = Vec::new();
-
-    for (n, msg) in stream.enumerate() {
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                skips.push(format!("bag read stopped after {n} messages: {e}"));
-                break;
-            }
-        };
-        let topic = msg.channel.topic.as_str();
-        let role = if topic == opts.image_topic {
-            0
-        } else if opts.mask_topic.as_deref() == Some(topic) {
-            1
-        } else if opts.camera_info_topic.as_deref() == Some(topic) {
-            2
-        } else if opts.pose_topic.as_deref() == Some(topic) {
-            3
-        } else {
-            *other_topics.entry(topic.to_string()).or_default() += 1;
-            continue;
-        };
-        if msg.channel.message_encoding != "cdr" {
-            *bad.entry(format!("{topic}: message encoding `{}` is not cdr", msg.channel.message_encoding)).or_default() += 1;
-            continue;
-        }
-        let data: &[u8] = &msg.data;
-        let res = match role {
-            0 => decode::<Image>(data).map(|m| images.push((stamp_ns(&m.header.stamp), m))),
-            1 => decode::<Image>(data).map(|m| masks.push((stamp_ns(&m.header.stamp), m))),
-            2 => decode::<CameraInfo>(data).map(|m| infos.push((stamp_ns(&m.header.stamp), m))),
-            _ => decode::<PoseStamped>(data).map(|m| poses.push((stamp_ns(&m.header.stamp), m))),
-        };
-        if let Err(e) = res {
-            let schema = msg.channel.schema.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-            *bad.entry(format!("{topic}: cannot decode ({schema}): {e}")).or_default() += 1;
-        }
-    }
-    for (what, count) in &bad {
-        skips.push(format!("{count} message(s) on {what}"));
-    }
-    for (topic, count) in &other_topics {
-        skips.push(format!("{count} message(s) on unused topic {topic}"));
-    }
-    if images.is_empty() {
-        return Err(bag_err(bag, format!("no decodable sensor_msgs/Image on topic {}", opts.image_topic)));
-    }
-    images.sort_by_key(|(t, _)| *t);
-    masks.sort_by_key(|(t, _)| *t);
-    infos.sort_by_key(|(t, _)| *t);
-    poses.sort_by_key(|(t, _)| *t);
-    let mask_t: Vec<i64> = masks.iter().map(|(t, _)| *t).collect();
-    let info_t: Vec<i64> = infos.iter().map(|(t, _)| *t).collect();
-    let pose_t: Vec<i64> = poses.iter().map(|(t, _)| *t).collect();
-
+    let topics = Topics::read(bag, &buf, opts, &mut skips)?;
     for sub in ["rgb", "mask"] {
         std::fs::create_dir_all(out.join(sub)).map_err(|e| Error::io(out.join(sub), e))?;
     }
     let mut report = ExtractReport::default();
     let mut entries = Vec::new();
-    for (t, img) in &images {
+    for (t, img) in &topics.images {
         let label = format!("image at {}.{:09}", img.header.stamp.sec, img.header.stamp.nanosec);
         let (rgb, alpha) = match decode_rgb(&raw_image(img)) {
             Ok(x) => x,
@@ -255,102 +193,216 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
             }
         };
         let size = rgb.dimensions();
-        let mut mask = alpha;
-        if opts.mask_topic.is_some() {
-            let m = match nearest(&mask_t, *t, opts.slop_ns) {
-                Some(j) => decode_mask(&raw_image(&masks[j].1)).and_then(|m| {
-                    if m.dimensions() == size {
-                        Ok(m)
-                    } else {
-                        Err(Error::InvalidInput(format!(
-                            "mask is {}x{} but the image is {}x{}",
-                            m.width(),
-                            m.height(),
-                            size.0,
-                            size.1
-                        )))
-                    }
-                }),
-                None => Err(Error::InvalidInput(format!("no mask within {} ns", opts.slop_ns))),
-            };
-            match m {
-                Ok(m) => mask = Some(m),
-                Err(e) => {
-                    skips.push(format!("{label}: {e}; image dropped"));
-                    continue;
-                }
+        let mask = match topics.mask_for(*t, size, opts) {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => alpha,
+            Err(e) => {
+                skips.push(format!("{label}: {e}; image dropped"));
+                continue;
             }
-        }
-        // Camera info: nearest within slop, else the latest before the image (intrinsics rarely change).
-        let info = nearest(&info_t, *t, opts.slop_ns).or_else(|| info_t.partition_point(|s| *s <= *t).checked_sub(1));
-        let intrinsics: Option<Intrinsics> = match info {
-            Some(j) => {
-                let ci = &infos[j].1;
-                let k: Option<[f64; 9]> = ci.k.as_slice().try_into().ok();
-                match k.map(|k| intrinsics_from_camera_info(&k, (ci.width, ci.height), size)) {
-                    Some(Ok(k)) => k,
-                    Some(Err(e)) => {
-                        skips.push(format!("{label}: camera info ignored: {e}"));
-                        None
-                    }
-                    None => {
-                        skips.push(format!("{label}: camera info ignored: K has {} values", ci.k.len()));
-                        None
-                    }
-                }
-            }
-            None => None,
         };
-        let pose = if opts.pose_topic.is_some() {
-            match nearest(&pose_t, *t, opts.slop_ns) {
-                Some(j) => {
-                    let p = isometry(&poses[j].1.pose);
-                    if p.is_none() {
-                        skips.push(format!("{label}: ground-truth pose is not finite or has a zero quaternion"));
-                    }
-                    p
-                }
-                None => {
-                    skips.push(format!("{label}: no ground-truth pose within {} ns", opts.slop_ns));
-                    None
-                }
-            }
-        } else {
-            None
-        };
-
-        let index = entries.len();
-        let rgb_rel = format!("rgb/{index:03}.png");
-        save_png(&rgb, &out.join(&rgb_rel))?;
-        let mut e = json!({
-            "index": index,
-            "rgb": rgb_rel,
-            "width": size.0,
-            "height": size.1,
-            "stamp_sec": img.header.stamp.sec,
-            "stamp_nanosec": img.header.stamp.nanosec,
-            "frame_id": img.header.frame_id,
-        });
-        if let Some(m) = &mask {
-            let rel = format!("mask/{index:03}.png");
-            save_png(m, &out.join(&rel))?;
-            e["mask"] = json!(rel);
-            report.with_mask += 1;
-        }
-        if let Some(k) = &intrinsics {
-            e["K"] = json!([[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]]);
-            report.with_camera_info += 1;
-        }
-        if let Some(p) = &pose {
-            e["camera_from_object"] = json!(row_major(p));
-            report.with_pose += 1;
-        }
-        entries.push(e);
+        let intrinsics = topics.intrinsics_for(*t, size, opts, &label, &mut skips);
+        let pose = topics.pose_for(*t, opts, &label, &mut skips);
+        let frame = ExtractedFrame { header: &img.header, rgb: &rgb, mask: mask.as_ref(), intrinsics, pose };
+        entries.push(write_frame(out, entries.len(), &frame, &mut report)?);
     }
     report.images = entries.len();
     if entries.is_empty() {
         return Err(bag_err(bag, format!("no usable image: {}", skips.finish().join("; "))));
     }
+    write_collection_index(bag, out, opts, entries, &report, &mut skips)?;
+    report.skipped = skips.finish();
+    Ok(report)
+}
+
+/// The messages of the image, mask, camera-info and pose topics of a bag, each sorted by stamp.
+struct Topics {
+    images: Vec<(i64, Image)>,
+    masks: Vec<(i64, Image)>,
+    infos: Vec<(i64, CameraInfo)>,
+    poses: Vec<(i64, PoseStamped)>,
+    mask_t: Vec<i64>,
+    info_t: Vec<i64>,
+    pose_t: Vec<i64>,
+}
+
+impl Topics {
+    /// Decodes the messages of the configured topics; what is skipped (other topics, undecodable
+    /// messages, a truncated bag) goes into `skips`.
+    fn read(bag: &Path, buf: &[u8], opts: &ExtractOptions, skips: &mut Skips) -> Result<Self> {
+        let stream = mcap::MessageStream::new(buf).map_err(|e| bag_err(bag, e))?;
+        let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
+        let mut bad: BTreeMap<String, u64> = BTreeMap::new();
+        let mut images: Vec<(i64, Image)> = Vec::new();
+        let mut masks: Vec<(i64, Image)> = Vec::new();
+        let mut infos: Vec<(i64, CameraInfo)> = Vec::new();
+        let mut poses: Vec<(i64, PoseStamped)> = Vec::new();
+        for (n, msg) in stream.enumerate() {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    skips.push(format!("bag read stopped after {n} messages: {e}"));
+                    break;
+                }
+            };
+            let topic = msg.channel.topic.as_str();
+            let role = if topic == opts.image_topic {
+                0
+            } else if opts.mask_topic.as_deref() == Some(topic) {
+                1
+            } else if opts.camera_info_topic.as_deref() == Some(topic) {
+                2
+            } else if opts.pose_topic.as_deref() == Some(topic) {
+                3
+            } else {
+                *other_topics.entry(topic.to_string()).or_default() += 1;
+                continue;
+            };
+            if msg.channel.message_encoding != "cdr" {
+                *bad.entry(format!("{topic}: message encoding `{}` is not cdr", msg.channel.message_encoding)).or_default() += 1;
+                continue;
+            }
+            let data: &[u8] = &msg.data;
+            let res = match role {
+                0 => decode::<Image>(data).map(|m| images.push((stamp_ns(&m.header.stamp), m))),
+                1 => decode::<Image>(data).map(|m| masks.push((stamp_ns(&m.header.stamp), m))),
+                2 => decode::<CameraInfo>(data).map(|m| infos.push((stamp_ns(&m.header.stamp), m))),
+                _ => decode::<PoseStamped>(data).map(|m| poses.push((stamp_ns(&m.header.stamp), m))),
+            };
+            if let Err(e) = res {
+                let schema = msg.channel.schema.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+                *bad.entry(format!("{topic}: cannot decode ({schema}): {e}")).or_default() += 1;
+            }
+        }
+        for (what, count) in &bad {
+            skips.push(format!("{count} message(s) on {what}"));
+        }
+        for (topic, count) in &other_topics {
+            skips.push(format!("{count} message(s) on unused topic {topic}"));
+        }
+        if images.is_empty() {
+            return Err(bag_err(bag, format!("no decodable sensor_msgs/Image on topic {}", opts.image_topic)));
+        }
+        images.sort_by_key(|(t, _)| *t);
+        masks.sort_by_key(|(t, _)| *t);
+        infos.sort_by_key(|(t, _)| *t);
+        poses.sort_by_key(|(t, _)| *t);
+        let mask_t = masks.iter().map(|(t, _)| *t).collect();
+        let info_t = infos.iter().map(|(t, _)| *t).collect();
+        let pose_t = poses.iter().map(|(t, _)| *t).collect();
+        Ok(Self { images, masks, infos, poses, mask_t, info_t, pose_t })
+    }
+
+    /// The mask of the image at `t` (`None` without a mask topic; an error drops the image).
+    fn mask_for(&self, t: i64, size: (u32, u32), opts: &ExtractOptions) -> Result<Option<GrayImage>> {
+        if opts.mask_topic.is_none() {
+            return Ok(None);
+        }
+        let Some(j) = nearest(&self.mask_t, t, opts.slop_ns) else {
+            return Err(Error::InvalidInput(format!("no mask within {} ns", opts.slop_ns)));
+        };
+        let m = decode_mask(&raw_image(&self.masks[j].1))?;
+        if m.dimensions() != size {
+            return Err(Error::InvalidInput(format!(
+                "mask is {}x{} but the image is {}x{}",
+                m.width(),
+                m.height(),
+                size.0,
+                size.1
+            )));
+        }
+        Ok(Some(m))
+    }
+
+    /// Intrinsics of the image at `t`: camera info nearest within slop, else the latest before the
+    /// image (intrinsics rarely change); a bad one is reported and ignored.
+    fn intrinsics_for(
+        &self,
+        t: i64,
+        size: (u32, u32),
+        opts: &ExtractOptions,
+        label: &str,
+        skips: &mut Skips,
+    ) -> Option<Intrinsics> {
+        let j = nearest(&self.info_t, t, opts.slop_ns).or_else(|| self.info_t.partition_point(|s| *s <= t).checked_sub(1))?;
+        let ci = &self.infos[j].1;
+        let k: Option<[f64; 9]> = ci.k.as_slice().try_into().ok();
+        match k.map(|k| intrinsics_from_camera_info(&k, (ci.width, ci.height), size)) {
+            Some(Ok(k)) => k,
+            Some(Err(e)) => {
+                skips.push(format!("{label}: camera info ignored: {e}"));
+                None
+            }
+            None => {
+                skips.push(format!("{label}: camera info ignored: K has {} values", ci.k.len()));
+                None
+            }
+        }
+    }
+
+    /// The ground-truth pose of the image at `t` (with a pose topic), nearest within slop.
+    fn pose_for(&self, t: i64, opts: &ExtractOptions, label: &str, skips: &mut Skips) -> Option<Isometry3<f64>> {
+        opts.pose_topic.as_ref()?;
+        let Some(j) = nearest(&self.pose_t, t, opts.slop_ns) else {
+            skips.push(format!("{label}: no ground-truth pose within {} ns", opts.slop_ns));
+            return None;
+        };
+        let p = isometry(&self.poses[j].1.pose);
+        if p.is_none() {
+            skips.push(format!("{label}: ground-truth pose is not finite or has a zero quaternion"));
+        }
+        p
+    }
+}
+
+/// One image of the bag with what was matched to it.
+struct ExtractedFrame<'a> {
+    header: &'a Header,
+    rgb: &'a RgbImage,
+    mask: Option<&'a GrayImage>,
+    intrinsics: Option<Intrinsics>,
+    pose: Option<Isometry3<f64>>,
+}
+
+/// Writes one frame's files and returns its collection.json entry.
+fn write_frame(out: &Path, index: usize, frame: &ExtractedFrame, report: &mut ExtractReport) -> Result<Value> {
+    let rgb_rel = format!("rgb/{index:03}.png");
+    save_png(frame.rgb, &out.join(&rgb_rel))?;
+    let mut e = json!({
+        "index": index,
+        "rgb": rgb_rel,
+        "width": frame.rgb.width(),
+        "height": frame.rgb.height(),
+        "stamp_sec": frame.header.stamp.sec,
+        "stamp_nanosec": frame.header.stamp.nanosec,
+        "frame_id": frame.header.frame_id,
+    });
+    if let Some(m) = frame.mask {
+        let rel = format!("mask/{index:03}.png");
+        save_png(m, &out.join(&rel))?;
+        e["mask"] = json!(rel);
+        report.with_mask += 1;
+    }
+    if let Some(k) = &frame.intrinsics {
+        e["K"] = json!([[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]]);
+        report.with_camera_info += 1;
+    }
+    if let Some(p) = &frame.pose {
+        e["camera_from_object"] = json!(row_major(p));
+        report.with_pose += 1;
+    }
+    Ok(e)
+}
+
+/// Writes collection.json for the extracted entries.
+fn write_collection_index(
+    bag: &Path,
+    out: &Path,
+    opts: &ExtractOptions,
+    entries: Vec<Value>,
+    report: &ExtractReport,
+    skips: &mut Skips,
+) -> Result<()> {
     let name = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| opts.category.clone());
     let mut doc = json!({
         "format_version": "1.0",
@@ -373,9 +425,7 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
     let path = out.join("collection.json");
     let text =
         serde_json::to_string_pretty(&doc).map_err(|e| Error::Collection { path: path.clone(), message: e.to_string() })?;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-    report.skipped = skips.finish();
-    Ok(report)
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 
 pub mod bag;
 pub mod convert;
+pub mod diagnostics;
+pub mod live;
 pub mod node;
 
 pub use node::run_node;

@@ -9,11 +9,15 @@ use futures::StreamExt;
 use r2r::builtin_interfaces::msg::Time;
 use r2r::congeal_msgs::msg::{CongealResult, ImagePose, Status};
 use r2r::congeal_msgs::srv::{Congeal, GetPose, LoadModel, Register, SaveModel, SetCollecting, TransferKeypoints};
+use r2r::diagnostic_msgs::msg::DiagnosticArray;
 use r2r::geometry_msgs::msg::{Point, PoseStamped};
 use r2r::sensor_msgs::msg::{CameraInfo, Image};
 use r2r::std_msgs::msg::{ColorRGBA, Header};
+use r2r::std_srvs::srv::Trigger;
+use r2r::tf2_msgs::msg::TFMessage;
+use r2r::vision_msgs::msg::Detection3DArray;
 use r2r::visualization_msgs::msg::Marker;
-use r2r::QosProfile;
+use r2r::{ParameterValue, QosProfile};
 use tracing::{error, info, warn};
 
 use crate::collection::Collection;
@@ -26,6 +30,7 @@ use crate::ingest::store::{validate_category, CollectionStore};
 use crate::ingest::sync::{ApproxTimeSync, Stamped, SyncConfig};
 use crate::output::result::RunResult;
 use crate::ros::convert::{nocs_image, pose_stamped, raw_image, stamp_ns};
+use crate::ros::live::{Live, LiveFrame};
 use crate::shape::model::{load_model, save_model};
 use crate::shape::{CanonicalShape, ShapeSpec};
 
@@ -52,34 +57,97 @@ pub struct Params {
     pub collect: bool,
     /// Input QoS reliability: `best_effort` (sensor data, default) or `reliable`.
     pub input_reliability: String,
+    /// Built-in pipeline profile when `config` is empty: `auto` (fast on a CPU, the paper's on a GPU),
+    /// `fast`, `fast_224`, `default`/`paper`, `tiny`.
+    pub profile: String,
+    /// Live mode: pose every synchronised frame of a category that has a model.
+    pub track: bool,
+    /// Publish `~/nocs` for every tracked frame (a full-image render: expensive).
+    pub publish_nocs: bool,
 }
 
-fn param<T>(node: &r2r::Node, name: &str, default: T) -> T
+/// A parameter's value: `default` when it is not set; an error naming the parameter, the expected and
+/// the given type when it is set with the wrong type (a YAML `slop: 1` is an integer, not a double).
+fn param<T>(node: &r2r::Node, name: &str, default: T) -> anyhow::Result<T>
 where
-    r2r::ParameterValue: TryInto<T, Error = r2r::WrongParameterType>,
+    T: std::fmt::Debug,
+    ParameterValue: TryInto<T, Error = r2r::WrongParameterType>,
 {
-    node.get_parameter::<T>(name).unwrap_or(default)
+    let value = lock(&node.params).get(name).map(|p| p.value.clone()).unwrap_or(ParameterValue::NotSet);
+    if matches!(value, ParameterValue::NotSet) {
+        return Ok(default);
+    }
+    let shown = match &value {
+        ParameterValue::Bool(v) => v.to_string(),
+        ParameterValue::Integer(v) => v.to_string(),
+        ParameterValue::Double(v) => v.to_string(),
+        ParameterValue::String(v) => format!("`{v}`"),
+        other => format!("{other:?}"),
+    };
+    value.try_into().map_err(|e: r2r::WrongParameterType| {
+        anyhow::anyhow!(
+            "parameter `{name}` must be of type {} (default {default:?}), got {} {shown}{}",
+            e.expected_type_name,
+            e.actual_type_name,
+            if e.expected_type_name.contains("f64") || e.expected_type_name.contains("double") {
+                " (write a decimal point: 1.0, not 1)"
+            } else {
+                ""
+            }
+        )
+    })
 }
 
 impl Params {
-    fn from_node(node: &r2r::Node) -> Self {
-        Self {
-            category: param(node, "category", "object".to_string()),
-            data_dir: PathBuf::from(param(node, "data_dir", "congeal_data".to_string())),
-            template_path: param(node, "template_path", String::new()),
-            config: param(node, "config", String::new()),
-            slop_s: param(node, "slop", 0.05),
-            queue_size: param(node, "queue_size", 10i64).max(1) as usize,
-            use_mask: param(node, "use_mask", true),
-            ingest_queue: param(node, "ingest_queue", 30i64).max(1) as usize,
-            collect: param(node, "collect", true),
-            input_reliability: param(node, "input_reliability", "best_effort".to_string()),
+    fn from_node(node: &r2r::Node) -> anyhow::Result<Self> {
+        let positive = |name: &str, v: i64| -> anyhow::Result<usize> {
+            if v < 1 {
+                anyhow::bail!("parameter `{name}` must be >= 1, got {v}");
+            }
+            Ok(v as usize)
+        };
+        let slop_s: f64 = param(node, "slop", 0.05)?;
+        if !(slop_s.is_finite() && slop_s >= 0.0) {
+            anyhow::bail!("parameter `slop` must be a finite number of seconds >= 0, got {slop_s}");
         }
+        Ok(Self {
+            category: param(node, "category", "object".to_string())?,
+            data_dir: PathBuf::from(param(node, "data_dir", "congeal_data".to_string())?),
+            template_path: param(node, "template_path", String::new())?,
+            config: param(node, "config", String::new())?,
+            slop_s,
+            queue_size: positive("queue_size", param(node, "queue_size", 10i64)?)?,
+            use_mask: param(node, "use_mask", true)?,
+            ingest_queue: positive("ingest_queue", param(node, "ingest_queue", 30i64)?)?,
+            collect: param(node, "collect", true)?,
+            input_reliability: param(node, "input_reliability", "best_effort".to_string())?,
+            profile: param(node, "profile", "auto".to_string())?,
+            track: param(node, "track", true)?,
+            publish_nocs: param(node, "publish_nocs", false)?,
+        })
+    }
+
+    /// The pipeline configuration: the `config` file, else the built-in `profile` (`auto`: the paper's
+    /// settings when a CUDA device is present, the fast CPU profile otherwise).
+    fn pipeline_config(&self) -> anyhow::Result<Config> {
+        if !self.config.is_empty() {
+            return Ok(Config::from_yaml_file(Path::new(&self.config))?);
+        }
+        let config = match self.profile.as_str() {
+            "auto" if candle_core::Device::new_cuda(0).is_ok() => {
+                let mut c = Config::builtin("default")?;
+                c.device = "cuda".into();
+                c
+            }
+            "auto" => Config::builtin("fast")?,
+            name => Config::builtin(name)?,
+        };
+        Ok(config)
     }
 }
 
 /// One synchronised frame on its way to disk.
-struct Frame {
+pub(crate) struct Frame {
     category: String,
     image: Image,
     mask: Option<Image>,
@@ -87,7 +155,7 @@ struct Frame {
 }
 
 /// A bounded queue that drops its oldest entry when full (and counts it).
-struct DropOldest<T> {
+pub(crate) struct DropOldest<T> {
     items: Mutex<(VecDeque<T>, u64)>,
     ready: Condvar,
     capacity: usize,
@@ -111,6 +179,11 @@ impl<T> DropOldest<T> {
         dropped
     }
 
+    /// Entries dropped so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        lock(&self.items).1
+    }
+
     fn pop(&self) -> T {
         let mut g = self.items.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -124,48 +197,77 @@ impl<T> DropOldest<T> {
 
 /// State of a job, shown on `~/status`.
 #[derive(Clone, Debug)]
-struct JobState {
-    job_id: String,
-    stage: String,
-    progress: f32,
-    done: bool,
-    ok: bool,
-    message: String,
+pub(crate) struct JobState {
+    pub(crate) job_id: String,
+    pub(crate) stage: String,
+    pub(crate) progress: f32,
+    pub(crate) done: bool,
+    pub(crate) ok: bool,
+    pub(crate) message: String,
 }
 
-/// A model ready for `~/register`, with its candidate renders cached.
-struct ModelSlot {
-    shape: Arc<CanonicalShape>,
+/// A model ready for `~/register` and tracking, with its candidate renders cached.
+pub(crate) struct ModelSlot {
+    pub(crate) shape: Arc<CanonicalShape>,
     /// Candidate renders (and, for semantic scoring, the features of the FoV groups used so far).
     candidates: Mutex<Option<CandidateSet>>,
 }
 
+impl ModelSlot {
+    fn new(shape: CanonicalShape) -> Arc<Self> {
+        Arc::new(Self { shape: Arc::new(shape), candidates: Mutex::new(None) })
+    }
+}
+
 /// Everything the callbacks share.
-struct Shared {
-    params: Params,
-    config: Config,
+pub(crate) struct Shared {
+    pub(crate) params: Params,
+    pub(crate) config: Config,
     collecting: Mutex<Option<String>>,
-    sync: Mutex<ApproxTimeSync<Image, Image, CameraInfo>>,
-    to_disk: DropOldest<Frame>,
+    pub(crate) sync: Mutex<ApproxTimeSync<Image, Image, CameraInfo>>,
+    pub(crate) to_disk: DropOldest<Frame>,
     stores: Mutex<HashMap<String, Arc<Mutex<CollectionStore>>>>,
-    jobs: Mutex<HashMap<String, JobState>>,
+    pub(crate) jobs: Mutex<HashMap<String, JobState>>,
     results: Mutex<HashMap<String, (RunResult, PathBuf)>>,
-    models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    pub(crate) models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// Live mode: the frame waiting for the tracker, reset requests, counters.
+    pub(crate) live: Live,
     /// DINOv2, loaded on first use (semantic pose scoring in ~/register).
     features: Mutex<Option<Arc<crate::congeal::features::FeatureExtractor>>>,
     /// U^2-Net-p, loaded on first use (~/register requests without a mask).
     segmenter: Mutex<Option<Arc<crate::collection::segment::Segmenter>>>,
     /// r2r publishers are `Send` but not `Sync`: shared behind a mutex.
-    publishers: Mutex<Publishers>,
+    pub(crate) publishers: Mutex<Publishers>,
 }
 
 #[derive(Clone)]
-struct Publishers {
+pub(crate) struct Publishers {
     status: r2r::Publisher<Status>,
     result: r2r::Publisher<CongealResult>,
-    pose: r2r::Publisher<PoseStamped>,
-    nocs: r2r::Publisher<Image>,
+    pub(crate) pose: r2r::Publisher<PoseStamped>,
+    pub(crate) nocs: r2r::Publisher<Image>,
     mesh: r2r::Publisher<Marker>,
+    pub(crate) detections: r2r::Publisher<Detection3DArray>,
+    pub(crate) tf: r2r::Publisher<TFMessage>,
+    diagnostics: r2r::Publisher<DiagnosticArray>,
+}
+
+impl Publishers {
+    /// Every publisher of the node (names are the DESIGN.md contract).
+    fn create(node: &mut r2r::Node) -> anyhow::Result<Self> {
+        let latched = QosProfile::default().transient_local().keep_last(1);
+        Ok(Self {
+            status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
+            result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
+            pose: node.create_publisher::<PoseStamped>("~/pose", QosProfile::default().keep_last(100))?,
+            nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
+            mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
+            detections: node.create_publisher::<Detection3DArray>("~/detections", QosProfile::default().keep_last(10))?,
+            // tf2's own QoS for /tf: reliable, volatile, depth 100.
+            tf: node.create_publisher::<TFMessage>("/tf", QosProfile::default().keep_last(100))?,
+            diagnostics: node.create_publisher::<DiagnosticArray>("/diagnostics", QosProfile::default().keep_last(10))?,
+        })
+    }
 }
 
 impl Shared {
@@ -181,7 +283,7 @@ impl Shared {
     }
 
     /// U^2-Net-p, loaded on first use.
-    fn segmenter(&self) -> crate::Result<Arc<crate::collection::segment::Segmenter>> {
+    pub(crate) fn segmenter(&self) -> crate::Result<Arc<crate::collection::segment::Segmenter>> {
         let mut slot = lock(&self.segmenter);
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
@@ -193,7 +295,8 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, recovering the data of a poisoned one (a panicked holder must not stop the node).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -206,6 +309,32 @@ impl Shared {
         let s = Arc::new(Mutex::new(CollectionStore::open(&self.params.data_dir, category)?));
         stores.insert(category.to_string(), s.clone());
         Ok(s)
+    }
+
+    /// Installs a category's model (tracking and `~/register` use it from now on).
+    fn install_model(&self, category: &str, shape: CanonicalShape) {
+        lock(&self.models).insert(category.to_string(), ModelSlot::new(shape));
+    }
+
+    /// Registers one image against a model with the candidate search (candidates rendered once per
+    /// model and kept; DINOv2 loaded on first use for semantic scoring) under `config` (the node's, or
+    /// its re-initialisation variant; both share the candidate settings). Blocking.
+    pub(crate) fn register_with_model(
+        &self,
+        slot: &ModelSlot,
+        rgb: &image::RgbImage,
+        mask: &image::GrayImage,
+        known: Option<crate::geometry::Intrinsics>,
+        config: &Config,
+    ) -> crate::Result<pipeline::Registration> {
+        let field = &slot.shape.field;
+        let extractor = if config.pose_init.score.is_semantic() { Some(self.features()?) } else { None };
+        let mut cache = lock(&slot.candidates);
+        if cache.is_none() {
+            *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
+        }
+        let set = cache.as_mut().ok_or_else(|| crate::Error::InvalidInput("candidate cache is empty".into()))?;
+        pipeline::register_frame(field, set, rgb, mask, known, config, extractor.as_deref())
     }
 
     /// The tensor device of the configuration (models are loaded onto it).
@@ -329,28 +458,53 @@ fn start_job(shared: &Arc<Shared>, req: &Congeal::Request) -> (bool, String, Str
     }
 }
 
+/// The share of a job (start, end) that each pipeline stage takes, roughly as measured with the
+/// fast profile on a CPU.
 fn stage_weight(stage: &str) -> (f32, f32) {
     match stage {
         "load" => (0.0, 0.05),
-        "shape" => (0.05, 0.1),
-        "pose_init" => (0.1, 0.25),
-        "pose_refine" => (0.25, 0.9),
-        _ => (0.9, 1.0),
+        "features" => (0.05, 0.1),
+        "shape" => (0.1, 0.15),
+        "pose_init" => (0.15, 0.3),
+        "pose_refine" => (0.3, 0.7),
+        "coord_maps" => (0.7, 0.95),
+        _ => (0.95, 1.0),
     }
+}
+
+/// `~/status.message` while a job runs: stage, images done (per-image stages) or the stage's share,
+/// elapsed time and an ETA from the overall progress.
+fn progress_message(stage: &str, fraction: f32, images: usize, overall: f32, elapsed_s: f64) -> String {
+    let what = match stage {
+        "load" | "outputs" => format!("{stage}: {}/{images} images", (fraction * images as f32).round() as usize),
+        _ => format!("{stage}: {:.0}% of the stage ({images} images)", 100.0 * fraction),
+    };
+    let eta = if overall > 0.02 {
+        format!("ETA ~{:.0} s", elapsed_s * (1.0 - overall as f64) / overall as f64)
+    } else {
+        "ETA unknown".into()
+    };
+    format!("{what}; job {:.0}% after {elapsed_s:.0} s, {eta}", 100.0 * overall)
 }
 
 fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) {
     let run_dir = shared.params.data_dir.join(&category).join("runs").join(&job);
+    let started = Instant::now();
+    let images = std::sync::atomic::AtomicUsize::new(0);
     let progress = |stage: &str, fraction: f32| {
         let (a, b) = stage_weight(stage);
+        let fraction = fraction.clamp(0.0, 1.0);
         if let Some(j) = lock(&shared.jobs).get_mut(&category) {
             j.stage = stage.to_string();
-            j.progress = a + (b - a) * fraction.clamp(0.0, 1.0);
+            j.progress = j.progress.max(a + (b - a) * fraction);
+            let n = images.load(std::sync::atomic::Ordering::Relaxed);
+            j.message = progress_message(stage, fraction, n, j.progress, started.elapsed().as_secs_f64());
         }
     };
     let outcome = (|| -> crate::Result<RunResult> {
         // Snapshot the collection as it is now (frames keep arriving while the job runs).
         let collection = Collection::load(&shared.params.data_dir.join(&category))?;
+        images.store(collection.images.len(), std::sync::atomic::Ordering::Relaxed);
         pipeline::run(&collection, &spec, &shared.config, &run_dir, &progress)
     })();
     let mut jobs = lock(&shared.jobs);
@@ -367,10 +521,7 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
             info!("job {job} on `{category}`: {}", snapshot.message);
             let model = run_dir.join("model");
             match load_model(&model, &shared.device()) {
-                Ok(shape) => {
-                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
-                    lock(&shared.models).insert(category.clone(), slot);
-                }
+                Ok(shape) => shared.install_model(&category, shape),
                 Err(e) => warn!("model of job {job}: {e}"),
             }
             // Make the result queryable before announcing it: a client that reacts to ~/pose or
@@ -461,8 +612,8 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
                 header: Header { stamp: Time::default(), frame_id: frame },
                 ns: "congeal".into(),
                 id: 0,
-                type_: 11, // TRIANGLE_LIST
-                action: 0,
+                type_: Marker::TRIANGLE_LIST as i32,
+                action: Marker::ADD as i32,
                 pose: r2r::geometry_msgs::msg::Pose {
                     orientation: r2r::geometry_msgs::msg::Quaternion { w: 1.0, ..Default::default() },
                     ..Default::default()
@@ -494,8 +645,7 @@ fn restore(shared: &Shared) {
             if let Ok(result) = RunResult::load(&last) {
                 info!("restored run {} for `{category}`", last.display());
                 if let Ok(shape) = load_model(&last.join("model"), &shared.device()) {
-                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
-                    lock(&shared.models).insert(category.clone(), slot);
+                    shared.install_model(&category, shape);
                 }
                 lock(&shared.results).insert(category, (result, last));
             }
@@ -589,35 +739,12 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
             Ok(k) => intrinsics_from_camera_info(&k, (info.width, info.height), (rgb.width(), rgb.height()))?,
             Err(_) => None,
         };
+        let reg = shared.register_with_model(&slot, &rgb, &mask, known, &shared.config)?;
         let field = &slot.shape.field;
-        let config = &shared.config;
-        let mut view = pose_init::input_view(&rgb, &mask, known, &config.pose_init)?;
-        let mut cache = lock(&slot.candidates);
-        if cache.is_none() {
-            *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
-        }
-        let set = cache.as_mut().ok_or_else(|| crate::Error::InvalidInput("candidate cache is empty".into()))?;
-        if config.pose_init.score.is_semantic() {
-            let ex = shared.features()?;
-            pipeline::attach_input_features(std::slice::from_mut(&mut view), &[(&rgb, &mask)], &ex)?;
-            // Features of the FoV groups this request needs, computed once per model and group.
-            let groups = pose_init::needed_fov_groups(set, std::slice::from_ref(&view), &config.pose_init);
-            pose_init::attach_candidate_features(
-                set,
-                field,
-                &ex,
-                &config.features,
-                config.pose_init.samples_per_ray,
-                config.render.chunk_rays,
-                groups.as_deref(),
-            )?;
-        }
-        let mut timings = Default::default();
-        let reg =
-            pipeline::register_with_candidates(field, set, &[view], &[&mask], config, &pipeline::no_progress, &mut timings)?;
-        drop(cache);
-        let pose_n = reg.camera_from_object[0];
-        let k = reg.intrinsics[0];
+        let (Some(&pose_n), Some(&k), Some(&score)) = (reg.camera_from_object.first(), reg.intrinsics.first(), reg.iou.first())
+        else {
+            return Err(crate::Error::Numerical("registration returned no pose".into()));
+        };
         // NOCS at the estimated pose, masked by the input mask.
         let cams = CameraBatch::from_poses(&[pose_n], &[k], field.device())?;
         let pixels = crate::field::render::pixel_grid(k.width, k.height, field.device())?;
@@ -639,7 +766,7 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
             ok: true,
             pose: pose_stamped(header.clone(), &pose),
             fov_deg: k.fov_y_deg(),
-            score: reg.iou[0],
+            score,
             nocs: nocs_image(header, k.width, k.height, &r.nocs, &m),
             message: String::new(),
         })
@@ -647,24 +774,174 @@ fn register(shared: &Shared, req: &Register::Request) -> Register::Response {
     outcome.unwrap_or_else(|e| fail(e.to_string()))
 }
 
+/// Answers a service request, logging a failed answer (the client went away).
+fn respond<T: r2r::WrappedServiceTypeSupport + 'static>(req: r2r::ServiceRequest<T>, resp: T::Response, service: &str) {
+    if let Err(e) = req.respond(resp) {
+        warn!("responding to {service}: {e}");
+    }
+}
+
+/// Serves a service whose handler is quick (runs on the executor's tokio workers).
+fn serve<T, F>(requests: impl futures::Stream<Item = r2r::ServiceRequest<T>> + Send + 'static, service: &'static str, handler: F)
+where
+    T: r2r::WrappedServiceTypeSupport + 'static,
+    F: Fn(&T::Request) -> T::Response + Send + 'static,
+{
+    tokio::spawn(requests.for_each(move |req| {
+        let resp = handler(&req.message);
+        respond(req, resp, service);
+        futures::future::ready(())
+    }));
+}
+
+/// Serves a service whose handler blocks (each request on a blocking thread).
+fn serve_blocking<T, F>(
+    requests: impl futures::Stream<Item = r2r::ServiceRequest<T>> + Send + 'static,
+    service: &'static str,
+    handler: F,
+) where
+    T: r2r::WrappedServiceTypeSupport + 'static,
+    F: Fn(&T::Request) -> T::Response + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    tokio::spawn(requests.for_each(move |req| {
+        let handler = handler.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let resp = handler(&req.message);
+            info!("{service} answered in {:.3}s", t.elapsed().as_secs_f64());
+            respond(req, resp, service);
+        });
+        futures::future::ready(())
+    }));
+}
+
+/// Hands matched frames on: to disk (when collecting) and to the tracker (newest wins).
+fn forward(shared: &Shared, matched: Vec<crate::ingest::sync::Matched<Image, Image, CameraInfo>>) {
+    let collecting = lock(&shared.collecting).clone();
+    let live_category = collecting.clone().unwrap_or_else(|| shared.params.category.clone());
+    let tracking = shared.params.track && lock(&shared.models).contains_key(&live_category);
+    for m in matched {
+        if tracking {
+            shared.live.latest.put(LiveFrame {
+                category: live_category.clone(),
+                image: m.image.value.clone(),
+                mask: m.mask.clone(),
+                info: m.info.clone(),
+            });
+        }
+        if let Some(category) = &collecting {
+            let frame = Frame { category: category.clone(), image: m.image.value, mask: m.mask, info: m.info };
+            if let Some(n) = shared.to_disk.push(frame) {
+                if n <= 10 || n % 100 == 0 {
+                    warn!("ingestion queue full: dropped the oldest frame ({n} so far)");
+                }
+            }
+        }
+    }
+}
+
+/// `~/set_collecting`.
+fn set_collecting(shared: &Shared, req: &SetCollecting::Request) -> SetCollecting::Response {
+    let cat = req.category.clone();
+    match (req.collecting, validate_category(&cat)) {
+        (true, Ok(())) => {
+            *lock(&shared.collecting) = Some(cat.clone());
+            SetCollecting::Response { ok: true, message: format!("collecting into `{cat}`") }
+        }
+        (true, Err(e)) => SetCollecting::Response { ok: false, message: e.to_string() },
+        (false, _) => {
+            *lock(&shared.collecting) = None;
+            SetCollecting::Response { ok: true, message: "stopped collecting".into() }
+        }
+    }
+}
+
+/// `~/save_model`.
+fn save_model_srv(shared: &Shared, req: &SaveModel::Request) -> SaveModel::Response {
+    let category = shared.category_or_default(&req.category);
+    let slot = lock(&shared.models).get(&category).cloned();
+    match slot {
+        None => SaveModel::Response { ok: false, message: format!("no model for `{category}`") },
+        Some(slot) => match save_model(&slot.shape, Path::new(&req.path)) {
+            Ok(()) => SaveModel::Response { ok: true, message: format!("saved to {}", req.path) },
+            Err(e) => SaveModel::Response { ok: false, message: e.to_string() },
+        },
+    }
+}
+
+/// `~/load_model`.
+fn load_model_srv(shared: &Shared, req: &LoadModel::Request) -> LoadModel::Response {
+    let category = shared.category_or_default(&req.category);
+    match (validate_category(&category), load_model(Path::new(&req.path), &shared.device())) {
+        (Err(e), _) | (_, Err(e)) => LoadModel::Response { ok: false, message: e.to_string() },
+        (Ok(()), Ok(shape)) => {
+            shared.install_model(&category, shape);
+            LoadModel::Response { ok: true, message: format!("model for `{category}` loaded") }
+        }
+    }
+}
+
+/// `~/reset`: the next tracked frame runs the candidate search.
+fn reset_srv(shared: &Shared) -> Trigger::Response {
+    shared.live.reset.store(true, std::sync::atomic::Ordering::SeqCst);
+    let message = if shared.params.track { "the next frame is re-initialised" } else { "tracking is off (parameter track)" };
+    Trigger::Response { success: shared.params.track, message: message.into() }
+}
+
+/// Feeds the three input streams to the synchroniser (counting messages for `/diagnostics`) and
+/// forwards what matches.
+fn spawn_inputs(
+    shared: &Arc<Shared>,
+    images: impl futures::Stream<Item = Image> + Send + 'static,
+    masks: impl futures::Stream<Item = Image> + Send + 'static,
+    infos: impl futures::Stream<Item = CameraInfo> + Send + 'static,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sh = shared.clone();
+    tokio::spawn(images.for_each(move |msg| {
+        sh.live.stats.images.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_image(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+    let sh = shared.clone();
+    tokio::spawn(masks.for_each(move |msg| {
+        sh.live.stats.masks.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_mask(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+    let sh = shared.clone();
+    tokio::spawn(infos.for_each(move |msg| {
+        sh.live.stats.infos.fetch_add(1, Relaxed);
+        let stamp = stamp_ns(&msg.header.stamp);
+        let matched = lock(&sh.sync).push_info(Stamped { stamp_ns: stamp, value: msg });
+        forward(&sh, matched);
+        futures::future::ready(())
+    }));
+}
+
 /// Runs the node until it is killed.
 pub fn run_node() -> anyhow::Result<()> {
     let ctx = r2r::Context::create()?;
     let mut node = r2r::Node::create(ctx, "congeal", "")?;
-    let params = Params::from_node(&node);
-    let config = if params.config.is_empty() { Config::default() } else { Config::from_yaml_file(Path::new(&params.config))? };
+    let params = Params::from_node(&node)?;
+    let config = params.pipeline_config()?;
     config.validate()?;
     std::fs::create_dir_all(&params.data_dir)?;
-    info!("congeal node: category `{}`, data in {}", params.category, params.data_dir.display());
+    info!(
+        "congeal node: category `{}`, data in {}, pipeline {} on {}, tracking {}",
+        params.category,
+        params.data_dir.display(),
+        if params.config.is_empty() { format!("profile `{}`", params.profile) } else { params.config.clone() },
+        config.device,
+        if params.track { "on" } else { "off" }
+    );
 
-    let latched = QosProfile::default().transient_local().keep_last(1);
-    let publishers = Publishers {
-        status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
-        result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
-        pose: node.create_publisher::<PoseStamped>("~/pose", QosProfile::default().keep_last(100))?,
-        nocs: node.create_publisher::<Image>("~/nocs", QosProfile::default().keep_last(10))?,
-        mesh: node.create_publisher::<Marker>("~/canonical_mesh", latched)?,
-    };
+    let publishers = Publishers::create(&mut node)?;
     let sync_cfg = SyncConfig { slop_ns: (params.slop_s * 1e9) as i64, queue: params.queue_size, wait_for_mask: params.use_mask };
     let shared = Arc::new(Shared {
         collecting: Mutex::new(params.collect.then(|| params.category.clone())),
@@ -674,6 +951,7 @@ pub fn run_node() -> anyhow::Result<()> {
         jobs: Mutex::new(HashMap::new()),
         results: Mutex::new(HashMap::new()),
         models: Mutex::new(HashMap::new()),
+        live: Live::default(),
         features: Mutex::new(None),
         segmenter: Mutex::new(None),
         params: params.clone(),
@@ -684,6 +962,8 @@ pub fn run_node() -> anyhow::Result<()> {
     {
         let sh = shared.clone();
         std::thread::Builder::new().name("congeal-disk".into()).spawn(move || disk_writer(sh))?;
+        let sh = shared.clone();
+        std::thread::Builder::new().name("congeal-track".into()).spawn(move || crate::ros::live::tracking_worker(sh))?;
     }
 
     let sensor = QosProfile::sensor_data().keep_last(params.queue_size.max(10));
@@ -695,138 +975,38 @@ pub fn run_node() -> anyhow::Result<()> {
     let images = node.subscribe::<Image>("image", sensor.clone())?;
     let masks = node.subscribe::<Image>("mask", sensor.clone())?;
     let infos = node.subscribe::<CameraInfo>("camera_info", sensor)?;
-    let services = (
-        node.create_service::<Congeal::Service>("~/congeal", QosProfile::default())?,
-        node.create_service::<GetPose::Service>("~/get_pose", QosProfile::default())?,
-        node.create_service::<SetCollecting::Service>("~/set_collecting", QosProfile::default())?,
-        node.create_service::<Register::Service>("~/register", QosProfile::default())?,
-        node.create_service::<SaveModel::Service>("~/save_model", QosProfile::default())?,
-        node.create_service::<LoadModel::Service>("~/load_model", QosProfile::default())?,
-        node.create_service::<TransferKeypoints::Service>("~/transfer_keypoints", QosProfile::default())?,
-    );
+    let qos = QosProfile::default;
+    let congeal_srv = node.create_service::<Congeal::Service>("~/congeal", qos())?;
+    let get_pose_srv = node.create_service::<GetPose::Service>("~/get_pose", qos())?;
+    let collect_srv = node.create_service::<SetCollecting::Service>("~/set_collecting", qos())?;
+    let register_srv = node.create_service::<Register::Service>("~/register", qos())?;
+    let save_srv = node.create_service::<SaveModel::Service>("~/save_model", qos())?;
+    let load_srv = node.create_service::<LoadModel::Service>("~/load_model", qos())?;
+    let transfer_srv = node.create_service::<TransferKeypoints::Service>("~/transfer_keypoints", qos())?;
+    let reset_srv_stream = node.create_service::<Trigger::Service>("~/reset", qos())?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let forward = |shared: Arc<Shared>, matched: Vec<crate::ingest::sync::Matched<Image, Image, CameraInfo>>| {
-            let Some(category) = lock(&shared.collecting).clone() else { return };
-            for m in matched {
-                let frame = Frame { category: category.clone(), image: m.image.value, mask: m.mask, info: m.info };
-                if let Some(n) = shared.to_disk.push(frame) {
-                    if n <= 10 || n % 100 == 0 {
-                        warn!("ingestion queue full: dropped the oldest frame ({n} so far)");
-                    }
-                }
-            }
-        };
+        spawn_inputs(&shared, images, masks, infos);
         let sh = shared.clone();
-        tokio::spawn(images.for_each(move |msg| {
-            let stamp = stamp_ns(&msg.header.stamp);
-            let matched = lock(&sh.sync).push_image(Stamped { stamp_ns: stamp, value: msg });
-            forward(sh.clone(), matched);
-            futures::future::ready(())
-        }));
+        serve(congeal_srv, "~/congeal", move |req: &Congeal::Request| {
+            let (accepted, job_id, message) = start_job(&sh, req);
+            Congeal::Response { accepted, job_id, message }
+        });
         let sh = shared.clone();
-        tokio::spawn(masks.for_each(move |msg| {
-            let stamp = stamp_ns(&msg.header.stamp);
-            let matched = lock(&sh.sync).push_mask(Stamped { stamp_ns: stamp, value: msg });
-            forward(sh.clone(), matched);
-            futures::future::ready(())
-        }));
+        serve(get_pose_srv, "~/get_pose", move |req: &GetPose::Request| get_pose(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(infos.for_each(move |msg| {
-            let stamp = stamp_ns(&msg.header.stamp);
-            lock(&sh.sync).push_info(Stamped { stamp_ns: stamp, value: msg });
-            futures::future::ready(())
-        }));
-        let (congeal_srv, get_pose_srv, collect_srv, register_srv, save_srv, load_srv, transfer_srv) = services;
+        serve(collect_srv, "~/set_collecting", move |req: &SetCollecting::Request| set_collecting(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(congeal_srv.for_each(move |req| {
-            let (accepted, job_id, message) = start_job(&sh, &req.message);
-            if let Err(e) = req.respond(Congeal::Response { accepted, job_id, message }) {
-                warn!("responding to ~/congeal: {e}");
-            }
-            futures::future::ready(())
-        }));
+        serve_blocking(register_srv, "~/register", move |req: &Register::Request| register(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(get_pose_srv.for_each(move |req| {
-            let resp = get_pose(&sh, &req.message);
-            if let Err(e) = req.respond(resp) {
-                warn!("responding to ~/get_pose: {e}");
-            }
-            futures::future::ready(())
-        }));
+        serve(save_srv, "~/save_model", move |req: &SaveModel::Request| save_model_srv(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(collect_srv.for_each(move |req| {
-            let cat = req.message.category.clone();
-            let resp = match (req.message.collecting, validate_category(&cat)) {
-                (true, Ok(())) => {
-                    *lock(&sh.collecting) = Some(cat.clone());
-                    SetCollecting::Response { ok: true, message: format!("collecting into `{cat}`") }
-                }
-                (true, Err(e)) => SetCollecting::Response { ok: false, message: e.to_string() },
-                (false, _) => {
-                    *lock(&sh.collecting) = None;
-                    SetCollecting::Response { ok: true, message: "stopped collecting".into() }
-                }
-            };
-            if let Err(e) = req.respond(resp) {
-                warn!("responding to ~/set_collecting: {e}");
-            }
-            futures::future::ready(())
-        }));
+        serve_blocking(load_srv, "~/load_model", move |req: &LoadModel::Request| load_model_srv(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(register_srv.for_each(move |req| {
-            let sh = sh.clone();
-            tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                let resp = register(&sh, &req.message);
-                info!("~/register answered in {:.3}s (ok: {})", t.elapsed().as_secs_f64(), resp.ok);
-                if let Err(e) = req.respond(resp) {
-                    warn!("responding to ~/register: {e}");
-                }
-            });
-            futures::future::ready(())
-        }));
+        serve(transfer_srv, "~/transfer_keypoints", move |req: &TransferKeypoints::Request| transfer_keypoints(&sh, req));
         let sh = shared.clone();
-        tokio::spawn(save_srv.for_each(move |req| {
-            let category = sh.category_or_default(&req.message.category);
-            let slot = lock(&sh.models).get(&category).cloned();
-            let resp = match slot {
-                None => SaveModel::Response { ok: false, message: format!("no model for `{category}`") },
-                Some(slot) => match save_model(&slot.shape, Path::new(&req.message.path)) {
-                    Ok(()) => SaveModel::Response { ok: true, message: format!("saved to {}", req.message.path) },
-                    Err(e) => SaveModel::Response { ok: false, message: e.to_string() },
-                },
-            };
-            if let Err(e) = req.respond(resp) {
-                warn!("responding to ~/save_model: {e}");
-            }
-            futures::future::ready(())
-        }));
-        let sh = shared.clone();
-        tokio::spawn(load_srv.for_each(move |req| {
-            let category = sh.category_or_default(&req.message.category);
-            let resp = match (validate_category(&category), load_model(Path::new(&req.message.path), &sh.device())) {
-                (Err(e), _) | (_, Err(e)) => LoadModel::Response { ok: false, message: e.to_string() },
-                (Ok(()), Ok(shape)) => {
-                    let slot = Arc::new(ModelSlot { shape: Arc::new(shape), candidates: Mutex::new(None) });
-                    lock(&sh.models).insert(category.clone(), slot);
-                    LoadModel::Response { ok: true, message: format!("model for `{category}` loaded") }
-                }
-            };
-            if let Err(e) = req.respond(resp) {
-                warn!("responding to ~/load_model: {e}");
-            }
-            futures::future::ready(())
-        }));
-        let sh = shared.clone();
-        tokio::spawn(transfer_srv.for_each(move |req| {
-            let resp = transfer_keypoints(&sh, &req.message);
-            if let Err(e) = req.respond(resp) {
-                warn!("responding to ~/transfer_keypoints: {e}");
-            }
-            futures::future::ready(())
-        }));
+        serve(reset_srv_stream, "~/reset", move |_: &Trigger::Request| reset_srv(&sh));
         // Status at 2 Hz while any job runs.
         let sh = shared.clone();
         tokio::spawn(async move {
@@ -837,6 +1017,19 @@ pub fn run_node() -> anyhow::Result<()> {
                     lock(&sh.jobs).iter().filter(|(_, j)| !j.done).map(|(c, j)| (c.clone(), j.clone())).collect();
                 for (c, j) in running {
                     sh.publish_status(&c, &j);
+                }
+            }
+        });
+        // Diagnostics at 1 Hz.
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut rates = crate::ros::diagnostics::RateState::now(&sh);
+            loop {
+                tick.tick().await;
+                let report = crate::ros::diagnostics::report(&sh, &mut rates);
+                if let Err(e) = lock(&sh.publishers).diagnostics.publish(&report) {
+                    warn!("publishing diagnostics: {e}");
                 }
             }
         });

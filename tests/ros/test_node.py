@@ -121,6 +121,9 @@ def run(n, proc, data_dir):
     done = wait_for(lambda: any(s.done for s in statuses), 300, n)
     check(done and any(s.ok for s in statuses if s.done), "job finished ok: " + (statuses[-1].message if statuses else "no status"))
     check(len([s for s in statuses if not s.done]) >= 1, f"status while running ({len(statuses)} messages)")
+    running = [s.message for s in statuses if not s.done]
+    check(any("ETA" in m and "images" in m for m in running),
+          f"~/status.message says stage, images and ETA while running ({running[-1:] if running else 'none'})")
     wait_for(lambda: {p.header.stamp.sec for p in poses} >= {100 + i for i in range(len(frames))}
              and results and markers, 20, n)
 
