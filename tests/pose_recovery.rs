@@ -23,6 +23,22 @@ fn render_mask(field: &congeal::field::canonical::CanonicalField, pose: &Isometr
     GrayImage::from_fn(k.width, k.height, |x, y| Luma([if r.opacity[(y * k.width + x) as usize] >= 0.5 { 255 } else { 0 }]))
 }
 
+/// A small, fast configuration that scores by silhouettes only: these tests pin the geometry of
+/// candidate search and refinement.
+fn silhouette_config() -> Config {
+    let mut config = Config::default();
+    config.pose_init.render_size = 48;
+    config.pose_init.samples_per_ray = 48;
+    config.render.samples_per_ray = 48;
+    config.pose_refine.iterations = 80;
+    config.pose_refine.hypothesis_iterations = 30;
+    config.pose_refine.lr = 0.01;
+    config.pose_refine.ray_grid = 32;
+    config.pose_init.top_k = 3;
+    config.pose_init.score = congeal::config::PoseScore::Iou;
+    config
+}
+
 #[test]
 fn known_poses_are_recovered() {
     let field = common::asymmetric_field(48);
@@ -39,17 +55,7 @@ fn known_poses_are_recovered() {
         masks.push(render_mask(&field, &pose, &k));
         truths.push((pose, k));
     }
-    let mut config = Config::default();
-    config.pose_init.render_size = 48;
-    config.pose_init.samples_per_ray = 48;
-    config.render.samples_per_ray = 48;
-    config.pose_refine.iterations = 80;
-    config.pose_refine.hypothesis_iterations = 30;
-    config.pose_refine.lr = 0.01;
-    config.pose_refine.ray_grid = 32;
-    config.pose_init.top_k = 3;
-    // Silhouettes only: this test pins the geometry of candidate search and refinement.
-    config.pose_init.score = congeal::config::PoseScore::Iou;
+    let config = silhouette_config();
     let rgb = RgbImage::new(120, 100);
     let inputs: Vec<_> =
         masks.iter().zip(&truths).map(|(m, (_, k))| input_view(&rgb, m, Some(*k), &config.pose_init).unwrap()).collect();
@@ -107,18 +113,9 @@ fn truncated_objects_are_recovered_with_known_k() {
         masks.push(mask);
         truths.push((pose, k));
     }
-    let mut config = Config::default();
-    config.pose_init.render_size = 48;
-    config.pose_init.samples_per_ray = 48;
-    config.render.samples_per_ray = 48;
-    config.pose_refine.iterations = 80;
-    config.pose_refine.hypothesis_iterations = 30;
-    config.pose_refine.lr = 0.01;
-    config.pose_refine.ray_grid = 32;
+    let mut config = silhouette_config();
     config.pose_refine.truncated_ray_grid = 64;
     config.pose_refine.iterations = 160;
-    config.pose_init.top_k = 3;
-    config.pose_init.score = congeal::config::PoseScore::Iou;
     let rgb = RgbImage::new(w, h);
     let mask_refs: Vec<&GrayImage> = masks.iter().collect();
     let errors = |config: &Config| -> Vec<f64> {

@@ -294,15 +294,7 @@ pub fn register(
     if config.pose_init.score.is_semantic() {
         let ex = extractor.ok_or_else(|| Error::Config("semantic pose scoring needs DINOv2 features".into()))?;
         let groups = pose_init::needed_fov_groups(&set, views, &config.pose_init);
-        pose_init::attach_candidate_features(
-            &mut set,
-            field,
-            ex,
-            &config.features,
-            config.pose_init.samples_per_ray,
-            config.render.chunk_rays,
-            groups.as_deref(),
-        )?;
+        attach_candidate_features(&mut set, field, ex, config, groups.as_deref())?;
         timings.insert("pose_init_candidate_features".to_string(), set.feature_seconds);
         *timings.entry("pose_init".to_string()).or_default() += set.feature_seconds;
     }
@@ -431,18 +423,30 @@ pub fn register_frame(
         let ex = extractor.ok_or_else(|| Error::Config("semantic pose scoring needs DINOv2 features".into()))?;
         attach_input_features(std::slice::from_mut(&mut view), &[(rgb, mask)], ex)?;
         let groups = pose_init::needed_fov_groups(set, std::slice::from_ref(&view), &config.pose_init);
-        pose_init::attach_candidate_features(
-            set,
-            field,
-            ex,
-            &config.features,
-            config.pose_init.samples_per_ray,
-            config.render.chunk_rays,
-            groups.as_deref(),
-        )?;
+        attach_candidate_features(set, field, ex, config, groups.as_deref())?;
     }
     let mut timings = BTreeMap::new();
     register_with_candidates(field, set, &[view], &[mask], config, &no_progress, &mut timings)
+}
+
+/// [`pose_init::attach_candidate_features`] with the configuration's settings: DINOv2 features of
+/// the candidates in the FoV `groups` (all when `None`) that have none yet.
+pub fn attach_candidate_features(
+    set: &mut pose_init::CandidateSet,
+    field: &CanonicalField,
+    extractor: &FeatureExtractor,
+    config: &Config,
+    groups: Option<&[usize]>,
+) -> Result<()> {
+    pose_init::attach_candidate_features(
+        set,
+        field,
+        extractor,
+        &config.features,
+        config.pose_init.samples_per_ray,
+        config.render.chunk_rays,
+        groups,
+    )
 }
 
 /// [`refine_poses`] over targets of different raster sizes (whole objects and truncated ones): one

@@ -311,9 +311,31 @@ impl Shared {
         Ok(s)
     }
 
-    /// Installs a category's model (tracking and `~/register` use it from now on).
+    /// Installs a category's model (tracking and `~/register` use it from now on) and warms its
+    /// candidate cache in the background ([`warm_up`]), so the first re-initialisation of tracking
+    /// does not pay for the candidate renders and their DINOv2 features.
     fn install_model(&self, category: &str, shape: CanonicalShape) {
-        lock(&self.models).insert(category.to_string(), ModelSlot::new(shape));
+        let slot = ModelSlot::new(shape);
+        lock(&self.models).insert(category.to_string(), slot.clone());
+        let extractor = if self.config.pose_init.score.is_semantic() {
+            match self.features() {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    warn!("model of `{category}`: no candidate features in advance: {e}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let (config, category) = (self.config.clone(), category.to_string());
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            match warm_up(&slot, &config, extractor.as_deref()) {
+                Ok(n) => info!("model of `{category}`: {n} candidates ready in {:.1} s", t.elapsed().as_secs_f64()),
+                Err(e) => warn!("model of `{category}`: warming the candidate cache: {e}"),
+            }
+        });
     }
 
     /// Registers one image against a model with the candidate search (candidates rendered once per
@@ -364,6 +386,27 @@ impl Shared {
             warn!("publishing status: {e}");
         }
     }
+}
+
+/// Renders a model's candidates and, for semantic scoring, their DINOv2 features for every FoV
+/// group (what a registration would compute on first use); holds the cache lock meanwhile, so a
+/// registration arriving during the warm-up waits for it instead of repeating it. Returns the
+/// number of candidates.
+fn warm_up(
+    slot: &ModelSlot,
+    config: &Config,
+    extractor: Option<&crate::congeal::features::FeatureExtractor>,
+) -> crate::Result<usize> {
+    let field = &slot.shape.field;
+    let mut cache = lock(&slot.candidates);
+    if cache.is_none() {
+        *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
+    }
+    let set = cache.as_mut().ok_or_else(|| crate::Error::InvalidInput("candidate cache is empty".into()))?;
+    if let Some(ex) = extractor {
+        pipeline::attach_candidate_features(set, field, ex, config, None)?;
+    }
+    Ok(set.candidates.len())
 }
 
 /// Writes synchronised frames to disk, off the executor.
