@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 $B run "$REAL/dogs-dev" --out "$OUT/dogs" --config "$CFG" --template "$DOG" > "$OUT/dogs.log" 2>&1
 for m in joint 3d 2d bbox; do
-  $B transfer "$OUT/dogs" --pairs "$REAL/dogs-dev/pairs.json" --out "$OUT/dogs.$m.json" --method "$m" > /dev/null
+  $B transfer "$OUT/dogs" --pairs "$REAL/dogs-dev/pairs.json" --out "$OUT/dogs.$m.json" --method "$m" > /dev/null 2>> "$OUT/transfer.log"
   $B eval "$REAL/dogs-dev" "$OUT/dogs" --pairs "$OUT/dogs.$m.json" > "$OUT/dogs.$m.eval.json"
 done
 $B run "$REAL/dtu-house" --out "$OUT/dtu" --config "$CFG" > "$OUT/dtu.log" 2>&1
