@@ -367,7 +367,7 @@ pub fn register_with_candidates(
                 ff.push(free_focal[i]);
             }
         }
-        let result: RefineResult = refine_grouped(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
+        let result: RefineResult = refine_poses(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
             progress("pose_refine", it as f32 / total_iters as f32)
         })?;
         let mut best = vec![f32::NEG_INFINITY; views.len()];
@@ -387,7 +387,7 @@ pub fn register_with_candidates(
     // Phase B: the winners.
     let rest = total_iters - first_iters;
     if rest > 0 {
-        let result = refine_grouped(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
+        let result = refine_poses(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
             progress("pose_refine", (first_iters + it) as f32 / total_iters as f32)
         })?;
         poses = result.camera_from_object;
@@ -447,53 +447,6 @@ pub fn attach_candidate_features(
         config.render.chunk_rays,
         groups,
     )
-}
-
-/// [`refine_poses`] over targets of different raster sizes (whole objects and truncated ones): one
-/// batch per size, results in the input order; the loss history is the first batch's.
-fn refine_grouped(
-    field: &CanonicalField,
-    initial: &[Isometry3<f64>],
-    intrinsics: &[Intrinsics],
-    targets: &[RefineTarget],
-    optimise_focal: &[bool],
-    settings: &RefineSettings,
-    progress: &mut dyn FnMut(usize, f32),
-) -> Result<RefineResult> {
-    let mut sizes: Vec<usize> = targets.iter().map(|t| t.mask.len()).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    if sizes.len() <= 1 {
-        return refine_poses(field, initial, intrinsics, targets, optimise_focal, settings, progress);
-    }
-    let n = initial.len();
-    let mut out = RefineResult {
-        camera_from_object: initial.to_vec(),
-        intrinsics: intrinsics.to_vec(),
-        iou: vec![0.0; n],
-        loss_history: Vec::new(),
-    };
-    for size in sizes {
-        let idx: Vec<usize> = (0..n).filter(|&i| targets[i].mask.len() == size).collect();
-        let r = refine_poses(
-            field,
-            &idx.iter().map(|&i| initial[i]).collect::<Vec<_>>(),
-            &idx.iter().map(|&i| intrinsics[i]).collect::<Vec<_>>(),
-            &idx.iter().map(|&i| targets[i].clone()).collect::<Vec<_>>(),
-            &idx.iter().map(|&i| optimise_focal[i]).collect::<Vec<_>>(),
-            settings,
-            progress,
-        )?;
-        for (k, &i) in idx.iter().enumerate() {
-            out.camera_from_object[i] = r.camera_from_object[k];
-            out.intrinsics[i] = r.intrinsics[k];
-            out.iou[i] = r.iou[k];
-        }
-        if out.loss_history.is_empty() {
-            out.loss_history = r.loss_history;
-        }
-    }
-    Ok(out)
 }
 
 /// Converts a normalised-frame pose to canonical units.

@@ -675,10 +675,9 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                 .map(|(&(s, i), &d)| {
                     let known = if cfg.use_known_intrinsics { input.known_intrinsics } else { None };
                     let placed = placements.get(i).copied().flatten();
-                    let (pose, intrinsics) = match placed {
-                        Some(p) => pose_from_candidate(&set.candidates[i], &InputView { crop: p.crop, ..input.clone() }, known)?,
-                        None => pose_from_candidate(&set.candidates[i], input, known)?,
-                    };
+                    let crop = placed.map_or(input.crop, |p| p.crop);
+                    let (pose, intrinsics) =
+                        pose_from_placed_candidate(&set.candidates[i], &crop, input.width, input.height, known)?;
                     let penalty = match (cfg.score, placed) {
                         (PoseScore::Iou, _) => 0.0,
                         (PoseScore::IouColour, Some(_)) => 0.0,
@@ -720,25 +719,37 @@ pub fn pose_from_candidate(
     input: &InputView,
     known: Option<Intrinsics>,
 ) -> Result<(Isometry3<f64>, Intrinsics)> {
+    pose_from_placed_candidate(cand, &input.crop, input.width, input.height, known)
+}
+
+/// [`pose_from_candidate`] for a candidate whose crop lands on the window `input_crop` of a
+/// `width` x `height` image (the input's own crop, or a [`Placement`] for a truncated object).
+pub fn pose_from_placed_candidate(
+    cand: &Candidate,
+    input_crop: &SquareCrop,
+    width: u32,
+    height: u32,
+    known: Option<Intrinsics>,
+) -> Result<(Isometry3<f64>, Intrinsics)> {
     let radius = cand.camera_from_object.translation.vector.norm();
-    let scale = input.crop.side / cand.crop.side; // input px per render px
+    let scale = input_crop.side / cand.crop.side; // input px per render px
     let origin_render = cand
         .intrinsics
         .project(&(cand.camera_from_object * nalgebra::Point3::origin()))
         .ok_or_else(|| Error::Numerical("candidate origin behind camera".into()))?;
     let in_crop = cand.crop.crop_from_image(origin_render);
-    let origin_image: Point2<f64> = input.crop.image_from_crop(in_crop);
+    let origin_image: Point2<f64> = input_crop.image_from_crop(in_crop);
     let intrinsics = match known {
         Some(k) => k,
         None => {
             let f = cand.intrinsics.fx * scale;
-            let fov = 2.0 * (0.5 * input.height as f64 / f).atan().to_degrees();
-            Intrinsics::from_fov_y(fov, input.width, input.height)?
+            let fov = 2.0 * (0.5 * height as f64 / f).atan().to_degrees();
+            Intrinsics::from_fov_y(fov, width, height)?
         }
     };
     let f_input = 0.5 * (intrinsics.fx + intrinsics.fy);
     // Same angular size: radius * (crop side / f) must match.
-    let distance = radius * (cand.crop.side / cand.intrinsics.fx) / (input.crop.side / f_input);
+    let distance = radius * (cand.crop.side / cand.intrinsics.fx) / (input_crop.side / f_input);
     let ray = intrinsics.ray_direction(&origin_image).normalize();
     let align = Rotation3::rotation_between(&Vector3::z(), &ray).unwrap_or_else(Rotation3::identity);
     let rotation = align * cand.camera_from_object.rotation.to_rotation_matrix();

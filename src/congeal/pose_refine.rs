@@ -189,8 +189,59 @@ fn target_tensors(targets: &[RefineTarget], device: &Device) -> Result<(Tensor, 
 }
 
 /// Refines all cameras together. `optimise_focal[i]` says whether image i's focal length is free.
-/// `progress(iteration, loss)` is called every iteration.
+/// `progress(iteration, loss)` is called every iteration. Targets may differ in raster size (whole
+/// objects and truncated ones): each size is one batch, results come in the input order, and the
+/// loss history is the first batch's.
 pub fn refine_poses(
+    field: &CanonicalField,
+    initial: &[Isometry3<f64>],
+    intrinsics: &[Intrinsics],
+    targets: &[RefineTarget],
+    optimise_focal: &[bool],
+    settings: &RefineSettings,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<RefineResult> {
+    let n = initial.len();
+    if intrinsics.len() != n || targets.len() != n || optimise_focal.len() != n {
+        return refine_batch(field, initial, intrinsics, targets, optimise_focal, settings, progress);
+    }
+    let mut sizes: Vec<usize> = targets.iter().map(|t| t.mask.len()).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.len() <= 1 {
+        return refine_batch(field, initial, intrinsics, targets, optimise_focal, settings, progress);
+    }
+    let mut out = RefineResult {
+        camera_from_object: initial.to_vec(),
+        intrinsics: intrinsics.to_vec(),
+        iou: vec![0.0; n],
+        loss_history: Vec::new(),
+    };
+    for size in sizes {
+        let idx: Vec<usize> = (0..n).filter(|&i| targets[i].mask.len() == size).collect();
+        let r = refine_batch(
+            field,
+            &idx.iter().map(|&i| initial[i]).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| intrinsics[i]).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| targets[i].clone()).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| optimise_focal[i]).collect::<Vec<_>>(),
+            settings,
+            progress,
+        )?;
+        for (k, &i) in idx.iter().enumerate() {
+            out.camera_from_object[i] = r.camera_from_object[k];
+            out.intrinsics[i] = r.intrinsics[k];
+            out.iou[i] = r.iou[k];
+        }
+        if out.loss_history.is_empty() {
+            out.loss_history = r.loss_history;
+        }
+    }
+    Ok(out)
+}
+
+/// [`refine_poses`] on targets of one raster size, as one batch.
+fn refine_batch(
     field: &CanonicalField,
     initial: &[Isometry3<f64>],
     intrinsics: &[Intrinsics],

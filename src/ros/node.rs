@@ -389,24 +389,31 @@ impl Shared {
 }
 
 /// Renders a model's candidates and, for semantic scoring, their DINOv2 features for every FoV
-/// group (what a registration would compute on first use); holds the cache lock meanwhile, so a
-/// registration arriving during the warm-up waits for it instead of repeating it. Returns the
-/// number of candidates.
+/// group (what a registration would compute on first use). The cache lock is taken per group, so a
+/// registration arriving meanwhile computes the one group it needs (which the warm-up then skips)
+/// instead of waiting for all of them. Returns the number of candidates.
 fn warm_up(
     slot: &ModelSlot,
     config: &Config,
     extractor: Option<&crate::congeal::features::FeatureExtractor>,
 ) -> crate::Result<usize> {
     let field = &slot.shape.field;
-    let mut cache = lock(&slot.candidates);
-    if cache.is_none() {
-        *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
-    }
-    let set = cache.as_mut().ok_or_else(|| crate::Error::InvalidInput("candidate cache is empty".into()))?;
+    let count = {
+        let mut cache = lock(&slot.candidates);
+        if cache.is_none() {
+            *cache = Some(pose_init::render_candidates(field, &config.pose_init, config.render.chunk_rays)?);
+        }
+        cache.as_ref().map_or(0, |set| set.candidates.len())
+    };
     if let Some(ex) = extractor {
-        pipeline::attach_candidate_features(set, field, ex, config, None)?;
+        for group in 0..config.pose_init.fovs_deg.len() {
+            let mut cache = lock(&slot.candidates);
+            if let Some(set) = cache.as_mut() {
+                pipeline::attach_candidate_features(set, field, ex, config, Some(&[group]))?;
+            }
+        }
     }
-    Ok(set.candidates.len())
+    Ok(count)
 }
 
 /// Writes synchronised frames to disk, off the executor.
