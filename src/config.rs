@@ -37,6 +37,92 @@ pub struct Config {
     pub transfer: TransferConfig,
     /// Live tracking (the ROS node's `track` mode): warm-started refinement per frame.
     pub track: TrackConfig,
+    /// Category-level alignment (stage 4b): re-align every image against DINOv2 features lifted from
+    /// the other aligned images onto the canonical shape.
+    pub category: CategoryConfig,
+}
+
+/// Category-level alignment: after the first registration, the DINOv2 tokens of the aligned images
+/// are lifted onto the canonical shape (each image at its pose, visible surface only) and every image
+/// is scored again against the features the *other* images put on each candidate view, instead of
+/// features of renders of one template; images whose best hypothesis moves are refined again.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CategoryConfig {
+    /// Re-alignment rounds (0 = off). Stops early when no image changes its pose.
+    pub rounds: usize,
+    /// Below this many registered images the stage is skipped (too few to lift from).
+    pub min_images: usize,
+    /// Weight of the category semantic distance when choosing among refined hypotheses (the
+    /// silhouette IoU has weight 1).
+    pub semantic_weight: f32,
+    /// Surface points per token side that carry features (`subsamples²` per token).
+    pub subsamples: u32,
+    /// A surface point is seen by an image when its depth is within this fraction of the shape's
+    /// bounding radius of the image's rendered depth there.
+    pub depth_tolerance: f32,
+    /// Rays per side of the depth raster rendered over each image's feature window (visibility).
+    pub depth_grid: u32,
+    /// Hypotheses per image from the candidates scored against the category features.
+    pub top_k: usize,
+    /// Also try the current pose turned half way round each object axis (front/back flips).
+    pub half_turns: bool,
+    /// An image moves only to a pose whose category distance is at least this much lower than its
+    /// current pose's (poses 30-40 deg apart on one instance differ by 0.004-0.018 on the duck).
+    pub min_improvement: f32,
+    /// From the second round on, each image's features count with weight `margin / confidence_scale`
+    /// (clamped to [0.05, 1]), `margin` = how much lower its pose's category distance is than the best
+    /// alternative's; 0 = every image counts fully.
+    pub confidence_scale: f32,
+    /// A hypothesis is refined only when its category distance before refinement is below the
+    /// current pose's plus this (larger = more hypotheses refined, slower).
+    pub trial_slack: f32,
+}
+
+impl Default for CategoryConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            min_images: 4,
+            semantic_weight: 3.0,
+            subsamples: 2,
+            depth_tolerance: 0.1,
+            depth_grid: 48,
+            top_k: 3,
+            half_turns: true,
+            min_improvement: 0.025,
+            confidence_scale: 0.1,
+            trial_slack: 0.1,
+        }
+    }
+}
+
+impl CategoryConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.semantic_weight.is_finite() && self.semantic_weight >= 0.0) {
+            return Err(Error::Config(format!("category.semantic_weight must be finite and >= 0, got {}", self.semantic_weight)));
+        }
+        if !(self.trial_slack.is_finite()) {
+            return Err(Error::Config(format!("category.trial_slack must be finite, got {}", self.trial_slack)));
+        }
+        if !(self.confidence_scale.is_finite() && self.confidence_scale >= 0.0) {
+            return Err(Error::Config(format!(
+                "category.confidence_scale must be finite and >= 0, got {}",
+                self.confidence_scale
+            )));
+        }
+        if !(self.min_improvement.is_finite() && self.min_improvement >= 0.0) {
+            return Err(Error::Config(format!("category.min_improvement must be finite and >= 0, got {}", self.min_improvement)));
+        }
+        if !(self.depth_tolerance.is_finite() && self.depth_tolerance > 0.0) {
+            return Err(Error::Config(format!("category.depth_tolerance must be finite and > 0, got {}", self.depth_tolerance)));
+        }
+        if self.subsamples == 0 || self.subsamples > 8 || self.depth_grid < 4 || self.min_images < 2 || self.top_k == 0 {
+            return Err(Error::Config("category: subsamples in 1..=8, depth_grid >= 4, min_images >= 2, top_k >= 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Keypoint transfer between images of a run.
@@ -535,6 +621,7 @@ impl Default for Config {
             sds: SdsConfig::default(),
             transfer: TransferConfig::default(),
             track: TrackConfig::default(),
+            category: CategoryConfig::default(),
         }
     }
 }
@@ -665,6 +752,7 @@ impl Config {
         self.coord_maps.validate()?;
         self.sds.validate()?;
         self.track.validate()?;
+        self.category.validate()?;
         parse_device(&self.device).map(|_| ())
     }
 

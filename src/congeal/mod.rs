@@ -1,6 +1,7 @@
 //! Congealing proper: pose initialisation, pose refinement and the pipeline that chains the stages
 //! (paper Algorithm 1).
 
+pub mod category;
 pub mod coord_maps;
 pub mod features;
 pub mod pipeline;

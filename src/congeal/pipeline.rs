@@ -300,6 +300,17 @@ pub fn register(
     }
     progress("pose_init", 0.5);
     let registration = register_with_candidates(field, &set, views, masks, config, progress, timings)?;
+    // Stage 4b: the collection re-aligned against its own category features. It starts from the
+    // first registration, so a failure there (logged) keeps that one.
+    let first = registration.clone();
+    let registration =
+        match crate::congeal::category::align_category(field, &set, views, masks, registration, config, progress, timings) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("category alignment failed, keeping the template alignment: {e}");
+                first
+            }
+        };
     // pose_init = candidate rendering + scoring.
     *timings.entry("pose_init".to_string()).or_default() += set.render_seconds;
     Ok(registration)
@@ -323,86 +334,178 @@ pub fn register_with_candidates(
     info!("{} candidates scored against {} images", set.candidates.len(), views.len());
 
     let t = Instant::now();
-    let rc = &config.pose_refine;
-    let targets: Vec<RefineTarget> = views
-        .iter()
-        .zip(masks)
-        .map(|(v, m)| {
-            // A truncated object is fitted over the whole image (its cut edges are not its own).
-            let crop = match &v.frame {
-                Some(_) => SquareCrop::whole_image(v.width, v.height, rc.truncated_ray_grid),
-                None => SquareCrop::around(&v.bbox, rc.crop_margin, rc.ray_grid)?,
-            };
-            Ok(RefineTarget::new(crop, m))
-        })
-        .collect::<Result<_>>()?;
-    let free_focal: Vec<bool> = views
-        .iter()
-        .map(|v| rc.optimise_fov && !(config.pose_init.use_known_intrinsics && v.known_intrinsics.is_some()))
-        .collect();
-    let total_iters = rc.iterations.max(1);
+    let refiner = Refiner::new(field, views, masks, config)?;
     let k = hypotheses.iter().map(Vec::len).max().unwrap_or(1);
-    let first_iters = if k > 1 { rc.hypothesis_iterations.min(total_iters) } else { 0 };
-    let settings = |iterations| RefineSettings {
-        iterations,
-        lr: rc.lr,
-        focal_lr: rc.fov_lr,
-        samples_per_ray: config.render.samples_per_ray,
-    };
-
-    // Phase A: every hypothesis of every image.
-    let mut chosen: Vec<PoseHypothesis> = hypotheses.iter().map(|h| h[0].clone()).collect();
-    let mut poses: Vec<Isometry3<f64>> = chosen.iter().map(|h| h.camera_from_object).collect();
-    let mut intrinsics: Vec<Intrinsics> = chosen.iter().map(|h| h.intrinsics).collect();
-    let mut iou: Vec<f32> = vec![0.0; views.len()];
+    let first_iters = if k > 1 { refiner.hypothesis_iterations() } else { 0 };
+    let total_iters = refiner.total_iterations();
+    // Phase A: every hypothesis of every image; per image the best refined silhouette fit minus the
+    // semantic disagreement of its candidate (silhouettes cannot tell a symmetric object's front
+    // from its back).
+    let mut chosen: Vec<usize> = vec![0; views.len()];
+    let mut state: Vec<Refined> = hypotheses
+        .iter()
+        .map(|h| Refined { camera_from_object: h[0].camera_from_object, intrinsics: h[0].intrinsics, iou: 0.0 })
+        .collect();
     if first_iters > 0 {
-        let mut owner = Vec::new();
-        let (mut p0, mut k0, mut tg, mut ff) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (i, hs) in hypotheses.iter().enumerate() {
-            for (j, h) in hs.iter().enumerate() {
-                owner.push((i, j));
-                p0.push(h.camera_from_object);
-                k0.push(h.intrinsics);
-                tg.push(targets[i].clone());
-                ff.push(free_focal[i]);
-            }
-        }
-        let result: RefineResult = refine_poses(field, &p0, &k0, &tg, &ff, &settings(first_iters), &mut |it, _| {
-            progress("pose_refine", it as f32 / total_iters as f32)
-        })?;
-        let mut best = vec![f32::NEG_INFINITY; views.len()];
-        for (r, &(i, j)) in owner.iter().enumerate() {
-            // Refined silhouette fit, minus the colour disagreement of the candidate (if scored):
-            // silhouettes cannot tell a symmetric object's front from its back.
-            let fit = result.iou[r] - hypotheses[i][j].penalty;
-            if fit > best[i] {
-                best[i] = fit;
-                poses[i] = result.camera_from_object[r];
-                intrinsics[i] = result.intrinsics[r];
-                chosen[i] = hypotheses[i][j].clone();
-                iou[i] = result.iou[r];
+        let all: Vec<usize> = (0..views.len()).collect();
+        let refined = refiner
+            .refine_hypotheses(&all, &hypotheses, first_iters, &|it| progress("pose_refine", it as f32 / total_iters as f32))?;
+        for (i, rs) in refined.into_iter().enumerate() {
+            let best = (0..rs.len())
+                .max_by(|&a, &b| (rs[a].iou - hypotheses[i][a].penalty).total_cmp(&(rs[b].iou - hypotheses[i][b].penalty)));
+            if let Some(j) = best {
+                chosen[i] = j;
+                state[i] = rs[j];
             }
         }
     }
     // Phase B: the winners.
-    let rest = total_iters - first_iters;
-    if rest > 0 {
-        let result = refine_poses(field, &poses, &intrinsics, &targets, &free_focal, &settings(rest), &mut |it, _| {
-            progress("pose_refine", (first_iters + it) as f32 / total_iters as f32)
-        })?;
-        poses = result.camera_from_object;
-        intrinsics = result.intrinsics;
-        iou = result.iou;
-    }
+    let all: Vec<usize> = (0..views.len()).collect();
+    refiner.refine_selected(&mut state, &all, total_iters - first_iters, &|it| {
+        progress("pose_refine", (first_iters + it) as f32 / total_iters as f32)
+    })?;
     timings.insert("pose_refine".to_string(), t.elapsed().as_secs_f64());
-    let init_info = chosen
-        .iter()
-        .map(|h| {
-            let c = &set.candidates[h.candidate];
-            CandidateInfo { azimuth_deg: c.azimuth_deg, elevation_deg: c.elevation_deg, fov_deg: c.fov_deg, score: h.score }
-        })
-        .collect();
-    Ok(Registration { camera_from_object: poses, intrinsics, iou, init_info })
+    let init_info = chosen.iter().zip(&hypotheses).map(|(&j, h)| candidate_info(set, &h[j])).collect();
+    Ok(Registration {
+        camera_from_object: state.iter().map(|r| r.camera_from_object).collect(),
+        intrinsics: state.iter().map(|r| r.intrinsics).collect(),
+        iou: state.iter().map(|r| r.iou).collect(),
+        init_info,
+    })
+}
+
+/// The result.json record of the candidate a hypothesis came from.
+pub(crate) fn candidate_info(set: &pose_init::CandidateSet, h: &PoseHypothesis) -> CandidateInfo {
+    let c = &set.candidates[h.candidate];
+    CandidateInfo { azimuth_deg: c.azimuth_deg, elevation_deg: c.elevation_deg, fov_deg: c.fov_deg, score: h.score }
+}
+
+/// One refined camera and its silhouette fit.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refined {
+    /// camera_from_object, normalised object frame.
+    pub(crate) camera_from_object: Isometry3<f64>,
+    /// Intrinsics (focal possibly refined).
+    pub(crate) intrinsics: Intrinsics,
+    /// Silhouette IoU after refinement.
+    pub(crate) iou: f32,
+}
+
+/// Pose refinement (Algorithm 1, line 8) of a set of images with the configuration's settings: the
+/// window each image is fitted on and whether its focal length is free.
+pub(crate) struct Refiner<'a> {
+    field: &'a CanonicalField,
+    config: &'a Config,
+    targets: Vec<RefineTarget>,
+    free_focal: Vec<bool>,
+}
+
+impl<'a> Refiner<'a> {
+    /// Targets of `views` (masks on a window around each; the whole image for a truncated object,
+    /// whose cut edges are not its own).
+    pub(crate) fn new(
+        field: &'a CanonicalField,
+        views: &[InputView],
+        masks: &[&image::GrayImage],
+        config: &'a Config,
+    ) -> Result<Self> {
+        let rc = &config.pose_refine;
+        let targets = views
+            .iter()
+            .zip(masks)
+            .map(|(v, m)| {
+                let crop = match &v.frame {
+                    Some(_) => SquareCrop::whole_image(v.width, v.height, rc.truncated_ray_grid),
+                    None => SquareCrop::around(&v.bbox, rc.crop_margin, rc.ray_grid)?,
+                };
+                Ok(RefineTarget::new(crop, m))
+            })
+            .collect::<Result<_>>()?;
+        let free_focal = views
+            .iter()
+            .map(|v| rc.optimise_fov && !(config.pose_init.use_known_intrinsics && v.known_intrinsics.is_some()))
+            .collect();
+        Ok(Self { field, config, targets, free_focal })
+    }
+
+    /// All refinement iterations of a pose (`pose_refine.iterations`, at least 1).
+    pub(crate) fn total_iterations(&self) -> usize {
+        self.config.pose_refine.iterations.max(1)
+    }
+
+    /// Iterations spent on each hypothesis before the best is chosen.
+    pub(crate) fn hypothesis_iterations(&self) -> usize {
+        self.config.pose_refine.hypothesis_iterations.min(self.total_iterations())
+    }
+
+    fn settings(&self, iterations: usize) -> RefineSettings {
+        let rc = &self.config.pose_refine;
+        RefineSettings { iterations, lr: rc.lr, focal_lr: rc.fov_lr, samples_per_ray: self.config.render.samples_per_ray }
+    }
+
+    /// Refines every hypothesis of the images `which` (`hypotheses[k]` belong to image `which[k]`) for
+    /// `iterations` in one batch; the results in the layout of `hypotheses`.
+    pub(crate) fn refine_hypotheses(
+        &self,
+        which: &[usize],
+        hypotheses: &[Vec<PoseHypothesis>],
+        iterations: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<Vec<Refined>>> {
+        if which.len() != hypotheses.len() || which.iter().any(|&i| i >= self.targets.len()) {
+            return Err(Error::InvalidInput(format!("{} hypothesis lists for images {which:?}", hypotheses.len())));
+        }
+        let (mut owner, mut p0, mut k0, mut tg, mut ff) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (k, (&i, hs)) in which.iter().zip(hypotheses).enumerate() {
+            for h in hs {
+                owner.push(k);
+                p0.push(h.camera_from_object);
+                k0.push(h.intrinsics);
+                tg.push(self.targets[i].clone());
+                ff.push(self.free_focal[i]);
+            }
+        }
+        let mut out: Vec<Vec<Refined>> = hypotheses.iter().map(|h| Vec::with_capacity(h.len())).collect();
+        if p0.is_empty() {
+            return Ok(out);
+        }
+        let result: RefineResult =
+            refine_poses(self.field, &p0, &k0, &tg, &ff, &self.settings(iterations), &mut |it, _| progress(it))?;
+        for (r, &i) in owner.iter().enumerate() {
+            out[i].push(Refined {
+                camera_from_object: result.camera_from_object[r],
+                intrinsics: result.intrinsics[r],
+                iou: result.iou[r],
+            });
+        }
+        Ok(out)
+    }
+
+    /// Refines the images `which` further from `state` for `iterations` (none: unchanged).
+    pub(crate) fn refine_selected(
+        &self,
+        state: &mut [Refined],
+        which: &[usize],
+        iterations: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<()> {
+        if iterations == 0 || which.is_empty() {
+            return Ok(());
+        }
+        let p0: Vec<_> = which.iter().map(|&i| state[i].camera_from_object).collect();
+        let k0: Vec<_> = which.iter().map(|&i| state[i].intrinsics).collect();
+        let tg: Vec<_> = which.iter().map(|&i| self.targets[i].clone()).collect();
+        let ff: Vec<_> = which.iter().map(|&i| self.free_focal[i]).collect();
+        let result = refine_poses(self.field, &p0, &k0, &tg, &ff, &self.settings(iterations), &mut |it, _| progress(it))?;
+        for (r, &i) in which.iter().enumerate() {
+            state[i] = Refined {
+                camera_from_object: result.camera_from_object[r],
+                intrinsics: result.intrinsics[r],
+                iou: result.iou[r],
+            };
+        }
+        Ok(())
+    }
 }
 
 /// Registers one image against a model whose candidates were rendered earlier (`set`, a cache kept

@@ -615,9 +615,49 @@ pub fn score_placed(
 
 /// The best `cfg.top_k` pose hypotheses of each input, best first.
 pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInitConfig) -> Result<Vec<Vec<PoseHypothesis>>> {
-    inputs
-        .par_iter()
-        .map(|input| {
+    inputs.par_iter().map(|input| initialise_pose(set, input, cfg, None)).collect()
+}
+
+/// Features standing in for the candidates' own, by candidate index (e.g. category features lifted
+/// from other images); `None` for a candidate leaves it without features.
+pub type CandidateFeatures<'a> = &'a (dyn Fn(usize) -> Option<FeatureGrid> + Sync);
+
+impl Candidate {
+    /// This candidate with other features.
+    pub fn with_features(&self, features: Option<FeatureGrid>) -> Candidate {
+        Candidate {
+            azimuth_deg: self.azimuth_deg,
+            elevation_deg: self.elevation_deg,
+            roll_deg: self.roll_deg,
+            fov_deg: self.fov_deg,
+            fov_group: self.fov_group,
+            camera_from_object: self.camera_from_object,
+            intrinsics: self.intrinsics,
+            crop: self.crop,
+            bbox: self.bbox,
+            silhouette: self.silhouette.clone(),
+            colour: self.colour.clone(),
+            features,
+        }
+    }
+}
+
+/// The best `cfg.top_k` pose hypotheses of one input, best first; candidates are scored with
+/// `features` in place of their own when given.
+pub fn initialise_pose(
+    set: &CandidateSet,
+    input: &InputView,
+    cfg: &PoseInitConfig,
+    features: Option<CandidateFeatures>,
+) -> Result<Vec<PoseHypothesis>> {
+    let candidate = |i: usize| -> std::borrow::Cow<Candidate> {
+        match features {
+            Some(f) => std::borrow::Cow::Owned(set.candidates[i].with_features(f(i))),
+            None => std::borrow::Cow::Borrowed(&set.candidates[i]),
+        }
+    };
+    {
+        {
             let group = match (cfg.use_known_intrinsics, input.known_intrinsics, &input.frame) {
                 (true, Some(k), None) => Some(best_fov_group(set, input, &k, cfg.fovs_deg.len())),
                 _ => None,
@@ -632,9 +672,12 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| group.is_none_or(|g| c.fov_group == g))
-                .filter_map(|(i, c)| match &input.frame {
-                    Some(_) => placements[i].and_then(|p| score_placed(input, c, &p, cfg, set.score_size)).map(|s| (s, i)),
-                    None => score(input, c, cfg).map(|s| (s, i)),
+                .filter_map(|(i, _)| {
+                    let c = candidate(i);
+                    match &input.frame {
+                        Some(_) => placements[i].and_then(|p| score_placed(input, &c, &p, cfg, set.score_size)).map(|s| (s, i)),
+                        None => score(input, &c, cfg).map(|s| (s, i)),
+                    }
                 })
                 .collect();
             if scored.is_empty() {
@@ -660,10 +703,10 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
             let semantic: Vec<f32> = picked
                 .iter()
                 .map(|&(_, i)| {
-                    let cand = &set.candidates[i];
+                    let cand = candidate(i);
                     match placements.get(i).copied().flatten() {
-                        Some(p) => placed_semantic_distance(input, cand, &p, set.score_size),
-                        None => candidate_semantic_distance(input, cand, set.score_size),
+                        Some(p) => placed_semantic_distance(input, &cand, &p, set.score_size),
+                        None => candidate_semantic_distance(input, &cand, set.score_size),
                     }
                     .unwrap_or(0.0)
                 })
@@ -687,8 +730,8 @@ pub fn initialise_poses(set: &CandidateSet, inputs: &[InputView], cfg: &PoseInit
                     Ok(PoseHypothesis { camera_from_object: pose, intrinsics, score: s, penalty, candidate: i })
                 })
                 .collect()
-        })
-        .collect()
+        }
+    }
 }
 
 /// The FoV group whose candidates subtend the angle closest to the input's crop under known `k`,

@@ -516,7 +516,8 @@ fn stage_weight(stage: &str) -> (f32, f32) {
         "features" => (0.05, 0.1),
         "shape" => (0.1, 0.15),
         "pose_init" => (0.15, 0.3),
-        "pose_refine" => (0.3, 0.7),
+        "pose_refine" => (0.3, 0.6),
+        "category" => (0.6, 0.7),
         "coord_maps" => (0.7, 0.95),
         _ => (0.95, 1.0),
     }

@@ -75,13 +75,19 @@ pub fn demo_collection() -> PathBuf {
 /// An asymmetric shape (a block with a tall post at one corner and a bump on its front), voxelised
 /// analytically on an `n`^3 grid over [-0.5, 0.5]^3 with soft edges. No rotation maps it onto itself.
 pub fn asymmetric_field(n: usize) -> CanonicalField {
+    asymmetric_variant(n, 0.42, 0.42)
+}
+
+/// Another instance of [`asymmetric_field`]'s category: the same parts (slab, post, bump) with the
+/// post reaching `post_top` and the bump reaching `bump_front` (the original: 0.42, 0.42).
+pub fn asymmetric_variant(n: usize, post_top: f32, bump_front: f32) -> CanonicalField {
     let half = 0.5f32;
     let voxel = 2.0 * half / n as f32;
     // Axis-aligned boxes (min, max).
     let boxes = [
-        ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]), // base slab
-        ([0.15, 0.05, -0.25], [0.35, 0.42, -0.05]),        // post at +x, -z, tall
-        ([-0.35, -0.15, 0.25], [-0.05, -0.02, 0.42]),      // bump at -x, front
+        ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]),  // base slab
+        ([0.15, 0.05, -0.25], [0.35, post_top, -0.05]),     // post at +x, -z, tall
+        ([-0.35, -0.15, 0.25], [-0.05, -0.02, bump_front]), // bump at -x, front
     ];
     let mut occupancy = Vec::with_capacity(n * n * n);
     let mut colors = Vec::with_capacity(n * n * n);

@@ -63,6 +63,22 @@ impl FeatureGrid {
         &self.data[k..k + self.channels]
     }
 
+    /// Adds `weight` x the bilinear interpolation at a unit-square point (clamped to the token
+    /// centres, not normalised) to `out` (`channels` values).
+    pub fn add_bilinear(&self, x: f64, y: f64, weight: f32, out: &mut [f32]) {
+        let (c, _) = cell(x, self.width);
+        let (r, _) = cell(y, self.height);
+        for (rr, wy) in [(r.0, 1.0 - r.1), (r.0 + 1, r.1)] {
+            for (cc, wx) in [(c.0, 1.0 - c.1), (c.0 + 1, c.1)] {
+                let w = weight * (wx * wy) as f32;
+                if w != 0.0 {
+                    let t = self.token(rr.min(self.height - 1), cc.min(self.width - 1));
+                    out.iter_mut().zip(t).for_each(|(o, v)| *o += w * v);
+                }
+            }
+        }
+    }
+
     /// Bilinear interpolation at a unit-square point (clamped to the token centres), L2-normalised.
     pub fn sample_normalised(&self, x: f64, y: f64) -> Vec<f32> {
         let (c, _) = cell(x, self.width);
