@@ -358,6 +358,12 @@ pub fn align_category(
     // Confidence of each image in its pose: how much better its pose agrees with the category than
     // the alternatives tried (all 1 in the first round).
     let mut confidence = vec![1.0f32; views.len()];
+    // Images the template already explains (silhouette IoU >= max_iou) keep their pose (they still
+    // lend their features); an image that would move back to a pose it left is ambiguous and returns
+    // to its first pose for good.
+    let original = (state.clone(), registration.init_info.clone());
+    let mut frozen: Vec<bool> = state.iter().map(|s| s.iou >= c.max_iou).collect();
+    let mut history: Vec<Vec<Isometry3<f64>>> = state.iter().map(|s| vec![s.camera_from_object]).collect();
     for round in 0..c.rounds {
         let mut sources: Vec<LiftSource> = views
             .iter()
@@ -421,7 +427,7 @@ pub fn align_category(
                 *w = (m / c.confidence_scale).clamp(MIN_CONFIDENCE, 1.0);
             }
         }
-        let moving: Vec<usize> = (0..views.len()).filter(|&i| !trials[i].is_empty()).collect();
+        let moving: Vec<usize> = (0..views.len()).filter(|&i| !frozen[i] && !trials[i].is_empty()).collect();
         info!("category round {}: {} of {} images try other poses", round + 1, moving.len(), views.len());
         if moving.is_empty() {
             break;
@@ -446,6 +452,7 @@ pub fn align_category(
             })
             .collect();
         let mut changed = Vec::new();
+        let mut reverted = 0;
         for ((&i, rs), hs) in moving.iter().zip(&refined).zip(&batch) {
             let cameras: Vec<WindowCamera> = rs
                 .iter()
@@ -475,15 +482,28 @@ pub fn align_category(
                 let margin = others.fold(f32::INFINITY, f32::min) - d[best];
                 confidence[i] = (margin / c.confidence_scale).clamp(MIN_CONFIDENCE, 1.0);
             }
+            let rotation = |p: &Isometry3<f64>| p.rotation.to_rotation_matrix();
+            let back = best != 0
+                && history[i][..history[i].len() - 1]
+                    .iter()
+                    .any(|p| rotation_error_deg(&rotation(p), &rotation(&rs[best].camera_from_object)) < sep);
+            if back {
+                state[i] = original.0[i];
+                registration.init_info[i] = original.1[i].clone();
+                frozen[i] = true;
+                reverted += 1;
+                continue;
+            }
             if best != 0 {
                 if hs[best].candidate < set.candidates.len() {
                     registration.init_info[i] = candidate_info(set, &hs[best]);
                 }
+                history[i].push(rs[best].camera_from_object);
                 changed.push(i);
             }
             state[i] = rs[best];
         }
-        info!("category round {}: {} images changed pose", round + 1, changed.len());
+        info!("category round {}: {} images changed pose, {reverted} returned to their first", round + 1, changed.len());
         refiner.refine_selected(
             &mut state,
             &changed,
@@ -491,7 +511,7 @@ pub fn align_category(
             &|_| (),
         )?;
         progress("category", (round + 1) as f32 / c.rounds as f32);
-        if changed.is_empty() {
+        if changed.is_empty() && reverted == 0 {
             break;
         }
     }
