@@ -132,9 +132,14 @@ fn category_settings_are_checked() {
 
 /// Runs stage 4b on a collection seen from 8 cameras (image `i` shows `instances[i % 2]`, tokens =
 /// the oracle encoding of the surface point under each token) whose registration is the truth with
-/// image `flipped` turned half way round; the template is `template`. Returns the rotation errors
-/// after the stage (degrees) with the stage on and off.
-fn realign_with_one_flip(template: &CanonicalField, instances: [&CanonicalField; 2], flipped: usize) -> (Vec<f64>, Vec<f64>) {
+/// image `flipped` turned half way round, every image with silhouette fit `iou`; the template is
+/// `template`. Returns the rotation errors after the stage (degrees) with the stage on and off.
+fn realign_with_one_flip(
+    template: &CanonicalField,
+    instances: [&CanonicalField; 2],
+    flipped: usize,
+    iou: f32,
+) -> (Vec<f64>, Vec<f64>) {
     use congeal::congeal::category::align_category;
     use congeal::congeal::pipeline::Registration;
     use congeal::congeal::pose_init::{input_view, render_candidates};
@@ -190,7 +195,7 @@ fn realign_with_one_flip(template: &CanonicalField, instances: [&CanonicalField;
     let registration = Registration {
         camera_from_object: poses,
         intrinsics: cams.iter().map(|c| c.intrinsics).collect(),
-        iou: vec![0.9; n],
+        iou: vec![iou; n],
         init_info: vec![info; n],
     };
     let mask_refs: Vec<&image::GrayImage> = masks.iter().collect();
@@ -219,9 +224,12 @@ fn realign_with_one_flip(template: &CanonicalField, instances: [&CanonicalField;
 #[test]
 fn a_flipped_image_is_turned_back_by_the_other_images() {
     let field = common::asymmetric_field(32);
-    let (on, off) = realign_with_one_flip(&field, [&field, &field], 0);
+    let (on, off) = realign_with_one_flip(&field, [&field, &field], 0, 0.6);
     assert!(on.iter().all(|e| *e < 10.0), "errors with stage 4b: {on:.1?}");
     assert!(off[0] > 170.0 && off[1..].iter().all(|e| *e < 1.0), "errors with the stage off: {off:.1?}");
+    // Images the template already fits (IoU >= category.max_iou) keep their pose.
+    let (kept, _) = realign_with_one_flip(&field, [&field, &field], 0, 0.9);
+    assert!(kept[0] > 170.0, "a well-fitting image moved: {kept:.1?}");
 }
 
 /// Two instances of a category (a short post and a long bump, or a tall post and a short bump), the
@@ -232,7 +240,7 @@ fn a_flipped_image_of_another_instance_is_turned_back() {
     let template = common::asymmetric_field(32);
     let a = common::asymmetric_variant(32, 0.3, 0.46);
     let b = common::asymmetric_variant(32, 0.46, 0.34);
-    let (on, off) = realign_with_one_flip(&template, [&a, &b], 3);
+    let (on, off) = realign_with_one_flip(&template, [&a, &b], 3, 0.6);
     assert!(on.iter().all(|e| *e < 15.0), "errors with stage 4b: {on:.1?}");
     assert!(off[3] > 170.0, "errors with the stage off: {off:.1?}");
 }
