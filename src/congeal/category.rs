@@ -169,16 +169,15 @@ impl<'a> LiftSource<'a> {
         Some((q.x + 0.5, q.y + 0.5))
     }
 
-    /// Adds this image's feature at each point it sees to `sum` (one token per point group: `points[t]`
-    /// feed token `t`, `sum` is `tokens x channels`) and the number of points added to `count`.
-    fn accumulate(&self, points: &[Vec<Point3<f64>>], sign: f32, sum: &mut [f32], count: &mut [f32]) {
+    /// Adds `sign` x this image's weighted feature at each point it sees to `sum` (`points[t]` feed
+    /// token `t`; `sum` is `tokens x channels`; grids normalise each token, so sums need no count).
+    fn accumulate(&self, points: &[Vec<Point3<f64>>], sign: f32, sum: &mut [f32]) {
         let c = self.features.channels;
+        let w = sign * self.weight;
         for (t, pts) in points.iter().enumerate() {
             for p in pts {
                 if let Some((x, y)) = self.sees(p) {
-                    let w = sign * self.weight;
                     self.features.add_bilinear(x, y, w, &mut sum[t * c..(t + 1) * c]);
-                    count[t] += w;
                 }
             }
         }
@@ -214,10 +213,9 @@ pub fn category_grid(
 ) -> Result<FeatureGrid> {
     let c = sources.first().map_or(1, |s| s.features.channels);
     let mut sum = vec![0f32; tokens * tokens * c];
-    let mut count = vec![0f32; tokens * tokens];
     for (i, s) in sources.iter().enumerate() {
         if !exclude.contains(&i) {
-            s.accumulate(points, 1.0, &mut sum, &mut count);
+            s.accumulate(points, 1.0, &mut sum);
         }
     }
     FeatureGrid::new(tokens, tokens, c, sum)
@@ -225,25 +223,24 @@ pub fn category_grid(
 
 /// The lifted features of every candidate view, summed over all sources (so one source can be left
 /// out by subtracting its share).
-struct CandidateSums {
+struct CandidateSums<'a> {
     /// Surface points per candidate and token (candidate feature windows).
-    points: Vec<Vec<Vec<Point3<f64>>>>,
+    points: &'a [Vec<Vec<Point3<f64>>>],
     /// Per candidate: `tokens² x channels` sums.
     sums: Vec<Vec<f32>>,
     tokens: usize,
     channels: usize,
 }
 
-impl CandidateSums {
-    fn new(points: Vec<Vec<Vec<Point3<f64>>>>, sources: &[LiftSource], tokens: usize) -> Self {
+impl<'a> CandidateSums<'a> {
+    fn new(points: &'a [Vec<Vec<Point3<f64>>>], sources: &[LiftSource], tokens: usize) -> Self {
         let channels = sources.first().map_or(1, |s| s.features.channels);
         let sums = points
             .par_iter()
             .map(|pts| {
                 let mut sum = vec![0f32; tokens * tokens * channels];
-                let mut count = vec![0f32; tokens * tokens];
                 for s in sources {
-                    s.accumulate(pts, 1.0, &mut sum, &mut count);
+                    s.accumulate(pts, 1.0, &mut sum);
                 }
                 sum
             })
@@ -251,13 +248,10 @@ impl CandidateSums {
         Self { points, sums, tokens, channels }
     }
 
-    /// Candidate `c`'s category features without the share of `sources`.
-    fn without(&self, c: usize, sources: &[&LiftSource]) -> Option<FeatureGrid> {
+    /// Candidate `c`'s category features without the share of `source`.
+    fn without(&self, c: usize, source: &LiftSource) -> Option<FeatureGrid> {
         let mut sum = self.sums.get(c)?.clone();
-        let mut count = vec![0f32; self.tokens * self.tokens];
-        for source in sources {
-            source.accumulate(&self.points[c], -1.0, &mut sum, &mut count);
-        }
+        source.accumulate(&self.points[c], -1.0, &mut sum);
         FeatureGrid::new(self.tokens, self.tokens, self.channels, sum).ok()
     }
 }
@@ -290,6 +284,12 @@ fn category_distance(
 
 /// The least weight an image keeps in the category features.
 const MIN_CONFIDENCE: f32 = 0.05;
+
+/// An image's weight in the category features from its margin (how much lower its pose's category
+/// distance is than the best alternative's).
+fn confidence_of(margin: f32, scale: f32) -> f32 {
+    (margin / scale).clamp(MIN_CONFIDENCE, 1.0)
+}
 
 /// The pose turned half way round each object axis (about the object's origin): the hypotheses that
 /// silhouettes confuse most (front/back, upside down), tried whatever the candidates say.
@@ -377,17 +377,14 @@ pub fn align_category(
         for (s, w) in sources.iter_mut().zip(&confidence) {
             s.weight = *w;
         }
-        let sums = CandidateSums::new(candidate_points.clone(), &sources, tokens);
-        // Each image is scored without its own features.
-        let excluded: Vec<[usize; 1]> = (0..views.len()).map(|j| [j]).collect();
+        let sums = CandidateSums::new(&candidate_points, &sources, tokens);
         // Hypotheses against the category features (each image left out of its own).
         let init_cfg = PoseInitConfig { top_k: c.top_k, ..config.pose_init.clone() };
         let hypotheses: Vec<Vec<PoseHypothesis>> = views
             .par_iter()
             .enumerate()
             .map(|(j, v)| {
-                let out: Vec<&LiftSource> = excluded[j].iter().map(|&k| &sources[k]).collect();
-                let features = |ci: usize| sums.without(ci, &out);
+                let features = |ci: usize| sums.without(ci, &sources[j]);
                 let mut hs = initialise_pose(set, v, &init_cfg, Some(&features))?;
                 if c.half_turns {
                     hs.extend(half_turns(&state[j]));
@@ -414,7 +411,7 @@ pub fn align_category(
                     .collect();
                 let mut cameras = vec![window_camera(i, state[i].camera_from_object, state[i].intrinsics)];
                 cameras.extend(far.iter().map(|h| window_camera(i, h.camera_from_object, h.intrinsics)));
-                let d = category_distance(field, &sources, &excluded[i], &views[i], score_size, &cameras, config)?;
+                let d = category_distance(field, &sources, &[i], &views[i], score_size, &cameras, config)?;
                 let margin = d[1..].iter().copied().fold(f32::INFINITY, f32::min) - d[0];
                 let kept =
                     far.into_iter().zip(&d[1..]).filter(|(_, dh)| **dh < d[0] + c.trial_slack).map(|(h, _)| h.clone()).collect();
@@ -424,7 +421,7 @@ pub fn align_category(
         let (trials, margins): (Vec<Vec<PoseHypothesis>>, Vec<f32>) = tried.into_iter().unzip();
         if c.confidence_scale > 0.0 {
             for (w, m) in confidence.iter_mut().zip(&margins) {
-                *w = (m / c.confidence_scale).clamp(MIN_CONFIDENCE, 1.0);
+                *w = confidence_of(*m, c.confidence_scale);
             }
         }
         let moving: Vec<usize> = (0..views.len()).filter(|&i| !frozen[i] && !trials[i].is_empty()).collect();
@@ -435,22 +432,9 @@ pub fn align_category(
         let batch: Vec<Vec<PoseHypothesis>> = moving.iter().map(|&i| trials[i].clone()).collect();
         let first = refiner.hypothesis_iterations().max(1);
         let refined = refiner.refine_hypotheses(&moving, &batch, first, &|_| ())?;
-        // The current pose (already refined) is hypothesis 0.
+        // The current pose (already refined) is refined hypothesis 0; trial k is refined hypothesis k + 1.
         let refined: Vec<Vec<Refined>> =
             moving.iter().zip(refined).map(|(&i, rs)| std::iter::once(state[i]).chain(rs).collect()).collect();
-        let batch: Vec<Vec<PoseHypothesis>> = batch
-            .into_iter()
-            .map(|hs| {
-                let current = PoseHypothesis {
-                    camera_from_object: Isometry3::identity(),
-                    intrinsics: hs[0].intrinsics,
-                    score: f32::NAN,
-                    penalty: 0.0,
-                    candidate: usize::MAX,
-                };
-                std::iter::once(current).chain(hs).collect()
-            })
-            .collect();
         let mut changed = Vec::new();
         let mut reverted = 0;
         for ((&i, rs), hs) in moving.iter().zip(&refined).zip(&batch) {
@@ -462,7 +446,7 @@ pub fn align_category(
                     window: views[i].crop,
                 })
                 .collect();
-            let d = category_distance(field, &sources, &excluded[i], &views[i], score_size, &cameras, config)?;
+            let d = category_distance(field, &sources, &[i], &views[i], score_size, &cameras, config)?;
             let fit: Vec<f32> = rs.iter().zip(&d).map(|(r, d)| r.iou - c.semantic_weight * d).collect();
 
             // Moving needs category evidence: a distance lower than the current pose's by at least
@@ -480,7 +464,7 @@ pub fn align_category(
             if c.confidence_scale > 0.0 {
                 let others = d.iter().enumerate().filter(|(k, _)| *k != best).map(|(_, v)| *v);
                 let margin = others.fold(f32::INFINITY, f32::min) - d[best];
-                confidence[i] = (margin / c.confidence_scale).clamp(MIN_CONFIDENCE, 1.0);
+                confidence[i] = confidence_of(margin, c.confidence_scale);
             }
             let rotation = |p: &Isometry3<f64>| p.rotation.to_rotation_matrix();
             let back = best != 0
@@ -495,8 +479,9 @@ pub fn align_category(
                 continue;
             }
             if best != 0 {
-                if hs[best].candidate < set.candidates.len() {
-                    registration.init_info[i] = candidate_info(set, &hs[best]);
+                let h = &hs[best - 1];
+                if h.candidate < set.candidates.len() {
+                    registration.init_info[i] = candidate_info(set, h);
                 }
                 history[i].push(rs[best].camera_from_object);
                 changed.push(i);
