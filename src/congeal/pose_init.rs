@@ -288,7 +288,8 @@ pub fn attach_candidate_features(
         .filter(|&i| groups.is_none_or(|g| g.contains(&set.candidates[i].fov_group)))
         .filter(|&i| set.candidates[i].features.is_none())
         .collect();
-    let per_batch = (chunk_rays / (size * size) as usize).clamp(1, 64);
+    // As many renders as DINOv2 takes in one batch (render_rays_host bounds its own memory by chunk_rays).
+    let per_batch = fcfg.batch.clamp(1, 64);
     for batch in wanted.chunks(per_batch) {
         let poses: Vec<_> = batch.iter().map(|&i| set.candidates[i].camera_from_object).collect();
         let intr: Vec<_> = batch
