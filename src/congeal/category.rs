@@ -358,11 +358,9 @@ pub fn align_category(
     // Confidence of each image in its pose: how much better its pose agrees with the category than
     // the alternatives tried (all 1 in the first round).
     let mut confidence = vec![1.0f32; views.len()];
-    // Images the template already explains (silhouette IoU >= max_iou) keep their pose (they still
-    // lend their features); an image that would move back to a pose it left is ambiguous and returns
-    // to its first pose for good.
+    // An image that would move back to a pose it left is ambiguous and returns to its first pose for good.
     let original = (state.clone(), registration.init_info.clone());
-    let mut frozen: Vec<bool> = state.iter().map(|s| s.iou >= c.max_iou).collect();
+    let mut frozen = vec![false; views.len()];
     let mut history: Vec<Vec<Isometry3<f64>>> = state.iter().map(|s| vec![s.camera_from_object]).collect();
     for round in 0..c.rounds {
         let mut sources: Vec<LiftSource> = views
@@ -450,9 +448,10 @@ pub fn align_category(
             let fit: Vec<f32> = rs.iter().zip(&d).map(|(r, d)| r.iou - c.semantic_weight * d).collect();
 
             // Moving needs category evidence: a distance lower than the current pose's by at least
-            // `min_improvement` (nearby poses of one instance differ by less), and a better fit.
+            // `min_improvement` (nearby poses of one instance differ by less), a silhouette fit not
+            // worse by more than `max_iou_loss`, and a better combined fit.
             let best = (1..rs.len())
-                .filter(|&k| d[k] <= d[0] - c.min_improvement)
+                .filter(|&k| d[k] <= d[0] - c.min_improvement && rs[k].iou >= rs[0].iou - c.max_iou_loss)
                 .max_by(|&a, &b| fit[a].total_cmp(&fit[b]))
                 .filter(|&k| fit[k] > fit[0])
                 .unwrap_or(0);

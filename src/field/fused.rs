@@ -197,10 +197,10 @@ impl HostGrid {
         // Leaving the block along each axis, in continuous-index units (the first and last blocks
         // extend to infinity: the clamped index keeps rays outside the grid in them).
         let mut t_exit = f32::INFINITY;
-        for a in 0..3 {
-            let lo = if block[a] == 0 { f32::NEG_INFINITY } else { (block[a] * BLOCK) as f32 };
+        for (a, &b) in block.iter().enumerate() {
+            let lo = if b == 0 { f32::NEG_INFINITY } else { (b * BLOCK) as f32 };
             let last_base = self.dims[a].saturating_sub(2);
-            let hi = if (block[a] + 1) * BLOCK > last_base { f32::INFINITY } else { ((block[a] + 1) * BLOCK) as f32 };
+            let hi = if (b + 1) * BLOCK > last_base { f32::INFINITY } else { ((b + 1) * BLOCK) as f32 };
             let rate = ray.index_rate[a];
             let t = if rate > 0.0 {
                 (hi - ray.index_origin[a]) / rate
@@ -500,8 +500,8 @@ mod tests {
         // Cubic voxels of 0.05.
         let bbox_max = dims.map(|n| 0.025 * n as f32);
         let voxels = VoxelGrid { dims, bbox_min: bbox_max.map(|v| -v), bbox_max, occupancy, colors: colour };
-        let field = CanonicalField::from_voxels(&voxels, (voxels.bbox_min, bbox_max), 10.0, &candle_core::Device::Cpu)
-            .expect("field");
+        let field =
+            CanonicalField::from_voxels(&voxels, (voxels.bbox_min, bbox_max), 10.0, &candle_core::Device::Cpu).expect("field");
         let grid = HostGrid::from_field(&field).expect("host grid");
         assert!(grid.occupied_fraction() < 0.2, "the grid should be mostly empty: {}", grid.occupied_fraction());
         let mut state = 12345u64;
