@@ -33,6 +33,14 @@ struct RayWalk {
     margin: f32,
 }
 
+/// Trilinear interpolation of corner values `c` (index bits: x = 1, y = 2, z = 4) at fractions `f`.
+#[inline]
+fn trilinear(c: &[f32; 8], [fx, fy, fz]: [f32; 3]) -> f32 {
+    let (gx, gy, gz) = (1.0 - fx, 1.0 - fy, 1.0 - fz);
+    gz * (gy * (gx * c[0] + fx * c[1]) + fy * (gx * c[2] + fx * c[3]))
+        + fz * (gy * (gx * c[4] + fx * c[5]) + fy * (gx * c[6] + fx * c[7]))
+}
+
 /// Host copy of a field's grid.
 #[derive(Clone, Debug)]
 pub struct HostGrid {
@@ -82,19 +90,25 @@ impl HostGrid {
         };
         grid.occupied = grid.cell_occupancy();
         grid.block_dims = grid.dims.map(|n| n.div_ceil(BLOCK).max(1));
-        let [bx, by, _] = grid.block_dims;
-        grid.blocks_occupied = vec![false; grid.block_dims.iter().product()];
-        let [nx, ny, nz] = grid.dims;
+        grid.blocks_occupied = grid.block_occupancy();
+        Ok(grid)
+    }
+
+    /// [`HostGrid::blocks_occupied`] from the cell occupancy.
+    fn block_occupancy(&self) -> Vec<bool> {
+        let [bx, by, _] = self.block_dims;
+        let [nx, ny, nz] = self.dims;
+        let mut blocks = vec![false; self.block_dims.iter().product()];
         for z in 0..nz {
             for y in 0..ny {
                 for x in 0..nx {
-                    if grid.occupied.get((z * ny + y) * nx + x).copied().unwrap_or(true) {
-                        grid.blocks_occupied[((z / BLOCK) * by + y / BLOCK) * bx + x / BLOCK] = true;
+                    if self.occupied.get((z * ny + y) * nx + x).copied().unwrap_or(true) {
+                        blocks[((z / BLOCK) * by + y / BLOCK) * bx + x / BLOCK] = true;
                     }
                 }
             }
         }
-        Ok(grid)
+        blocks
     }
 
     /// [`HostGrid::occupied`] for every cell base (NaN counts as occupied, so it still propagates).
@@ -161,11 +175,9 @@ impl HostGrid {
     #[inline]
     fn density_grad(&self, (base, f, free): Cell) -> (f32, [f32; 3]) {
         let c = self.corner_indices(base).map(|i| self.density[i]);
+        let v = trilinear(&c, f);
         let [fx, fy, fz] = f;
         let (gx, gy, gz) = (1.0 - fx, 1.0 - fy, 1.0 - fz);
-        // c index bits: x = 1, y = 2, z = 4.
-        let v = gz * (gy * (gx * c[0] + fx * c[1]) + fy * (gx * c[2] + fx * c[3]))
-            + fz * (gy * (gx * c[4] + fx * c[5]) + fy * (gx * c[6] + fx * c[7]));
         let dx = gz * (gy * (c[1] - c[0]) + fy * (c[3] - c[2])) + fz * (gy * (c[5] - c[4]) + fy * (c[7] - c[6]));
         let dy = gz * (gx * (c[2] - c[0]) + fx * (c[3] - c[1])) + fz * (gx * (c[6] - c[4]) + fx * (c[7] - c[5]));
         let dz = gy * (gx * (c[4] - c[0]) + fx * (c[5] - c[1])) + fy * (gx * (c[6] - c[2]) + fx * (c[7] - c[3]));
@@ -176,11 +188,8 @@ impl HostGrid {
 
     /// Trilinear density alone at a cell position (the value of [`HostGrid::density_grad`]).
     #[inline]
-    fn density(&self, (base, [fx, fy, fz], _): Cell) -> f32 {
-        let c = self.corner_indices(base).map(|i| self.density[i]);
-        let (gx, gy, gz) = (1.0 - fx, 1.0 - fy, 1.0 - fz);
-        gz * (gy * (gx * c[0] + fx * c[1]) + fy * (gx * c[2] + fx * c[3]))
-            + fz * (gy * (gx * c[4] + fx * c[5]) + fy * (gx * c[6] + fx * c[7]))
+    fn density(&self, (base, f, _): Cell) -> f32 {
+        trilinear(&self.corner_indices(base).map(|i| self.density[i]), f)
     }
 
     /// The sample after `k` on `ray` that can hold density, given that sample `k` lies in the empty
@@ -225,8 +234,7 @@ impl HostGrid {
     }
 
     #[inline]
-    fn colour(&self, p: [f32; 3]) -> [f32; 3] {
-        let (base, [fx, fy, fz], _) = self.cell(p);
+    fn colour(&self, (base, [fx, fy, fz], _): Cell) -> [f32; 3] {
         let idx = self.corner_indices(base);
         let w = [
             (1.0 - fx) * (1.0 - fy) * (1.0 - fz),
@@ -304,7 +312,7 @@ impl HostGrid {
             let tau = self.density(cell) * delta;
             if shade && tau > 0.0 {
                 let w = (-optical).exp() * (1.0 - (-tau).exp());
-                let c = self.colour(p);
+                let c = self.colour(cell);
                 for a in 0..3 {
                     out.colour[a] += w * c[a];
                     out.nocs[a] += w * (p[a] - self.nocs_min[a]) / self.nocs_extent[a];
@@ -463,7 +471,7 @@ mod tests {
             let tau = sigma * delta;
             if tau > 0.0 {
                 let w = (-optical).exp() * (1.0 - (-tau).exp());
-                let c = grid.colour(p);
+                let c = grid.colour(grid.cell(p));
                 for a in 0..3 {
                     colour[a] += w * c[a];
                 }

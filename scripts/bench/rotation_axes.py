@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""What kind of rotation error each image has: for a `congeal run` output against a rendered collection,
+per image the rotation error, the axis of R_est R_true^T in the camera frame (x = the image's horizontal
+axis, i.e. a tilt / elevation error), and estimated minus true camera elevation about the canonical up
+axis (+y); then the elevation differences grouped by error band.
+Usage: scripts/bench/rotation_axes.py COLLECTION_DIR RUN_DIR"""
+import json
+import sys
+
+import numpy as np
+
+
+def axis_angle(r):
+    angle = np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    n = np.linalg.norm(axis)
+    return angle, axis / n if n > 1e-9 else axis
+
+
+def elevation(pose):
+    pose = np.asarray(pose)
+    centre = -pose[:3, :3].T @ pose[:3, 3]
+    return np.degrees(np.arcsin(centre[1] / np.linalg.norm(centre)))
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    truth = json.load(open(f"{sys.argv[1]}/collection.json"))["images"]
+    est = json.load(open(f"{sys.argv[2]}/result.json"))["images"]
+    if len(truth) != len(est):
+        sys.exit(f"{len(truth)} images in the collection, {len(est)} in the run (skipped images are not matched)")
+    rows = []
+    print("| image | error deg | error axis (camera x, y, z) | elevation est - true deg |")
+    print("|---|---|---|---|")
+    for i, (t, e) in enumerate(zip(truth, est)):
+        r_true = np.asarray(t["camera_from_object"])[:3, :3]
+        r_est = np.asarray(e["camera_from_object"])[:3, :3]
+        angle, axis = axis_angle(r_est @ r_true.T)
+        d_elev = elevation(e["camera_from_object"]) - elevation(t["camera_from_object"])
+        rows.append((angle, abs(axis[0]), d_elev))
+        print(f"| {i} | {angle:.1f} | {axis[0]:+.2f} {axis[1]:+.2f} {axis[2]:+.2f} | {d_elev:+.0f} |")
+    print("\n| error band deg | images | axis within 26 / 35 deg of camera x | elevation est - true deg |")
+    print("|---|---|---|---|")
+    for lo, hi in [(0, 15), (15, 45), (45, 90), (90, 181)]:
+        sel = [r for r in rows if lo <= r[0] < hi]
+        tilt26 = sum(r[1] >= np.cos(np.radians(26)) for r in sel)
+        tilt35 = sum(r[1] >= np.cos(np.radians(35)) for r in sel)
+        print(f"| {lo}-{hi} | {len(sel)} | {tilt26} / {tilt35} | {' '.join(f'{r[2]:+.0f}' for r in sel)} |")
+
+
+if __name__ == "__main__":
+    main()
