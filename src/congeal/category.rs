@@ -9,7 +9,9 @@
 //! A flipped image puts its features on the wrong side of the shape, but it is one of many: the
 //! majority sets what each part of the canonical shape looks like, and the flipped image then agrees
 //! better with the features of its true pose. Leaving each image out of the features it is scored
-//! against keeps an image from confirming its own pose.
+//! against keeps an image from confirming its own pose. When a whole instance is flipped the same way
+//! it can still confirm itself (half and half, nothing settles it): `category.template_weight` adds
+//! the template's own candidate views, whose poses are exact, as an anchor.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -312,6 +314,30 @@ fn half_turns(current: &Refined) -> Vec<PoseHypothesis> {
         .collect()
 }
 
+/// The template's own views as fixed feature sources (`category.template_weight`, spread over at
+/// most `category.template_views` candidates that have DINOv2 features, evenly along the candidate
+/// list): their poses are exact, so they anchor the category features. Empty when the weight is 0.
+fn template_sources<'a>(field: &CanonicalField, set: &'a CandidateSet, config: &Config) -> Result<Vec<LiftSource<'a>>> {
+    let c = &config.category;
+    let featured: Vec<_> = set.candidates.iter().filter(|k| k.features.is_some()).collect();
+    if c.template_weight <= 0.0 || c.template_views == 0 || featured.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = featured.len().min(c.template_views);
+    let weight = c.template_weight / count as f32;
+    (0..count)
+        .map(|k| {
+            let cand = featured[k * featured.len() / count];
+            let camera =
+                WindowCamera { camera_from_object: cand.camera_from_object, intrinsics: cand.intrinsics, window: cand.crop };
+            let features = cand.features.as_ref().ok_or_else(|| Error::InvalidInput("template view without features".into()))?;
+            let mut source = LiftSource::new(field, camera, features, &cand.silhouette, set.score_size, config)?;
+            source.weight = weight;
+            Ok(source)
+        })
+        .collect()
+}
+
 /// Stage 4b: re-aligns a registration against the category features of the collection (see the
 /// module docs). Returns the registration unchanged when the stage is off (`category.rounds` 0), the
 /// collection is smaller than `category.min_images`, or inputs lack features.
@@ -348,6 +374,7 @@ pub fn align_category(
             .iter()
             .map(|p| token_points(p, tokens, sub))
             .collect();
+    let anchors = template_sources(field, set, config)?;
     let mut state: Vec<Refined> = (0..views.len())
         .map(|i| Refined {
             camera_from_object: registration.camera_from_object[i],
@@ -375,6 +402,8 @@ pub fn align_category(
         for (s, w) in sources.iter_mut().zip(&confidence) {
             s.weight = *w;
         }
+        // The template's views come after the images (never left out: they are not images).
+        sources.extend(anchors.iter().cloned());
         let sums = CandidateSums::new(&candidate_points, &sources, tokens);
         // Hypotheses against the category features (each image left out of its own).
         let init_cfg = PoseInitConfig { top_k: c.top_k, ..config.pose_init.clone() };

@@ -81,14 +81,32 @@ pub fn asymmetric_field(n: usize) -> CanonicalField {
 /// Another instance of [`asymmetric_field`]'s category: the same parts (slab, post, bump) with the
 /// post reaching `post_top` and the bump reaching `bump_front` (the original: 0.42, 0.42).
 pub fn asymmetric_variant(n: usize, post_top: f32, bump_front: f32) -> CanonicalField {
-    let half = 0.5f32;
-    let voxel = 2.0 * half / n as f32;
-    // Axis-aligned boxes (min, max).
     let boxes = [
         ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]),  // base slab
         ([0.15, 0.05, -0.25], [0.35, post_top, -0.05]),     // post at +x, -z, tall
         ([-0.35, -0.15, 0.25], [-0.05, -0.02, bump_front]), // bump at -x, front
     ];
+    boxes_field(n, &boxes, ([-0.35, -0.15, -0.25], [0.35, 0.42, 0.42]))
+}
+
+/// A slab with two posts on opposite corners, at (+x, -z) reaching `back_post_top` and at (-x, +z)
+/// reaching `front_post_top`: with equal posts the shape is the same after a half turn about y, so
+/// its silhouettes tell front from back only by the posts' heights. Coloured by position.
+pub fn two_post_variant(n: usize, back_post_top: f32, front_post_top: f32) -> CanonicalField {
+    let boxes = [
+        ([-0.35f32, -0.15, -0.25], [0.35f32, 0.05, 0.25]), // base slab
+        ([0.15, 0.05, -0.25], [0.35, back_post_top, -0.05]),
+        ([-0.35, 0.05, 0.05], [-0.15, front_post_top, 0.25]),
+    ];
+    let top = back_post_top.max(front_post_top);
+    boxes_field(n, &boxes, ([-0.35, -0.15, -0.25], [0.35, top, 0.25]))
+}
+
+/// A field of unions of axis-aligned boxes (min, max) in the cube `[-0.5, 0.5]^3`, `n` voxels a side,
+/// coloured by position; `bbox` is the object's bounding box.
+fn boxes_field(n: usize, boxes: &[([f32; 3], [f32; 3])], bbox: ([f32; 3], [f32; 3])) -> CanonicalField {
+    let half = 0.5f32;
+    let voxel = 2.0 * half / n as f32;
     let mut occupancy = Vec::with_capacity(n * n * n);
     let mut colors = Vec::with_capacity(n * n * n);
     for z in 0..n {
@@ -96,7 +114,7 @@ pub fn asymmetric_variant(n: usize, post_top: f32, bump_front: f32) -> Canonical
             for x in 0..n {
                 let c = [x, y, z].map(|i| -half + (i as f32 + 0.5) * voxel);
                 let mut occ = 0.0f32;
-                for (lo, hi) in &boxes {
+                for (lo, hi) in boxes {
                     // Signed distance to the box (negative inside), Chebyshev-style.
                     let d = (0..3).map(|a| (lo[a] - c[a]).max(c[a] - hi[a])).fold(f32::NEG_INFINITY, f32::max);
                     occ = occ.max((0.5 - d / voxel).clamp(0.0, 1.0));
@@ -107,7 +125,7 @@ pub fn asymmetric_variant(n: usize, post_top: f32, bump_front: f32) -> Canonical
         }
     }
     let grid = VoxelGrid { dims: [n, n, n], bbox_min: [-half; 3], bbox_max: [half; 3], occupancy, colors };
-    CanonicalField::from_voxels(&grid, ([-0.35, -0.15, -0.25], [0.35, 0.42, 0.42]), 4.0, &Device::Cpu).unwrap()
+    CanonicalField::from_voxels(&grid, bbox, 4.0, &Device::Cpu).unwrap()
 }
 
 /// A real-photograph set (`../shared/data/real/NAME`) when present; prints why a test is skipped
