@@ -130,6 +130,54 @@ fn category_settings_are_checked() {
     }
 }
 
+/// The toys' small candidate grid (one FoV, 8 azimuths x 3 elevations over 0..60 deg, 48 px).
+fn toy_config() -> Config {
+    let mut config = Config::default();
+    config.pose_init.fovs_deg = vec![40.0];
+    config.pose_init.azimuths = 8;
+    config.pose_init.elevations = 3;
+    config.pose_init.elevation_min_deg = 0.0;
+    config.pose_init.elevation_max_deg = 60.0;
+    config.pose_init.render_size = 48;
+    config.render.samples_per_ray = 48;
+    config
+}
+
+/// A toy collection: 8 cameras 45 deg apart in azimuth, at 20 deg elevation (even images) and
+/// `high_elevation` (odd ones); image `i` shows `shown(i)`. Returns the cameras, the masks and the
+/// input views, whose tokens are the oracle encoding of the surface point under each token.
+fn toy_images<'a>(
+    shown: &dyn Fn(usize) -> &'a CanonicalField,
+    high_elevation: f64,
+    config: &Config,
+) -> (Vec<WindowCamera>, Vec<image::GrayImage>, Vec<congeal::congeal::pose_init::InputView>) {
+    let cams: Vec<WindowCamera> =
+        (0..8).map(|i| camera(-170.0 + 45.0 * i as f64, if i % 2 == 0 { 20.0 } else { high_elevation })).collect();
+    let masks: Vec<image::GrayImage> = cams
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let pts = surface_points(shown(i), &[*c], SIZE, 64, 1 << 15).unwrap().remove(0);
+            image::GrayImage::from_fn(SIZE, SIZE, |x, y| {
+                image::Luma([if pts[(y * SIZE + x) as usize].is_some() { 255 } else { 0 }])
+            })
+        })
+        .collect();
+    let rgb = image::RgbImage::new(SIZE, SIZE);
+    let views = cams
+        .iter()
+        .zip(&masks)
+        .enumerate()
+        .map(|(i, (c, m))| {
+            let mut v = congeal::congeal::pose_init::input_view(&rgb, m, Some(c.intrinsics), &config.pose_init).unwrap();
+            let window = WindowCamera { window: v.crop, ..*c };
+            v.features = Some(oracle_view(shown(i), &window).0);
+            v
+        })
+        .collect();
+    (cams, masks, views)
+}
+
 /// Runs stage 4b on a collection seen from 8 cameras (image `i` shows `instances[i % 2]`, tokens =
 /// the oracle encoding of the surface point under each token) whose registration is the truth with
 /// image `flipped` turned half way round, every image with silhouette fit `iou`; the template is
@@ -143,48 +191,17 @@ fn realign_with_one_flip(
 ) -> (Vec<f64>, Vec<f64>) {
     use congeal::congeal::category::align_category;
     use congeal::congeal::pipeline::Registration;
-    use congeal::congeal::pose_init::{input_view, render_candidates};
+    use congeal::congeal::pose_init::render_candidates;
     use congeal::geometry::rotation_error_deg;
     use congeal::output::result::CandidateInfo;
 
-    let mut config = Config::default();
-    config.pose_init.fovs_deg = vec![40.0];
-    config.pose_init.azimuths = 8;
-    config.pose_init.elevations = 3;
-    config.pose_init.elevation_min_deg = 0.0;
-    config.pose_init.elevation_max_deg = 60.0;
-    config.pose_init.render_size = 48;
+    let mut config = toy_config();
     config.pose_refine.iterations = 40;
     config.pose_refine.hypothesis_iterations = 20;
     config.pose_refine.ray_grid = 24;
-    config.render.samples_per_ray = 48;
     config.category.max_iou_loss = max_iou_loss;
 
-    let cams: Vec<WindowCamera> =
-        (0..8).map(|i| camera(-170.0 + 45.0 * i as f64, if i % 2 == 0 { 20.0 } else { 40.0 })).collect();
-    let shown = |i: usize| instances[i % 2];
-    let masks: Vec<image::GrayImage> = cams
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let pts = surface_points(shown(i), &[*c], SIZE, 64, 1 << 15).unwrap().remove(0);
-            image::GrayImage::from_fn(SIZE, SIZE, |x, y| {
-                image::Luma([if pts[(y * SIZE + x) as usize].is_some() { 255 } else { 0 }])
-            })
-        })
-        .collect();
-    let rgb = image::RgbImage::new(SIZE, SIZE);
-    let views: Vec<_> = cams
-        .iter()
-        .zip(&masks)
-        .enumerate()
-        .map(|(i, (c, m))| {
-            let mut v = input_view(&rgb, m, Some(c.intrinsics), &config.pose_init).unwrap();
-            let window = WindowCamera { window: v.crop, ..*c };
-            v.features = Some(oracle_view(shown(i), &window).0);
-            v
-        })
-        .collect();
+    let (cams, masks, views) = toy_images(&|i| instances[i % 2], 40.0, &config);
     let set = render_candidates(template, &config.pose_init, config.render.chunk_rays).unwrap();
     let turn = Isometry3::from_parts(
         Translation3::identity(),
@@ -262,51 +279,20 @@ fn register_toy(
 ) -> Vec<f64> {
     use congeal::congeal::category::align_category;
     use congeal::congeal::pipeline::{no_progress, register_with_candidates};
-    use congeal::congeal::pose_init::{input_view, render_candidates};
+    use congeal::congeal::pose_init::render_candidates;
     use congeal::geometry::rotation_error_deg;
 
-    let mut config = Config::default();
+    let mut config = toy_config();
     config.pose_init.score = congeal::config::PoseScore::Iou;
-    config.pose_init.fovs_deg = vec![40.0];
-    config.pose_init.azimuths = 8;
-    config.pose_init.elevations = 3;
-    config.pose_init.elevation_min_deg = 0.0;
-    config.pose_init.elevation_max_deg = 60.0;
-    config.pose_init.render_size = 48;
     config.pose_init.top_k = 3;
     config.pose_refine.iterations = 60;
     config.pose_refine.hypothesis_iterations = 30;
     config.pose_refine.lr = 0.01;
     config.pose_refine.ray_grid = 32;
-    config.render.samples_per_ray = 48;
     config.category.rounds = rounds;
     config.category.template_weight = template_weight;
 
-    let cams: Vec<WindowCamera> =
-        (0..8).map(|i| camera(-170.0 + 45.0 * i as f64, if i % 2 == 0 { 20.0 } else { 35.0 })).collect();
-    let shown = |i: usize| instances[usize::from(second.contains(&i))];
-    let masks: Vec<image::GrayImage> = cams
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let pts = surface_points(shown(i), &[*c], SIZE, 64, 1 << 15).unwrap().remove(0);
-            image::GrayImage::from_fn(SIZE, SIZE, |x, y| {
-                image::Luma([if pts[(y * SIZE + x) as usize].is_some() { 255 } else { 0 }])
-            })
-        })
-        .collect();
-    let rgb = image::RgbImage::new(SIZE, SIZE);
-    let views: Vec<_> = cams
-        .iter()
-        .zip(&masks)
-        .enumerate()
-        .map(|(i, (c, m))| {
-            let mut v = input_view(&rgb, m, Some(c.intrinsics), &config.pose_init).unwrap();
-            let window = WindowCamera { window: v.crop, ..*c };
-            v.features = Some(oracle_view(shown(i), &window).0);
-            v
-        })
-        .collect();
+    let (cams, masks, views) = toy_images(&|i| instances[usize::from(second.contains(&i))], 35.0, &config);
     let mut set = render_candidates(template, &config.pose_init, config.render.chunk_rays).unwrap();
     for cand in &mut set.candidates {
         let window = WindowCamera { camera_from_object: cand.camera_from_object, intrinsics: cand.intrinsics, window: cand.crop };
