@@ -89,7 +89,7 @@ pub struct CategoryConfig {
     /// exactly) anchor the features, so an instance whose images are all flipped the same way cannot
     /// outvote the rest of the collection by confirming its own flips. Off by default: measured
     /// (config/fast_224.yaml) it helps where the template's features are reliable and hurts where its
-    /// own candidates flip (dogs-dev 3D-aware PCK 19.0 -> 21.3 at 10; chairs-mixed median 16.5 deg ->
+    /// own candidates flip (`scripts/bench/real.sh`: dogs-dev 3D-aware PCK 19.0 -> 21.2 at 10; chairs-mixed median 16.5 deg ->
     /// 17.3 at 4, 21.2 at 10).
     pub template_weight: f32,
     /// At most this many template views (candidates with features, evenly spread) carry that weight.

@@ -319,7 +319,7 @@ fn half_turns(current: &Refined) -> Vec<PoseHypothesis> {
 /// list): their poses are exact, so they anchor the category features. Empty when the weight is 0.
 fn template_sources<'a>(field: &CanonicalField, set: &'a CandidateSet, config: &Config) -> Result<Vec<LiftSource<'a>>> {
     let c = &config.category;
-    let featured: Vec<_> = set.candidates.iter().filter(|k| k.features.is_some()).collect();
+    let featured: Vec<_> = set.candidates.iter().filter_map(|k| k.features.as_ref().map(|f| (k, f))).collect();
     if c.template_weight <= 0.0 || c.template_views == 0 || featured.is_empty() {
         return Ok(Vec::new());
     }
@@ -327,10 +327,9 @@ fn template_sources<'a>(field: &CanonicalField, set: &'a CandidateSet, config: &
     let weight = c.template_weight / count as f32;
     (0..count)
         .map(|k| {
-            let cand = featured[k * featured.len() / count];
+            let (cand, features) = featured[k * featured.len() / count];
             let camera =
                 WindowCamera { camera_from_object: cand.camera_from_object, intrinsics: cand.intrinsics, window: cand.crop };
-            let features = cand.features.as_ref().ok_or_else(|| Error::InvalidInput("template view without features".into()))?;
             let mut source = LiftSource::new(field, camera, features, &cand.silhouette, set.score_size, config)?;
             source.weight = weight;
             Ok(source)
