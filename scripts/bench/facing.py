@@ -5,7 +5,10 @@ for every image of a run whose keypoints include a front part and a back part (f
 is compared with the same sign for the canonical +z (front) and -z (back) points projected with the run's
 pose. "FLIP" = the pose faces the other way (a head-tail flip); images seen head-on (|dx| < 10 px) are skipped.
 Also prints each image's initial candidate (azimuth / elevation), where flips usually start.
-Usage: scripts/bench/facing.py RUN_DIR PAIRS_JSON [FRONT_JOINTS] [BACK_JOINTS]
+With `--pred NAME=PRED_JSON ...` (transfer outputs on the same pairs file, e.g. real.sh's dogs.joint.json),
+PCK of each method on the pairs whose two images were both checked and face the right way, and on the
+rest: does a transfer method work once the poses face the right way?
+Usage: scripts/bench/facing.py RUN_DIR PAIRS_JSON [FRONT_JOINTS BACK_JOINTS] [--pred NAME=PRED_JSON ...]
   joints as comma lists; default 16,17,14,15 (nose, chin, ear bases) and 12,13 (tail) of StanfordExtra."""
 import json
 import sys
@@ -13,12 +16,36 @@ import sys
 import numpy as np
 
 
+def pck_split(pairs, preds, good):
+    """PCK (correct, total) of `preds` on pairs with both images in `good`, and on the others."""
+    split = {True: [0, 0], False: [0, 0]}
+    for pair, pred in zip(pairs, preds):
+        if (pair["src"], pair["dst"]) != (pred["src"], pred["dst"]):
+            sys.exit("facing.py: a --pred file does not follow the pairs file's order")
+        both = pair["src"] in good and pair["dst"] in good
+        for p, g in zip(pred.get("pred") or [], pair.get("gt") or []):
+            if g is None:
+                continue
+            split[both][1] += 1
+            if p is not None and np.hypot(p[0] - g[0], p[1] - g[1]) <= pair["thresh"]:
+                split[both][0] += 1
+    return split
+
+
 def main():
-    if len(sys.argv) not in (3, 5):
+    args = sys.argv[1:]
+    preds = []
+    if "--pred" in args:
+        at = args.index("--pred")
+        preds = [a.split("=", 1) for a in args[at + 1:]]
+        args = args[:at]
+        if not preds or any(len(p) != 2 for p in preds):
+            sys.exit(__doc__)
+    if len(args) not in (2, 4):
         sys.exit(__doc__)
-    run, pairs = sys.argv[1], json.load(open(sys.argv[2]))
-    front = [int(j) for j in (sys.argv[3] if len(sys.argv) > 3 else "16,17,14,15").split(",")]
-    back = [int(j) for j in (sys.argv[4] if len(sys.argv) > 4 else "12,13").split(",")]
+    run, pairs = args[0], json.load(open(args[1]))
+    front = [int(j) for j in (args[2] if len(args) > 2 else "16,17,14,15").split(",")]
+    back = [int(j) for j in (args[3] if len(args) > 3 else "12,13").split(",")]
     keypoints = {}
     for p in pairs:
         for image, points in [(p["src"], p["points"]), (p["dst"], p.get("gt") or [])]:
@@ -27,6 +54,7 @@ def main():
                     keypoints.setdefault(image, {})[j] = q
     result = json.load(open(f"{run}/result.json"))
     agree = checked = 0
+    facing_right = set()
     print("| image | keypoints front - back dx | pose front - back dx | | initial azimuth / elevation |")
     print("|---|---|---|---|---|")
     for im in result["images"]:
@@ -54,8 +82,17 @@ def main():
         checked += 1
         same = np.sign(image_dx) == np.sign(pose_dx)
         agree += int(same)
+        if same:
+            facing_right.add(im["file"])
         print(f"| {im['file']} | {image_dx:+.0f} | {pose_dx:+.0f} | {'ok' if same else 'FLIP'} | {start} |")
     print(f"\n{agree} of {checked} checked images face the right way")
+    if preds:
+        print("\n| method | PCK, both images face the right way (points) | PCK, other pairs (points) |")
+        print("|---|---|---|")
+        for name, path in preds:
+            split = pck_split(pairs, json.load(open(path)), facing_right)
+            cells = [f"{100 * c / t:.1f} ({t})" if t else "- (0)" for c, t in (split[True], split[False])]
+            print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

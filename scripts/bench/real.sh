@@ -3,7 +3,9 @@
 #   dogs-dev: keypoint transfer PCK@0.1 of the 3D-aware joint cost (features + transfer.nocs_weight x NOCS
 #             distance), the canonical shape alone (Eq. 17), 2D DINOv2 matching (Eq. 18) and the
 #             "same spot in the bbox" guess, all on the same run and pairs;
-#   dtu-house: rotation error (raw and after one global rotation/similarity) with the set's template and K.
+#   dtu-house: rotation error (raw and after one global rotation/similarity) with the set's template and K;
+#   then how many dogs face the way their keypoints do, and each method's PCK on the pairs whose two dogs
+#   both do (scripts/bench/facing.py).
 # Usage: scripts/bench/real.sh [CONFIG] [OUT] [DOG_TEMPLATE]
 #   default: config/fast_224.yaml /tmp/congeal-real ../shared/data/real/templates/dog/template.obj
 set -euo pipefail
@@ -48,3 +50,6 @@ for key, label in [("rotation_deg_unaligned", "raw"), ("rotation_deg_aligned", "
     s = p[key]
     print(f"| {label} | {s['median']:.1f} | {100 * s['frac_below_15deg']:.0f} % | {100 * flips:.0f} % |")
 PY
+echo
+python3 scripts/bench/facing.py "$OUT/dogs" "$REAL/dogs-dev/pairs.json" \
+  --pred joint="$OUT/dogs.joint.json" 3d="$OUT/dogs.3d.json" 2d="$OUT/dogs.2d.json" bbox="$OUT/dogs.bbox.json" | sed -n '/checked images face/,$p'
