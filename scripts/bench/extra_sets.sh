@@ -24,7 +24,7 @@ fi
 TOOLS=$(cd "$TOOLS" && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if ! ldconfig -p | grep -q libOSMesa; then
+if ! ldconfig -p 2> /dev/null | grep libOSMesa > /dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get install -y -q libosmesa6 > /dev/null
 fi
