@@ -18,17 +18,8 @@ if [ ! -d "$DATA" ]; then
   exit 0
 fi
 mkdir -p "$OUT"
-for mode in on off; do
-  python3 - "$CFG" "$OUT/$mode.yaml" "$mode" <<'PY'
-import sys, yaml
-c = yaml.safe_load(open(sys.argv[1]))
-c.setdefault("coord_maps", {})["enabled"] = False
-c.setdefault("output", {})["nocs"] = False
-if sys.argv[3] == "off":
-    c.setdefault("category", {})["rounds"] = 0
-yaml.safe_dump(c, open(sys.argv[2], "w"))
-PY
-done
+python3 scripts/bench/poses_config.py "$CFG" "$OUT/on.yaml"
+python3 scripts/bench/poses_config.py "$CFG" "$OUT/off.yaml" --category-off
 for s in "${SETS[@]}"; do
   for mode in on off; do
     start=$(date +%s)

@@ -10,7 +10,7 @@
 # ../shared/data/tools/README.md (pyrender + OSMesa on the CPU, pinned versions, about 1 min here).
 # Then, e.g.:
 #   CONGEAL_DATA_DIR=OUT scripts/bench/category.sh config/fast_224.yaml RUN chairs-heldout
-#   scripts/bench/templates.sh OUT/collections/chairs-heldout RUN OUT/templates/Scopia_24/template.obj ...
+#   scripts/bench/templates.sh config/fast_224.yaml OUT/collections/chairs-heldout RUN OUT/templates/Scopia_24/template.obj ...
 #   scripts/bench/real.sh config/fast_224.yaml RUN OUT/templates/BlendSwap-CC-BY_89/template.obj
 # Usage: scripts/bench/extra_sets.sh [OUT]   (default /tmp/congeal-extra; needs apt for libosmesa6)
 set -euo pipefail
@@ -39,24 +39,28 @@ if [ ! -d "$OUT/sh3d" ]; then
   (cd "$OUT" && apt-get download sweethome3d-furniture > /dev/null 2>&1 && dpkg-deb -x sweethome3d-furniture_*_all.deb sh3d)
 fi
 FURNITURE=$OUT/sh3d/usr/share/sweethome3d/furniture
+# The held-out instances (catalogue pack:index), its template, and each extra template with the instance its
+# one-image carrier collection shows (any model; only the collection's template.obj is kept).
 INSTANCES=(Scopia:92 BlendSwap-CC-BY:123 Scopia:90 BlendSwap-CC-0:93 Scopia:30 KatorLegaz:14 BlendSwap-CC-BY:24 Scopia:25)
-TEMPLATES=(Scopia:31 Scopia:24 KatorLegaz:51 Scopia:47 BlendSwap-CC-BY:89)
-"$PY" "$TOOLS/sh3d_extract.py" --furniture "$FURNITURE" --out "$OUT/models" "${INSTANCES[@]}" "${TEMPLATES[@]}" Scopia:162 > /dev/null
+HELDOUT_TEMPLATE=Scopia:31
+EXTRA=(Scopia:24=Scopia:92 KatorLegaz:51=Scopia:92 Scopia:47=Scopia:92 BlendSwap-CC-BY:89=Scopia:162)
+models=("${INSTANCES[@]}" "$HELDOUT_TEMPLATE")
+for pair in "${EXTRA[@]}"; do models+=("${pair%%=*}" "${pair#*=}"); done
+"$PY" "$TOOLS/sh3d_extract.py" --furniture "$FURNITURE" --out "$OUT/models" $(printf '%s\n' "${models[@]}" | sort -u) > /dev/null
 # One spec: the held-out set, and per extra template a one-image collection whose template.obj is that
 # model written in the canonical frame (the renderer's own conversion: modelRotation, unit bbox diagonal).
-"$PY" - "$OUT/spec.json" <<'PY'
+"$PY" - "$OUT/spec.json" "$HELDOUT_TEMPLATE" "${#INSTANCES[@]}" "${INSTANCES[@]}" "${EXTRA[@]}" <<'PY'
 import json, sys
-ids = lambda xs: [x.replace(":", "_") for x in xs]
+folder = lambda m: m.replace(":", "_")            # sh3d_extract.py names a model's folder pack_index
+out, template, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+instances, extra = sys.argv[4:4 + count], [e.split("=") for e in sys.argv[4 + count:]]
 spec = [{"name": "chairs-heldout", "category": "chair", "kind": "cross", "seed": 2207, "images_per_instance": 4,
-         "description": "8 chairs not in chairs-mixed x 4 images; template = Scopia_31 (chairs-mixed's template)",
-         "instances": ids("Scopia:92 BlendSwap-CC-BY:123 Scopia:90 BlendSwap-CC-0:93 Scopia:30 KatorLegaz:14 "
-                          "BlendSwap-CC-BY:24 Scopia:25".split()),
-         "template": "Scopia_31"}]
-for t, inst in [("Scopia_24", "Scopia_92"), ("KatorLegaz_51", "Scopia_92"), ("Scopia_47", "Scopia_92"),
-                ("BlendSwap-CC-BY_89", "Scopia_162")]:
-    spec.append({"name": f"tpl-{t}", "category": "template", "kind": "cross", "seed": 1, "images_per_instance": 1,
-                 "instances": [inst], "template": t})
-json.dump(spec, open(sys.argv[1], "w"), indent=1)
+         "description": f"{count} chairs not in chairs-mixed x 4 images; template = {folder(template)} (chairs-mixed's template)",
+         "instances": [folder(m) for m in instances], "template": folder(template)}]
+for t, inst in extra:
+    spec.append({"name": f"tpl-{folder(t)}", "category": "template", "kind": "cross", "seed": 1, "images_per_instance": 1,
+                 "instances": [folder(inst)], "template": folder(t)})
+json.dump(spec, open(out, "w"), indent=1)
 PY
 mkdir -p "$OUT/render"
 PYOPENGL_PLATFORM=osmesa "$PY" "$TOOLS/render_collection.py" "$OUT/spec.json" "$OUT/render" --models "$OUT/models" > "$OUT/render.log"

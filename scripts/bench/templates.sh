@@ -22,13 +22,7 @@ OUT=$3
 shift 3
 B=target/release/congeal
 mkdir -p "$OUT"
-python3 - "$CFG" "$OUT/poses.yaml" <<'PY'
-import sys, yaml
-c = yaml.safe_load(open(sys.argv[1]))
-c.setdefault("coord_maps", {})["enabled"] = False
-c.setdefault("output", {})["nocs"] = False
-yaml.safe_dump(c, open(sys.argv[2], "w"))
-PY
+python3 scripts/bench/poses_config.py "$CFG" "$OUT/poses.yaml"
 names=(own)
 $B run "$SET" --out "$OUT/own" --config "$OUT/poses.yaml" > "$OUT/own.log" 2>&1
 $B eval "$SET" "$OUT/own" > "$OUT/own.eval.json"
