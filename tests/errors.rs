@@ -141,12 +141,24 @@ fn images_without_masks_get_built_in_masks() {
     for k in [0, 5, 10, 15] {
         std::fs::copy(src.join(format!("rgb/{k:03}.png")), dir.path().join(format!("{k:03}.png"))).unwrap();
     }
+    // Files that are no image at all (an interrupted download, an empty file) are left out of the
+    // folder with their reason and reported as skipped; they do not stop the run.
+    std::fs::write(dir.path().join("empty.png"), b"").unwrap();
+    let png = std::fs::read(src.join("rgb/000.png")).unwrap();
+    std::fs::write(dir.path().join("cut.jpg"), &png[..12]).unwrap();
     let collection = Collection::load(dir.path()).unwrap();
     assert!(collection.images.iter().all(|e| e.mask.is_none()));
+    assert_eq!(collection.images.len(), 4);
+    let unreadable: Vec<_> = collection.unreadable.iter().map(|(f, _)| f.to_string_lossy().to_string()).collect();
+    assert_eq!(unreadable, ["cut.jpg", "empty.png"]);
     let out = tempfile::tempdir().unwrap();
     let result =
         run(&collection, &ShapeSpec::Template(Some(src.join("template.obj"))), &tiny(), out.path(), &no_progress).unwrap();
     assert_eq!(result.images.len(), 4, "skipped: {:?}", result.skipped);
+    for f in ["empty.png", "cut.jpg"] {
+        let s = result.skipped.iter().find(|s| s.file == f).unwrap_or_else(|| panic!("{f} not reported: {:?}", result.skipped));
+        assert!(s.reason.contains(f), "{}", s.reason);
+    }
     // The computed masks are kept with the run and agree with the ground truth.
     for (im, k) in result.images.iter().zip([0, 5, 10, 15]) {
         let rel = im.mask.as_ref().expect("computed mask recorded in result.json");

@@ -279,7 +279,17 @@ pub(super) fn parse(root: &Path, file: &Path, text: &str) -> Result<Collection> 
         images.push(ImageEntry { index, rgb, mask, nocs, width, height, intrinsics, ground_truth });
     }
 
-    Ok(Collection { root: root.to_path_buf(), name, category, kind, images, template, canonical_bbox, metres_per_unit })
+    Ok(Collection {
+        root: root.to_path_buf(),
+        name,
+        category,
+        kind,
+        images,
+        template,
+        canonical_bbox,
+        metres_per_unit,
+        unreadable: Vec::new(),
+    })
 }
 
 /// `p` made absolute against the current directory (unchanged if that fails).

@@ -86,6 +86,9 @@ pub struct Collection {
     pub canonical_bbox: Option<([f64; 3], [f64; 3])>,
     /// Metres per canonical frame unit, if given.
     pub metres_per_unit: Option<f64>,
+    /// Image files of a plain folder that could not be read at all (path relative to `root`, reason):
+    /// they are left out of `images`, and a run lists them as skipped.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// A decoded image and its binary mask (0 or 255), of the same size.
@@ -242,10 +245,33 @@ fn load_plain(dir: &Path) -> Result<Collection> {
     };
     let rel = |p: &Path| p.strip_prefix(dir).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
     let mut images = Vec::with_capacity(files.len());
-    for (index, f) in files.iter().enumerate() {
-        let (width, height) = image::image_dimensions(f).map_err(|e| images::image_error(f, e))?;
+    let mut unreadable = Vec::new();
+    for f in &files {
+        // A file that is not an image after all (empty, truncated header, another format) is left
+        // out with its reason: one bad download must not stop a folder of photos.
+        let (width, height) = match image::image_dimensions(f) {
+            Ok(size) => size,
+            Err(e) => {
+                let reason = images::image_error(f, e).to_string();
+                tracing::warn!("leaving out {reason}");
+                unreadable.push((rel(f), reason));
+                continue;
+            }
+        };
         let mask = masks.iter().find(|m| m.file_stem() == f.file_stem()).map(|m| rel(m));
+        let index = images.len();
         images.push(ImageEntry { index, rgb: rel(f), mask, nocs: None, width, height, intrinsics: None, ground_truth: None });
+    }
+    if images.is_empty() {
+        return Err(Error::Collection {
+            path: dir.to_path_buf(),
+            message: format!(
+                "none of the {} image files in {} can be read (first: {})",
+                files.len(),
+                img_dir.display(),
+                unreadable.first().map_or("", |u| u.1.as_str())
+            ),
+        });
     }
     let name = json::absolute(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "collection".into());
     let template = dir.join("template.obj");
@@ -258,6 +284,7 @@ fn load_plain(dir: &Path) -> Result<Collection> {
         template: template.is_file().then(|| json::absolute(&template)),
         canonical_bbox: None,
         metres_per_unit: None,
+        unreadable,
     })
 }
 

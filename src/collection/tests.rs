@@ -290,6 +290,19 @@ fn plain_folder_rgb_subdir_and_alpha_mask() {
 }
 
 #[test]
+fn plain_folder_without_a_readable_image_names_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("a.png"), b"").unwrap();
+    std::fs::write(tmp.path().join("b.jpg"), b"not a jpeg").unwrap();
+    let err = Collection::load(tmp.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Collection { .. }) && msg.contains("none of the 2 image files") && msg.contains("a.png"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn empty_and_missing_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let err = Collection::load(tmp.path()).unwrap_err();

@@ -188,7 +188,11 @@ fn load_inputs(
     progress: ProgressFn,
 ) -> Result<(Vec<Prepared>, Vec<SkippedImage>)> {
     let mut prepared = Vec::new();
-    let mut skipped = Vec::new();
+    let mut skipped: Vec<SkippedImage> = collection
+        .unreadable
+        .iter()
+        .map(|(file, reason)| SkippedImage { file: file.to_string_lossy().to_string(), reason: reason.clone() })
+        .collect();
     let segmenter = if (0..collection.images.len()).any(|i| !collection.has_mask_file(i)) {
         match crate::config::resolve_weights(&config.masks.weights)
             .and_then(|p| crate::collection::segment::Segmenter::load(&p, device))
