@@ -7,7 +7,9 @@ pose. "FLIP" = the pose faces the other way (a head-tail flip); images seen head
 Also prints each image's initial candidate (azimuth / elevation), where flips usually start.
 With `--pred NAME=PRED_JSON ...` (transfer outputs on the same pairs file, e.g. real.sh's dogs.joint.json),
 PCK of each method on the pairs whose two images were both checked and face the right way, and on the
-rest: does a transfer method work once the poses face the right way?
+rest: does a transfer method work once the poses face the right way? Then what a perfect choice among
+the given methods would reach (upper bounds, they use the ground truth): the better method for each pair
+(say 2D or joint per image pair), and any method right for each point.
 Usage: scripts/bench/facing.py RUN_DIR PAIRS_JSON [FRONT_JOINTS BACK_JOINTS] [--pred NAME=PRED_JSON ...]
   joints as comma lists; default 16,17,14,15 (nose, chin, ear bases) and 12,13 (tail) of StanfordExtra."""
 import json
@@ -30,6 +32,15 @@ def pck_split(pairs, preds, good):
             if p is not None and np.hypot(p[0] - g[0], p[1] - g[1]) <= pair["thresh"]:
                 split[both][0] += 1
     return split
+
+
+def correct_per_point(pairs, preds):
+    """For each pair, a list with one bool per annotated point: is the prediction within the threshold."""
+    out = []
+    for pair, pred in zip(pairs, preds):
+        out.append([p is not None and bool(np.hypot(p[0] - g[0], p[1] - g[1]) <= pair["thresh"])
+                    for p, g in zip(pred.get("pred") or [], pair.get("gt") or []) if g is not None])
+    return out
 
 
 def main():
@@ -93,6 +104,14 @@ def main():
             split = pck_split(pairs, json.load(open(path)), facing_right)
             cells = [f"{100 * c / t:.1f} ({t})" if t else "- (0)" for c, t in (split[True], split[False])]
             print(f"| {name} | {cells[0]} | {cells[1]} |")
+        hits = [correct_per_point(pairs, json.load(open(path))) for _, path in preds]
+        total = sum(len(h) for h in hits[0])
+        if total and len(preds) > 1:
+            per_pair = sum(max(sum(h[k]) for h in hits) for k in range(len(pairs)))
+            per_point = sum(any(h[k][i] for h in hits) for k in range(len(pairs)) for i in range(len(hits[0][k])))
+            names = " / ".join(n for n, _ in preds)
+            print(f"\nupper bounds among {names} (use the ground truth): the better method per pair "
+                  f"{100 * per_pair / total:.1f}, any method per point {100 * per_point / total:.1f} ({total} points)")
 
 
 if __name__ == "__main__":
