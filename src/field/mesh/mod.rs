@@ -121,7 +121,7 @@ impl TriangleMesh {
             return Err(mesh_err(origin, format!("mesh is empty ({} vertices, no triangles)", self.positions.len())));
         }
         if let Some(i) = self.positions.iter().position(|p| p.iter().any(|c| !c.is_finite())) {
-            return Err(mesh_err(origin, format!("vertex {i} has a NaN or infinite coordinate")));
+            return Err(mesh_err(origin, format!("vertex {i} has a coordinate that is NaN, infinite or too large for f32")));
         }
         let n = self.positions.len();
         if let Some((t, bad)) =

@@ -91,7 +91,10 @@ impl<'a> ObjBuilder<'a> {
         if vals[..3].iter().any(|v| !v.is_finite()) {
             return Err(mesh_err(
                 origin,
-                format!("line {ln}: vertex {} has a NaN or infinite coordinate", self.positions.len() + 1),
+                format!(
+                    "line {ln}: vertex {} has a coordinate that is NaN, infinite or too large for f32",
+                    self.positions.len() + 1
+                ),
             ));
         }
         self.positions.push([vals[0], vals[1], vals[2]]);

@@ -274,6 +274,9 @@ fn errors_name_the_file_and_problem() {
     assert!(e.contains("nan.obj") && e.contains("NaN") && e.contains("line 2"), "{e}");
     let e = message(TriangleMesh::load(write(d, "nan.ply", &ply.replace("1 0 0\n", "NaN 0 0\n"))).unwrap_err());
     assert!(e.contains("nan.ply") && e.contains("NaN"), "{e}");
+    // A finite f64 beyond f32 (the positions' type) is named as such, not called infinite.
+    let e = message(TriangleMesh::load(write(d, "huge.obj", "v 0 0 0\nv 1e308 0 0\nv 0 1 0\nf 1 2 3\n")).unwrap_err());
+    assert!(e.contains("huge.obj") && e.contains("too large for f32") && e.contains("line 2"), "{e}");
     // truncated binary
     let mut m = TriangleMesh::from_triangles(vec![[0.0; 3], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], vec![[0, 1, 2]]);
     m.vertex_colors = None;
