@@ -37,6 +37,15 @@ fn run_then_eval_on_the_demo() {
     let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(report["n_evaluated"].as_u64().unwrap(), 8);
     assert!(report["poses"]["rotation_deg_aligned"]["median"].as_f64().unwrap().is_finite());
+
+    // The run against a collection it was not made from: the error says how many images matched.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::copy(demo.join("rgb/000.png"), other.path().join("photo.png")).unwrap();
+    let wrong = congeal().args(["eval", other.path().to_str().unwrap(), out.path().to_str().unwrap()]).output().unwrap();
+    assert!(!wrong.status.success());
+    let msg = String::from_utf8_lossy(&wrong.stderr);
+    let posed = result["images"].as_array().unwrap().len();
+    assert!(msg.contains(&format!("0 of the run's {posed} images are in")), "{msg}");
 }
 
 #[test]

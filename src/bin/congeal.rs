@@ -358,10 +358,16 @@ fn main() -> Result<()> {
             let result = RunResult::load(&run)?;
             let report = congeal::eval::report::evaluate_run(&collection, &result, &run)?;
             if report.poses.is_none() && pairs.is_none() {
+                let entry = |file: &str| collection.images.iter().find(|e| e.rgb.to_string_lossy() == file);
+                let found: Vec<_> = result.images.iter().filter_map(|im| entry(&im.file)).collect();
+                let with_truth = found.iter().filter(|e| e.ground_truth.is_some()).count();
                 bail!(
-                    "nothing to evaluate: fewer than {} images of {} have ground-truth poses, and no --pairs given",
+                    "nothing to evaluate: {} of the run's {} images are in {}, {with_truth} of them with a ground-truth \
+                     pose (at least {} needed; is it the collection the run was made from?), and no --pairs given",
+                    found.len(),
+                    result.images.len(),
+                    collection.root.display(),
                     congeal::eval::report::MIN_POSES,
-                    collection.root.display()
                 );
             }
             let mut report = serde_json::to_value(&report)?;
