@@ -18,29 +18,25 @@ import sys
 import numpy as np
 
 
-def pck_split(pairs, preds, good):
-    """PCK (correct, total) of `preds` on pairs with both images in `good`, and on the others."""
-    split = {True: [0, 0], False: [0, 0]}
+def correct_per_point(pairs, preds):
+    """For each pair, one bool per annotated point: is the prediction within the pair's threshold."""
+    out = []
     for pair, pred in zip(pairs, preds):
         if (pair["src"], pair["dst"]) != (pred["src"], pred["dst"]):
             sys.exit("facing.py: a --pred file does not follow the pairs file's order")
-        both = pair["src"] in good and pair["dst"] in good
-        for p, g in zip(pred.get("pred") or [], pair.get("gt") or []):
-            if g is None:
-                continue
-            split[both][1] += 1
-            if p is not None and np.hypot(p[0] - g[0], p[1] - g[1]) <= pair["thresh"]:
-                split[both][0] += 1
-    return split
-
-
-def correct_per_point(pairs, preds):
-    """For each pair, a list with one bool per annotated point: is the prediction within the threshold."""
-    out = []
-    for pair, pred in zip(pairs, preds):
         out.append([p is not None and bool(np.hypot(p[0] - g[0], p[1] - g[1]) <= pair["thresh"])
                     for p, g in zip(pred.get("pred") or [], pair.get("gt") or []) if g is not None])
     return out
+
+
+def pck_split(pairs, hits, good):
+    """PCK (correct, total) from `correct_per_point` hits on pairs with both images in `good`, and on the others."""
+    split = {True: [0, 0], False: [0, 0]}
+    for pair, h in zip(pairs, hits):
+        both = pair["src"] in good and pair["dst"] in good
+        split[both][0] += sum(h)
+        split[both][1] += len(h)
+    return split
 
 
 def main():
@@ -100,11 +96,11 @@ def main():
     if preds:
         print("\n| method | PCK, both images face the right way (points) | PCK, other pairs (points) |")
         print("|---|---|---|")
-        for name, path in preds:
-            split = pck_split(pairs, json.load(open(path)), facing_right)
+        hits = [correct_per_point(pairs, json.load(open(path))) for _, path in preds]
+        for (name, _), h in zip(preds, hits):
+            split = pck_split(pairs, h, facing_right)
             cells = [f"{100 * c / t:.1f} ({t})" if t else "- (0)" for c, t in (split[True], split[False])]
             print(f"| {name} | {cells[0]} | {cells[1]} |")
-        hits = [correct_per_point(pairs, json.load(open(path))) for _, path in preds]
         total = sum(len(h) for h in hits[0])
         if total and len(preds) > 1:
             per_pair = sum(max(sum(h[k]) for h in hits) for k in range(len(pairs)))

@@ -2,7 +2,7 @@
 """What kind of rotation error each image has: for a `congeal run` output against a rendered collection,
 per image the rotation error, the axis of R_est R_true^T in the camera frame (x = the image's horizontal
 axis, i.e. a tilt / elevation error), and estimated minus true camera elevation about the canonical up
-axis (+y); then the elevation differences grouped by error band, and the errors grouped by where the true
+axis (+y by default, the collection's canonical_frame.up_axis); then the elevation differences grouped by error band, and the errors grouped by where the true
 camera stands: in front of the object, at its side or behind it (azimuth from the canonical front axis), low
 (true elevation < 15 deg) or high.
 Usage: scripts/bench/rotation_axes.py COLLECTION_DIR RUN_DIR"""
@@ -17,12 +17,6 @@ def axis_angle(r):
     axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
     n = np.linalg.norm(axis)
     return angle, axis / n if n > 1e-9 else axis
-
-
-def elevation(pose):
-    pose = np.asarray(pose)
-    centre = -pose[:3, :3].T @ pose[:3, 3]
-    return np.degrees(np.arcsin(centre[1] / np.linalg.norm(centre)))
 
 
 def axis_vector(name):
@@ -58,8 +52,9 @@ def main():
         r_true = np.asarray(t["camera_from_object"])[:3, :3]
         r_est = np.asarray(e["camera_from_object"])[:3, :3]
         angle, axis = axis_angle(r_est @ r_true.T)
-        d_elev = elevation(e["camera_from_object"]) - elevation(t["camera_from_object"])
-        rows.append((angle, abs(axis[0]), d_elev, *true_viewpoint(t["camera_from_object"], frame)))
+        az_true, elev_true = true_viewpoint(t["camera_from_object"], frame)
+        d_elev = true_viewpoint(e["camera_from_object"], frame)[1] - elev_true
+        rows.append((angle, abs(axis[0]), d_elev, az_true, elev_true))
         print(f"| {i} | {angle:.1f} | {axis[0]:+.2f} {axis[1]:+.2f} {axis[2]:+.2f} | {d_elev:+.0f} |")
     print("\n| error band deg | images | axis within 26 / 35 deg of camera x | elevation est - true deg |")
     print("|---|---|---|---|")

@@ -358,9 +358,8 @@ fn main() -> Result<()> {
             let result = RunResult::load(&run)?;
             let report = congeal::eval::report::evaluate_run(&collection, &result, &run)?;
             if report.poses.is_none() && pairs.is_none() {
-                let entry = |file: &str| collection.images.iter().find(|e| e.rgb.to_string_lossy() == file);
-                let found: Vec<_> = result.images.iter().filter_map(|im| entry(&im.file)).collect();
-                let with_truth = found.iter().filter(|e| e.ground_truth.is_some()).count();
+                let found: Vec<_> = result.images.iter().filter_map(|im| collection.index_of(&im.file)).collect();
+                let with_truth = found.iter().filter(|&&i| collection.images[i].ground_truth.is_some()).count();
                 bail!(
                     "nothing to evaluate: {} of the run's {} images are in {}, {with_truth} of them with a ground-truth \
                      pose (at least {} needed; is it the collection the run was made from?), and no --pairs given",

@@ -131,6 +131,12 @@ impl Collection {
         self.images.is_empty()
     }
 
+    /// Index of the image whose file is `file` (as result.json and pairs files name it, e.g.
+    /// `rgb/000.png`), if the collection has it.
+    pub fn index_of(&self, file: &str) -> Option<usize> {
+        self.images.iter().position(|e| e.rgb.to_string_lossy() == file)
+    }
+
     /// The entry of image `i`, or [`Error::InvalidInput`] if out of range.
     pub fn entry(&self, i: usize) -> Result<&ImageEntry> {
         self.images.get(i).ok_or_else(|| {

@@ -190,7 +190,7 @@ impl<'a> Transfer2d<'a> {
     /// An image of the collection with the mask the run used.
     fn load(&self, file: &str) -> Result<crate::collection::LoadedImage> {
         let collection = self.collection;
-        let i = collection.images.iter().position(|e| e.rgb.to_string_lossy() == file).ok_or_else(|| Error::Collection {
+        let i = collection.index_of(file).ok_or_else(|| Error::Collection {
             path: collection.root.clone(),
             message: format!("image {file} is not in the collection"),
         })?;

@@ -154,13 +154,12 @@ pub fn azimuth_deg(camera_from_object: &Isometry3<f64>) -> f64 {
 
 /// Scores predicted pairs with PCK@alpha; the threshold uses the target's mask bbox.
 pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -> Result<PckReport> {
-    let find = |file: &str| collection.images.iter().position(|e| e.rgb.to_string_lossy() == file);
     let mut sizes = std::collections::HashMap::new();
     for p in pairs {
         if sizes.contains_key(&p.dst) {
             continue;
         }
-        let i = find(&p.dst).ok_or_else(|| Error::Collection {
+        let i = collection.index_of(&p.dst).ok_or_else(|| Error::Collection {
             path: collection.root.clone(),
             message: format!("pair target {} is not in the collection", p.dst),
         })?;
@@ -172,7 +171,10 @@ pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -
         .iter()
         .filter(|p| {
             let az = |f: &str| {
-                find(f).and_then(|i| collection.images[i].ground_truth.as_ref()).map(|g| azimuth_deg(&g.camera_from_object))
+                collection
+                    .index_of(f)
+                    .and_then(|i| collection.images[i].ground_truth.as_ref())
+                    .map(|g| azimuth_deg(&g.camera_from_object))
             };
             match (az(&p.src), az(&p.dst)) {
                 (Some(a), Some(b)) => {

@@ -51,9 +51,8 @@ pub fn evaluate_run(collection: &Collection, run: &RunResult, run_dir: &Path) ->
     let mut nocs_errors = Vec::new();
     let mut per_nocs = Vec::new();
     for image in &run.images {
-        let Some((idx, entry)) = collection.images.iter().enumerate().find(|(_, e)| e.rgb.to_string_lossy() == image.file) else {
-            continue;
-        };
+        let Some(idx) = collection.index_of(&image.file) else { continue };
+        let entry = &collection.images[idx];
         let Some(truth) = &entry.ground_truth else { continue };
         pred.push(image.pose()?);
         gt.push(truth.camera_from_object);

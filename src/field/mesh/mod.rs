@@ -22,6 +22,10 @@ pub const NO_INDEX: u32 = u32::MAX;
 /// Colour returned where a mesh has no colour source at all (mid grey).
 pub const DEFAULT_GREY: [f32; 3] = [0.5, 0.5, 0.5];
 
+/// What the loaders say of a vertex whose position is not a finite f32 (NaN, infinite, or a finite
+/// number too large for f32, the positions' type).
+const NON_FINITE_VERTEX: &str = "has a coordinate that is NaN, infinite or too large for f32";
+
 /// A surface material: a diffuse colour and optionally a diffuse texture (`map_Kd`).
 #[derive(Clone)]
 pub struct Material {
@@ -121,7 +125,7 @@ impl TriangleMesh {
             return Err(mesh_err(origin, format!("mesh is empty ({} vertices, no triangles)", self.positions.len())));
         }
         if let Some(i) = self.positions.iter().position(|p| p.iter().any(|c| !c.is_finite())) {
-            return Err(mesh_err(origin, format!("vertex {i} has a coordinate that is NaN, infinite or too large for f32")));
+            return Err(mesh_err(origin, format!("vertex {i} {NON_FINITE_VERTEX}")));
         }
         let n = self.positions.len();
         if let Some((t, bad)) =

@@ -89,13 +89,7 @@ impl<'a> ObjBuilder<'a> {
             return Err(mesh_err(origin, format!("line {ln}: vertex needs 3 coordinates")));
         }
         if vals[..3].iter().any(|v| !v.is_finite()) {
-            return Err(mesh_err(
-                origin,
-                format!(
-                    "line {ln}: vertex {} has a coordinate that is NaN, infinite or too large for f32",
-                    self.positions.len() + 1
-                ),
-            ));
+            return Err(mesh_err(origin, format!("line {ln}: vertex {} {}", self.positions.len() + 1, super::NON_FINITE_VERTEX)));
         }
         self.positions.push([vals[0], vals[1], vals[2]]);
         if vals.len() >= 6 {

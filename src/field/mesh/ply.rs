@@ -335,7 +335,7 @@ fn read_ply_body<R: PlyRead>(h: &PlyHeader, r: &mut R) -> std::result::Result<Pl
                     }
                     let p = xyz.map(|k| vals[k] as f32);
                     if p.iter().any(|c| !c.is_finite()) {
-                        return Err(format!("vertex {vi} has a coordinate that is NaN, infinite or too large for f32"));
+                        return Err(format!("vertex {vi} {}", super::NON_FINITE_VERTEX));
                     }
                     out.positions.push(p);
                     if let Some(rgb) = rgb {
