@@ -44,6 +44,11 @@ fn dog_pairs_with_extra_fields_are_read_and_scored() {
     for p in scored.iter_mut() {
         p.pred = Some(matcher.transfer_bbox(&p.src, &p.dst, &p.points).unwrap());
     }
+    // Annotated points a few pixels off a tight mask (paw tips, ears: 86 of 1620) snap onto it, so
+    // (almost) every point gets an answer.
+    let unanswered = scored.iter().flat_map(|p| p.pred.iter().flatten()).filter(|q| q.is_none()).count();
+    let total: usize = scored.iter().map(|p| p.points.len()).sum();
+    assert!(unanswered * 100 <= total, "{unanswered} of {total} points got no prediction");
     let report = pck_report(&collection, &scored, 0.1).unwrap();
     let pck = report.pck.unwrap();
     eprintln!("dogs-dev bbox guess PCK@0.1 {pck:.3} over {} points", report.points);

@@ -112,4 +112,27 @@ fn transfer_3d_and_2d_baseline_on_ground_truth_pairs() {
     assert!(sorted[sorted.len() / 2] < 3.0, "median round-trip error {} px", sorted[sorted.len() / 2]);
     assert_eq!(transfer(out.path(), &result, &src, &pairs[0].dst, &[[0.0, 0.0]]).unwrap(), vec![None]);
     assert_eq!(transfer_2d(&collection, &extractor, 0.05, &src, &pairs[0].dst, &[[0.0, 0.0]]).unwrap(), vec![None]);
+
+    // A point 2 px left of the source mask (well within SNAP_FRACTION of its bbox) is transferred as
+    // the mask pixel it snaps to; both routes give it an answer.
+    let i = collection.index_of(&src).unwrap();
+    let mask = collection.load_image(i).unwrap().mask;
+    let bbox = congeal::collection::mask_bbox(&mask).unwrap();
+    let row = (bbox.y_min + bbox.y_max) / 2.0;
+    let left = (0..mask.width()).find(|&x| mask.get_pixel(x, row as u32)[0] >= 128).unwrap() as f64;
+    assert!(2.0 <= congeal::congeal::transfer::SNAP_FRACTION * (bbox.width().max(bbox.height()) + 1.0));
+    let off = [left - 2.0, row];
+    // The nearest mask pixel, by brute force over the whole mask.
+    let nearest = mask
+        .enumerate_pixels()
+        .filter(|(_, _, v)| v[0] >= 128)
+        .map(|(x, y, _)| [x as f64, y as f64])
+        .min_by(|a, b| (a[0] - off[0]).hypot(a[1] - off[1]).total_cmp(&(b[0] - off[0]).hypot(b[1] - off[1])))
+        .unwrap();
+    assert!((nearest[0] - off[0]).hypot(nearest[1] - off[1]) <= 2.0);
+    let dst = pairs[0].dst.clone();
+    let snapped = transfer_2d(&collection, &extractor, 0.05, &src, &dst, &[nearest]).unwrap();
+    assert!(snapped[0].is_some());
+    assert_eq!(transfer_2d(&collection, &extractor, 0.05, &src, &dst, &[off]).unwrap(), snapped);
+    assert!(transfer(out.path(), &result, &src, &dst, &[off]).unwrap()[0].is_some(), "3D route: a point 2 px off the mask");
 }
