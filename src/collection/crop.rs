@@ -84,18 +84,18 @@ impl BorderContact {
 
 /// The tightest box around the set pixels (`>= 128`) of a mask; `None` if no pixel is set.
 pub fn mask_bbox(mask: &GrayImage) -> Option<PixelBox> {
-    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0u32, 0u32);
-    let mut any = false;
-    for (x, y, p) in mask.enumerate_pixels() {
-        if p[0] >= 128 {
-            any = true;
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-        }
+    PixelBox::covering(mask.enumerate_pixels().filter(|(_, _, p)| p[0] >= 128).map(|(x, y, _)| (x, y)))
+}
+
+impl PixelBox {
+    /// The tightest box around pixels `(x, y)`; `None` when there are none.
+    pub fn covering(pixels: impl IntoIterator<Item = (u32, u32)>) -> Option<Self> {
+        let mut pixels = pixels.into_iter();
+        let (x, y) = pixels.next()?;
+        let ((x0, y0), (x1, y1)) =
+            pixels.fold(((x, y), (x, y)), |((x0, y0), (x1, y1)), (x, y)| ((x0.min(x), y0.min(y)), (x1.max(x), y1.max(y))));
+        Some(Self { x_min: x0 as f64, y_min: y0 as f64, x_max: x1 as f64, y_max: y1 as f64 })
     }
-    any.then_some(PixelBox { x_min: x0 as f64, y_min: y0 as f64, x_max: x1 as f64, y_max: y1 as f64 })
 }
 
 /// A square window of the image resampled to a `size` x `size` raster.

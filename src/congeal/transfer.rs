@@ -74,16 +74,13 @@ fn snap_distance(bbox: &PixelBox) -> f64 {
 
 /// The bounding box of the pixels a forward map covers.
 fn map_bbox(map: &NocsMap) -> Option<PixelBox> {
-    let w = map.width.max(1) as usize;
-    let mut covered = map.nocs.iter().enumerate().filter(|(_, n)| n.is_some()).map(|(i, _)| ((i % w) as f64, (i / w) as f64));
-    let (x, y) = covered.next()?;
-    let b = covered.fold(PixelBox { x_min: x, y_min: y, x_max: x, y_max: y }, |b, (x, y)| PixelBox {
-        x_min: b.x_min.min(x),
-        y_min: b.y_min.min(y),
-        x_max: b.x_max.max(x),
-        y_max: b.y_max.max(y),
-    });
-    Some(b)
+    let w = map.width.max(1);
+    PixelBox::covering(map.nocs.iter().enumerate().filter(|(_, n)| n.is_some()).map(|(i, _)| (i as u32 % w, i as u32 / w)))
+}
+
+/// [`snap_to_object`] onto a mask's set pixels, reaching [`SNAP_FRACTION`] of the mask's bbox `bbox`.
+fn snap_to_mask(mask: &image::GrayImage, bbox: &PixelBox, p: [f64; 2]) -> Option<[f64; 2]> {
+    snap_to_object(p, mask.width(), mask.height(), snap_distance(bbox), |x, y| mask.get_pixel(x, y)[0] >= 128)
 }
 
 /// One transfer request: an entry of the `--pairs` file of `congeal transfer` (README, "Command line").
@@ -153,6 +150,8 @@ pub fn transfer_2d(
 /// An image as the 2D baseline sees it: the loaded image, its crop and the crop's features.
 struct FeaturedImage {
     image: crate::collection::LoadedImage,
+    /// The mask's bbox.
+    bbox: PixelBox,
     crop: SquareCrop,
     features: FeatureGrid,
 }
@@ -278,11 +277,10 @@ impl<'a> Transfer2d<'a> {
         let (a, b) = (self.load(src)?, self.load(dst)?);
         let boxes = (crate::collection::mask_bbox(&a.mask), crate::collection::mask_bbox(&b.mask));
         let (Some(ba), Some(bb)) = boxes else { return Ok(vec![None; points.len()]) };
-        let snap = snap_distance(&ba);
         Ok(points
             .iter()
             .map(|p| {
-                let p = snap_to_object(*p, a.mask.width(), a.mask.height(), snap, |x, y| a.mask.get_pixel(x, y)[0] >= 128)?;
+                let p = snap_to_mask(&a.mask, &ba, *p)?;
                 let u = (p[0] - ba.x_min) / ba.width().max(1.0);
                 let v = (p[1] - ba.y_min) / ba.height().max(1.0);
                 Some([bb.x_min + u * bb.width().max(1.0), bb.y_min + v * bb.height().max(1.0)])
@@ -299,7 +297,7 @@ impl<'a> Transfer2d<'a> {
             .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
         let crop = SquareCrop::around(&bbox, self.crop_margin, self.extractor.input_size())?;
         let features = self.extractor.extract(&[masked_crop(&image.rgb, &image.mask, &crop)])?.remove(0);
-        let f = std::rc::Rc::new(FeaturedImage { image, crop, features });
+        let f = std::rc::Rc::new(FeaturedImage { image, bbox, crop, features });
         self.cache.insert(file.to_string(), f.clone());
         Ok(f)
     }
@@ -328,11 +326,10 @@ impl<'a> Transfer2d<'a> {
                 (p, fb.features.sample_normalised(u[0], u[1]), nocs)
             })
             .collect();
-        let snap = crate::collection::mask_bbox(&a.mask).map_or(0.0, |b| snap_distance(&b));
         Ok(points
             .iter()
             .map(|p| {
-                let p = &snap_to_object(*p, a.mask.width(), a.mask.height(), snap, |x, y| a.mask.get_pixel(x, y)[0] >= 128)?;
+                let p = &snap_to_mask(&a.mask, &fa.bbox, *p)?;
                 let u = unit(&fa.crop, *p);
                 let q = fa.features.sample_normalised(u[0], u[1]);
                 let src_nocs = na.as_ref().and_then(|m| m.at(p[0], p[1]));
