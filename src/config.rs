@@ -158,7 +158,9 @@ pub struct TransferConfig {
     /// Weight `lambda` of the canonical-coordinate term in the 3D-aware joint cost
     /// `(1 - cos(f_src, f_dst)) + lambda * |x_src - x_dst|` (features: DINOv2, unit length; `x`:
     /// forward-map NOCS, unit box). 0 is the 2D baseline (Eq. 18); large values approach the pure
-    /// canonical-coordinate transfer (Eq. 17).
+    /// canonical-coordinate transfer (Eq. 17). The default suits rigid objects the template fits;
+    /// on articulated ones (real dogs) any weight above 0 loses to features alone
+    /// (`scripts/bench/nocs_weight.sh`).
     pub nocs_weight: f32,
 }
 
