@@ -3,7 +3,9 @@
 #   dogs-dev: keypoint transfer PCK@0.1 of the 3D-aware joint cost (features + transfer.nocs_weight x NOCS
 #             distance), the canonical shape alone (Eq. 17), 2D DINOv2 matching (Eq. 18) and the
 #             "same spot in the bbox" guess, all on the same run and pairs;
-#   dtu-house: rotation error (raw and after one global rotation/similarity) with the set's template and K;
+#   dtu-house: rotation error (raw and after one global rotation/similarity) with the set's template and K,
+#             and keypoint transfer PCK@0.1 of the same four methods on pairs whose ground truth comes from
+#             the calibrated cameras (scripts/bench/dtu_pairs.py): a rigid object, photographed for real;
 #   then how many dogs face the way their keypoints do, and each method's PCK on the pairs whose two dogs
 #   both do (scripts/bench/facing.py).
 # Usage: scripts/bench/real.sh [CONFIG] [OUT] [DOG_TEMPLATE]
@@ -28,6 +30,12 @@ for m in joint 3d 2d bbox; do
 done
 $B run "$REAL/dtu-house" --out "$OUT/dtu" --config "$CFG" > "$OUT/dtu.log" 2>&1
 $B eval "$REAL/dtu-house" "$OUT/dtu" > "$OUT/dtu.eval.json"
+# Keypoint transfer on real photographs of a rigid object: ground truth from the calibrated cameras.
+python3 scripts/bench/dtu_pairs.py "$REAL/dtu-house" "$OUT/dtu.pairs.json" > /dev/null
+for m in joint 3d 2d bbox; do
+  $B transfer "$OUT/dtu" --pairs "$OUT/dtu.pairs.json" --out "$OUT/dtu.$m.json" --method "$m" > /dev/null 2>> "$OUT/transfer.log"
+  $B eval "$REAL/dtu-house" "$OUT/dtu" --pairs "$OUT/dtu.$m.json" > "$OUT/dtu.$m.eval.json"
+done
 python3 - "$OUT" "$CFG" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
 out, cfg, secs = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -49,6 +57,12 @@ for key, label in [("rotation_deg_unaligned", "raw"), ("rotation_deg_aligned", "
     flips = sum(1 for e in per if e > 90) / len(per)
     s = p[key]
     print(f"| {label} | {s['median']:.1f} | {100 * s['frac_below_15deg']:.0f} % | {100 * flips:.0f} % |")
+k = json.load(open(f"{out}/dtu.joint.eval.json"))["keypoints"]
+print(f"| dtu-house keypoint transfer (PCK@0.1, {k['pairs']} pairs, {k['points']} points; scripts/bench/dtu_pairs.py) | value |")
+print("|---|---|")
+for m in ["joint", "3d", "2d", "bbox"]:
+    k = json.load(open(f"{out}/dtu.{m}.eval.json"))["keypoints"]
+    print(f"| {names[m]} | {100 * k['pck']:.1f} |")
 PY
 echo
 python3 scripts/bench/facing.py "$OUT/dogs" "$REAL/dogs-dev/pairs.json" \

@@ -63,37 +63,38 @@ impl FeatureGrid {
         &self.data[k..k + self.channels]
     }
 
+    /// The bilinear interpolation's taps at a unit-square point (clamped to the token centres): four
+    /// `(token index, weight)`, weights summing to 1 (zero-weight taps repeat a valid index).
+    pub fn taps(&self, x: f64, y: f64) -> [(usize, f32); 4] {
+        let (c, _) = cell(x, self.width);
+        let (r, _) = cell(y, self.height);
+        let mut out = [(0usize, 0f32); 4];
+        let mut k = 0;
+        for (rr, wy) in [(r.0, 1.0 - r.1), (r.0 + 1, r.1)] {
+            for (cc, wx) in [(c.0, 1.0 - c.1), (c.0 + 1, c.1)] {
+                out[k] = (rr.min(self.height - 1) * self.width + cc.min(self.width - 1), (wx * wy) as f32);
+                k += 1;
+            }
+        }
+        out
+    }
+
     /// Adds `weight` x the bilinear interpolation at a unit-square point (clamped to the token
     /// centres, not normalised) to `out` (`channels` values).
     pub fn add_bilinear(&self, x: f64, y: f64, weight: f32, out: &mut [f32]) {
-        let (c, _) = cell(x, self.width);
-        let (r, _) = cell(y, self.height);
-        for (rr, wy) in [(r.0, 1.0 - r.1), (r.0 + 1, r.1)] {
-            for (cc, wx) in [(c.0, 1.0 - c.1), (c.0 + 1, c.1)] {
-                let w = weight * (wx * wy) as f32;
-                if w != 0.0 {
-                    let t = self.token(rr.min(self.height - 1), cc.min(self.width - 1));
-                    out.iter_mut().zip(t).for_each(|(o, v)| *o += w * v);
-                }
+        for (t, w) in self.taps(x, y) {
+            let w = weight * w;
+            if w != 0.0 {
+                let t = &self.data[t * self.channels..(t + 1) * self.channels];
+                out.iter_mut().zip(t).for_each(|(o, v)| *o += w * v);
             }
         }
     }
 
     /// Bilinear interpolation at a unit-square point (clamped to the token centres), L2-normalised.
     pub fn sample_normalised(&self, x: f64, y: f64) -> Vec<f32> {
-        let (c, _) = cell(x, self.width);
-        let (r, _) = cell(y, self.height);
         let mut out = vec![0f32; self.channels];
-        for (rr, wy) in [(r.0, 1.0 - r.1), (r.0 + 1, r.1)] {
-            for (cc, wx) in [(c.0, 1.0 - c.1), (c.0 + 1, c.1)] {
-                let w = (wx * wy) as f32;
-                if w == 0.0 {
-                    continue;
-                }
-                let t = self.token(rr.min(self.height - 1), cc.min(self.width - 1));
-                out.iter_mut().zip(t).for_each(|(o, v)| *o += w * v);
-            }
-        }
+        self.add_bilinear(x, y, 1.0, &mut out);
         let n = out.iter().map(|v| v * v).sum::<f32>().sqrt();
         if n > 1e-12 {
             out.iter_mut().for_each(|v| *v /= n);
