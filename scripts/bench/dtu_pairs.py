@@ -6,7 +6,8 @@ under the calibrated cameras) with the source camera, projected with the target 
 surface point is visible there (depth test against the template seen from the target) and lands on the
 target's mask. The hull fills concavities, so a point there can be off by a few pixels, far below the PCK@0.1
 radius (a tenth of the mask bbox's larger side: ~60 px here).
-Writes the pairs file `congeal transfer --pairs` and `congeal eval --pairs` read ({src, dst, points, gt}).
+Writes the pairs file `congeal transfer --pairs` and `congeal eval --pairs` read ({src, dst, points, gt}, plus
+`angle_deg` between the two cameras and the PCK@0.1 `radius` in pixels, which they ignore).
 `--check-nocs` checks the construction on a rendered collection whose template is the rendered instance (e.g.
 duck, with `--depth-tolerance 0.002` for its metre units): each ground-truth point against the projection of the
 source pixel's NOCS (read at 8 bits) with the target camera.
@@ -113,7 +114,13 @@ def main():
                 break
         if len(src) < a.points // 2:
             continue
-        out.append({"src": images[s]["rgb"], "dst": images[d]["rgb"], "points": src, "gt": gt})
+        ys, xs = np.nonzero(vd.mask)
+        relative = vs.pose[:3, :3] @ vd.pose[:3, :3].T
+        angle = float(np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1))))
+        out.append({"src": images[s]["rgb"], "dst": images[d]["rgb"], "points": src, "gt": gt,
+                    # Extra fields (ignored by congeal): the angle between the two cameras, and the PCK@0.1
+                    # radius (a tenth of the target mask bbox's larger side, as `congeal eval` uses).
+                    "angle_deg": angle, "radius": 0.1 * float(max(np.ptp(xs), np.ptp(ys)) + 1)})
     json.dump(out, open(a.out, "w"), indent=1)
     n = sum(len(p["points"]) for p in out)
     print(f"{len(out)} pairs, {n} points with ground truth: {a.out}")

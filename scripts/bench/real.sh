@@ -63,6 +63,19 @@ print("|---|---|")
 for m in ["joint", "3d", "2d", "bbox"]:
     k = json.load(open(f"{out}/dtu.{m}.eval.json"))["keypoints"]
     print(f"| {names[m]} | {100 * k['pck']:.1f} |")
+pairs = json.load(open(f"{out}/dtu.pairs.json"))
+bins = [(0, 20), (20, 40), (40, 60), (60, 180)]
+print("| dtu-house transfer by the angle between the two cameras (points) | " + " | ".join(f"{a}-{b} deg" for a, b in bins) + " |")
+print("|---" * (len(bins) + 1) + "|")
+for m in ["joint", "3d", "2d", "bbox"]:
+    pred = json.load(open(f"{out}/dtu.{m}.json"))
+    hit = {b: [0, 0] for b in bins}
+    for pair, pr in zip(pairs, pred):
+        b = next(x for x in bins if x[0] <= pair["angle_deg"] < x[1])
+        for q, g in zip(pr["pred"], pair["gt"]):
+            hit[b][1] += 1
+            hit[b][0] += q is not None and ((q[0] - g[0]) ** 2 + (q[1] - g[1]) ** 2) ** 0.5 <= pair["radius"]
+    print(f"| {names[m]} | " + " | ".join(f"{100 * h / max(n, 1):.1f} ({n})" for h, n in hit.values()) + " |")
 PY
 echo
 python3 scripts/bench/facing.py "$OUT/dogs" "$REAL/dogs-dev/pairs.json" \
