@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use congeal::collection::Collection;
 use congeal::config::Config;
+use congeal::congeal::transfer::Method;
 use congeal::output::result::RunResult;
 use congeal::shape::ShapeSpec;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -105,8 +106,8 @@ enum Command {
         out: PathBuf,
         /// `joint` (3D-aware: features + canonical coordinates), `3d` (canonical shape alone,
         /// Eq. 17), `2d` (DINOv2 nearest neighbour, Eq. 18) or `bbox` (same spot in the mask bbox).
-        #[arg(long, value_enum, default_value_t = TransferMethod::Joint)]
-        method: TransferMethod,
+        #[arg(long, default_value = "joint", value_parser = parse_method)]
+        method: Method,
         /// Config for `--method joint|2d|bbox` (default: the run's config.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -221,20 +222,9 @@ enum Command {
     },
 }
 
-/// How `congeal transfer` finds the target points.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum TransferMethod {
-    /// 3D-aware: DINOv2 feature distance plus `transfer.nocs_weight` x the canonical-coordinate
-    /// distance of the forward maps (needs the collection, the DINOv2 weights and the NOCS maps).
-    Joint,
-    /// Through the canonical shape alone (Eq. 17).
-    #[value(name = "3d")]
-    ThreeD,
-    /// The DINOv2 nearest-neighbour baseline (Eq. 18).
-    #[value(name = "2d")]
-    TwoD,
-    /// The same relative spot in the mask bbox (a floor).
-    Bbox,
+/// `--method` by name (one list of names: `transfer::Method::NAMES`).
+fn parse_method(name: &str) -> std::result::Result<Method, String> {
+    Method::parse(name).map_err(|e| e.to_string())
 }
 
 /// A rendered camera orbit (see `congeal::eval::orbit::OrbitSpec`).
@@ -435,10 +425,8 @@ fn main() -> Result<()> {
         Command::Transfer { run, pairs, out, method, config, nocs_weight } => {
             let mut list = read_pairs(&pairs)?;
             match method {
-                TransferMethod::ThreeD => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
-                TransferMethod::TwoD => transfer_2d(&run, config.as_deref(), Matching::Features, &mut list)?,
-                TransferMethod::Joint => transfer_2d(&run, config.as_deref(), Matching::Joint(nocs_weight), &mut list)?,
-                TransferMethod::Bbox => transfer_2d(&run, config.as_deref(), Matching::BboxGuess, &mut list)?,
+                Method::Canonical => congeal::congeal::transfer::transfer_pairs(&run, &mut list)?,
+                _ => transfer_2d(&run, config.as_deref(), method, nocs_weight, &mut list)?,
             }
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;
             let (n, found) =
@@ -473,22 +461,14 @@ fn read_pairs(path: &Path) -> Result<Vec<congeal::congeal::transfer::TransferPai
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// How `congeal transfer` matches points when it does not go through the canonical shape alone.
-enum Matching {
-    /// DINOv2 nearest neighbour (Eq. 18).
-    Features,
-    /// The 3D-aware joint cost with this weight (default: the config's `transfer.nocs_weight`).
-    Joint(Option<f32>),
-    /// Same relative position in the mask bbox.
-    BboxGuess,
-}
-
 /// `congeal transfer --method 2d|joint|bbox` on the run's collection with the run's feature
 /// settings.
+/// `nocs_weight` overrides the config's `transfer.nocs_weight` for `joint`.
 fn transfer_2d(
     run: &Path,
     config: Option<&Path>,
-    matching: Matching,
+    method: Method,
+    nocs_weight: Option<f32>,
     pairs: &mut [congeal::congeal::transfer::TransferPair],
 ) -> Result<()> {
     let result = RunResult::load(run)?;
@@ -503,16 +483,16 @@ fn transfer_2d(
     let bar = ProgressBar::new(pairs.len() as u64);
     let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin)
         .with_run_masks(&result, run);
-    if let Matching::Joint(weight) = matching {
-        let weight = weight.unwrap_or(config.transfer.nocs_weight);
+    if method == Method::Joint {
+        let weight = nocs_weight.unwrap_or(config.transfer.nocs_weight);
         if !(weight.is_finite() && weight >= 0.0) {
             bail!("--nocs-weight must be finite and >= 0, got {weight}");
         }
         baseline = baseline.with_canonical(&result, run, weight);
     }
     for pair in pairs.iter_mut() {
-        let pred = match matching {
-            Matching::BboxGuess => baseline.transfer_bbox(&pair.src, &pair.dst, &pair.points)?,
+        let pred = match method {
+            Method::Bbox => baseline.transfer_bbox(&pair.src, &pair.dst, &pair.points)?,
             _ => baseline.transfer(&pair.src, &pair.dst, &pair.points)?,
         };
         pair.pred = Some(pred);

@@ -83,6 +83,38 @@ fn snap_to_mask(mask: &image::GrayImage, bbox: &PixelBox, p: [f64; 2]) -> Option
     snap_to_object(p, mask.width(), mask.height(), snap_distance(bbox), |x, y| mask.get_pixel(x, y)[0] >= 128)
 }
 
+/// How points are transferred: `congeal transfer --method`, and the `method` of the node's
+/// `~/transfer_keypoints`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Features plus `transfer.nocs_weight` x canonical-coordinate distance ([`joint_cost`]).
+    Joint,
+    /// Through the canonical shape alone (Eq. 17, [`transfer`]).
+    Canonical,
+    /// DINOv2 features alone (Eq. 18, [`transfer_2d`]).
+    Features,
+    /// The same relative spot in the mask bbox ([`Transfer2d::transfer_bbox`]).
+    Bbox,
+}
+
+impl Method {
+    /// Every method with its name.
+    pub const NAMES: [(&'static str, Method); 4] =
+        [("joint", Method::Joint), ("3d", Method::Canonical), ("2d", Method::Features), ("bbox", Method::Bbox)];
+
+    /// The method called `name`; an empty name is the default, [`Method::Joint`].
+    pub fn parse(name: &str) -> Result<Self> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Ok(Method::Joint);
+        }
+        Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, m)| *m).ok_or_else(|| {
+            let known: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+            Error::InvalidInput(format!("unknown transfer method `{name}` (expected one of {})", known.join(", ")))
+        })
+    }
+}
+
 /// One transfer request: an entry of the `--pairs` file of `congeal transfer` (README, "Command line").
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TransferPair {
@@ -531,6 +563,16 @@ mod tests {
         assert_eq!(snap_to_object([-1.0, 3.0], 10, 10, 1.5, edge), Some([0.0, 3.0]));
         assert_eq!(snap_to_object([f64::NAN, 3.0], 10, 10, 5.0, edge), None);
         assert_eq!(snap_to_object([40.0, 3.0], 10, 10, 5.0, edge), None);
+    }
+
+    #[test]
+    fn transfer_methods_parse_by_name() {
+        assert_eq!(Method::parse("").unwrap(), Method::Joint);
+        assert_eq!(Method::parse(" 2D ").unwrap(), Method::Features);
+        assert_eq!(Method::parse("3d").unwrap(), Method::Canonical);
+        assert_eq!(Method::parse("bbox").unwrap(), Method::Bbox);
+        let e = Method::parse("nearest").unwrap_err().to_string();
+        assert!(e.contains("`nearest`") && e.contains("joint, 3d, 2d, bbox"), "{e}");
     }
 
     #[test]

@@ -733,9 +733,15 @@ fn get_pose(shared: &Shared, req: &GetPose::Request) -> GetPose::Response {
     }
 }
 
-/// Transfers pixels between two collected images (by stamp) through the canonical shape.
+/// Transfers pixels between two collected images (by stamp) with the request's method (default:
+/// the joint cost of features and canonical coordinates, as `congeal transfer`).
 fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> TransferKeypoints::Response {
+    use crate::congeal::transfer::{transfer, Method, Transfer2d};
     let fail = |message: String| TransferKeypoints::Response { ok: false, message, ..Default::default() };
+    let method = match Method::parse(&req.method) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
     let category = shared.category_or_default(&req.category);
     if !req.points.len().is_multiple_of(2) {
         return fail(format!("points must be x, y pairs; got {} numbers", req.points.len()));
@@ -756,7 +762,23 @@ fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> Tran
         }
     };
     let points: Vec<[f64; 2]> = req.points.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-    match crate::congeal::transfer::transfer(&run_dir, &result, &src, &dst, &points) {
+    let outcome = (|| -> crate::Result<Vec<Option<[f64; 2]>>> {
+        if method == Method::Canonical {
+            return transfer(&run_dir, &result, &src, &dst, &points);
+        }
+        let collection = Collection::load(Path::new(&result.collection))?;
+        let extractor = shared.features()?;
+        let mut matcher =
+            Transfer2d::new(&collection, &extractor, shared.config.pose_init.crop_margin).with_run_masks(&result, &run_dir);
+        match method {
+            Method::Bbox => matcher.transfer_bbox(&src, &dst, &points),
+            Method::Joint => {
+                matcher.with_canonical(&result, &run_dir, shared.config.transfer.nocs_weight).transfer(&src, &dst, &points)
+            }
+            _ => matcher.transfer(&src, &dst, &points),
+        }
+    })();
+    match outcome {
         Ok(pred) => TransferKeypoints::Response {
             ok: true,
             points: pred.iter().flat_map(|p| p.map(|q| [q[0], q[1]]).unwrap_or([f64::NAN; 2])).collect(),

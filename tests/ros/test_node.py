@@ -169,6 +169,20 @@ def run(n, proc, data_dir):
         u, v = int(round(r.points[0])), int(round(r.points[1]))
         ok = m1[v, u] > 127
     check(ok, f"~/transfer_keypoints: {list(r.valid)} {list(r.points)} {r.message}")
+    # The other methods by name (2D features alone, the canonical shape alone); an unknown one is refused by name.
+    for method in ["2d", "3d"]:
+        r, _ = call(n, transfer, TransferKeypoints.Request(category="duck", src_stamp=poses[0].header.stamp.__class__(sec=100),
+                                                           dst_stamp=poses[0].header.stamp.__class__(sec=101), points=src,
+                                                           method=method))
+        ok = r.ok and len(r.valid) == 2 and r.valid[0] and not r.valid[1]
+        if ok:
+            u, v = int(round(r.points[0])), int(round(r.points[1]))
+            ok = m1[v, u] > 127
+        check(ok, f"~/transfer_keypoints method {method}: {list(r.valid)} {list(r.points)} {r.message}")
+    r, _ = call(n, transfer, TransferKeypoints.Request(category="duck", src_stamp=poses[0].header.stamp.__class__(sec=100),
+                                                       dst_stamp=poses[0].header.stamp.__class__(sec=101), points=src,
+                                                       method="nearest"))
+    check(not r.ok and "nearest" in r.message, f"~/transfer_keypoints refuses an unknown method: {r.message}")
 
     # register a known image against the model.
     f = frames[3]
