@@ -110,7 +110,10 @@ impl Method {
         }
         Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, m)| *m).ok_or_else(|| {
             let known: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
-            Error::InvalidInput(format!("unknown transfer method `{name}` (expected one of {})", known.join(", ")))
+            // Echo at most 40 characters of what a client sent.
+            let shown: String = name.chars().take(40).collect();
+            let more = if name.chars().count() > 40 { "..." } else { "" };
+            Error::InvalidInput(format!("unknown transfer method `{shown}{more}` (expected one of {})", known.join(", ")))
         })
     }
 }
@@ -573,6 +576,9 @@ mod tests {
         assert_eq!(Method::parse("bbox").unwrap(), Method::Bbox);
         let e = Method::parse("nearest").unwrap_err().to_string();
         assert!(e.contains("`nearest`") && e.contains("joint, 3d, 2d, bbox"), "{e}");
+        // A huge name is echoed cut short.
+        let e = Method::parse(&"x".repeat(100_000)).unwrap_err().to_string();
+        assert!(e.len() < 200 && e.contains("x..."), "{e}");
     }
 
     #[test]
