@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::collection::{Collection, PixelBox, SquareCrop};
 use crate::congeal::coord_maps::reverse::find_image;
-use crate::congeal::coord_maps::{reverse_map, FeatureGrid, NocsMap};
+use crate::congeal::coord_maps::{reverse_map, FeatureGrid, NeighbourGram, NocsMap};
 use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::error::{Error, Result};
 use crate::output::result::RunResult;
@@ -231,8 +231,8 @@ pub type PixelTarget = ([f64; 2], [f64; 2], Option<[f32; 3]>);
 
 /// Many target pixels of one feature grid, ready to be matched against many query features: the
 /// cosine of a unit query `q` with a pixel's interpolated, normalised feature ([`FeatureGrid::sample_normalised`])
-/// is `Σ_k w_k <q, t_k> / |Σ_k w_k t_k|` over its 4 bilinear taps, with the norm from the tokens'
-/// Gram matrix. So a query costs one dot product per token and O(1) per pixel, instead of building and
+/// is `Σ_k w_k <q, t_k> / |Σ_k w_k t_k|` over its 4 bilinear taps, with the norm from the
+/// neighbouring tokens' dot products ([`NeighbourGram`], as the coordinate-map warp does). So a query costs one dot product per token and O(1) per pixel, instead of building and
 /// comparing a feature per pixel (640 x 480 photos of an object filling the frame: ~200 000 pixels).
 /// [`PixelMatcher::best`] equals [`best_match`] over the same pixels up to float rounding.
 pub struct PixelMatcher<'g> {
@@ -247,25 +247,11 @@ pub struct PixelMatcher<'g> {
 impl<'g> PixelMatcher<'g> {
     /// The target pixels `targets` of `grid`.
     pub fn new(grid: &'g FeatureGrid, targets: impl IntoIterator<Item = PixelTarget>) -> Self {
-        let (n, c) = (grid.width * grid.height, grid.channels);
-        let token = |t: usize| &grid.data[t * c..(t + 1) * c];
-        let mut gram = vec![0f32; n * n];
-        for a in 0..n {
-            for b in a..n {
-                let d = token(a).iter().zip(token(b)).map(|(x, y)| x * y).sum::<f32>();
-                gram[a * n + b] = d;
-                gram[b * n + a] = d;
-            }
-        }
+        let gram = NeighbourGram::new(grid);
         let (mut pixels, mut taps, mut inv_norm, mut nocs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (p, u, x) in targets {
             let t = grid.taps(u[0], u[1]);
-            let norm2: f32 = t
-                .iter()
-                .flat_map(|&(a, wa)| t.iter().map(move |&(b, wb)| (a, b, wa * wb)))
-                .map(|(a, b, w)| w * gram[a * n + b])
-                .sum();
-            let norm = norm2.max(0.0).sqrt();
+            let norm = gram.norm2(&t).max(0.0).sqrt();
             pixels.push(p);
             taps.push(t);
             inv_norm.push(if norm > 1e-12 { 1.0 / norm } else { 1.0 });
@@ -499,7 +485,7 @@ mod tests {
         assert_eq!(best_match(&query, src, &[], 1.0), None);
     }
 
-    /// The fast matcher (taps + Gram matrix) picks what plain per-pixel features pick
+    /// The fast matcher (taps + neighbour dot products) picks what plain per-pixel features pick
     /// ([`best_match`] over [`FeatureGrid::sample_normalised`]), on random grids with a zero token,
     /// positions beyond the token centres, pixels without NOCS and several weights.
     #[test]

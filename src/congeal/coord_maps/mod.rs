@@ -17,4 +17,4 @@ pub mod warp;
 
 pub use forward::{forward_map, StoredWarp};
 pub use reverse::{reverse_map, NocsMap, ReverseMap};
-pub use warp::{optimise_warps, FeatureGrid, Warp, WarpProblem};
+pub use warp::{optimise_warps, FeatureGrid, NeighbourGram, Warp, WarpProblem};
