@@ -94,6 +94,15 @@ pub struct CategoryConfig {
     pub template_weight: f32,
     /// At most this many template views (candidates with features, evenly spread) carry that weight.
     pub template_views: usize,
+    /// Weight of the semantic term in a last refinement of every image after the rounds: each token of
+    /// the shape seen at the image's pose carries the category feature the other images put there, and
+    /// the pose moves those points onto image tokens that look alike (0 = off).
+    pub feature_weight: f32,
+    /// Iterations of that last refinement.
+    pub feature_iterations: usize,
+    /// Images whose silhouette IoU is at least this get no semantic term; below it the weight
+    /// ramps up to the full `feature_weight` at 0.1 less.
+    pub feature_max_iou: f32,
 }
 
 impl Default for CategoryConfig {
@@ -113,6 +122,9 @@ impl Default for CategoryConfig {
             max_iou_loss: 0.05,
             template_weight: 0.0,
             template_views: 48,
+            feature_weight: 30.0,
+            feature_iterations: 300,
+            feature_max_iou: 0.9,
         }
     }
 }
@@ -120,6 +132,12 @@ impl Default for CategoryConfig {
 impl CategoryConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
+        if !(self.feature_weight.is_finite() && self.feature_weight >= 0.0) {
+            return Err(Error::Config(format!("category.feature_weight must be finite and >= 0, got {}", self.feature_weight)));
+        }
+        if !self.feature_max_iou.is_finite() {
+            return Err(Error::Config(format!("category.feature_max_iou must be finite, got {}", self.feature_max_iou)));
+        }
         if !(self.semantic_weight.is_finite() && self.semantic_weight >= 0.0) {
             return Err(Error::Config(format!("category.semantic_weight must be finite and >= 0, got {}", self.semantic_weight)));
         }

@@ -138,3 +138,55 @@ fn truncated_objects_are_recovered_with_known_k() {
         assert!(*e < 5.0, "view {i}: rotation error {e} deg with the truncation-aware path");
     }
 }
+
+/// The semantic term of refinement (`pose_refine::FeatureTarget`) turns a pose that silhouettes cannot
+/// see: a sphere spun 12 deg about its own axis has the same mask, so IoU alone leaves it there, while
+/// features painted on the sphere (its surface normal, seen at the true pose) bring it back.
+#[test]
+fn feature_term_recovers_a_spin_the_silhouette_cannot_see() {
+    use congeal::collection::SquareCrop;
+    use congeal::congeal::category::{surface_points, token_points, WindowCamera};
+    use congeal::congeal::coord_maps::FeatureGrid;
+    use congeal::congeal::pose_refine::{refine_poses, FeatureTarget, RefineSettings, RefineTarget};
+
+    let field = common::sphere_field(0.5, 0.6, 48, 8.0);
+    let k = Intrinsics::from_fov_y(40.0, 96, 96).unwrap();
+    let truth = orbit_camera_from_object(30.0, 20.0, 2.6);
+    let spin = UnitQuaternion::from_axis_angle(&Vector3::y_axis(), 12f64.to_radians());
+    let start = Isometry3::from_parts(truth.translation, truth.rotation * spin);
+    let mask = render_mask(&field, &truth, &k);
+    let (tokens, sub) = (32, 2);
+    let window = SquareCrop::whole_image(96, 96, tokens as u32);
+    let camera = |pose: Isometry3<f64>| WindowCamera { camera_from_object: pose, intrinsics: k, window };
+    let seen = surface_points(&field, &[camera(truth), camera(start)], (tokens * sub) as u32, 96, 1 << 15).unwrap();
+    // A feature per surface point: its unit normal, mixed into 6 channels so that it varies faster.
+    let feature = |p: &nalgebra::Point3<f64>| {
+        let n = p.coords / p.coords.norm();
+        [n.x, n.y, n.z, (3.0 * n.x).sin(), (3.0 * n.y).sin(), (3.0 * n.z).sin()].map(|v| v as f32)
+    };
+    let mean_feature = |pts: &[nalgebra::Point3<f64>]| {
+        let mut f = [0f32; 6];
+        for p in pts {
+            f.iter_mut().zip(feature(p)).for_each(|(a, b)| *a += b);
+        }
+        f
+    };
+    // The image: features of what the true pose sees in each token; the expectation: features of
+    // what the start pose sees there.
+    let image_points = token_points(&seen[0], tokens, sub);
+    let image = FeatureGrid::new(tokens, tokens, 6, image_points.iter().flat_map(|p| mean_feature(p)).collect()).unwrap();
+    let start_points = token_points(&seen[1], tokens, sub);
+    let expected = FeatureGrid::new(tokens, tokens, 6, start_points.iter().flat_map(|p| mean_feature(p)).collect()).unwrap();
+    let covered: Vec<bool> = start_points.iter().map(|p| p.len() == sub * sub).collect();
+    let features = FeatureTarget::from_tokens(&start_points, &covered, &expected.data, &image, window, 1.0).unwrap();
+    let settings = RefineSettings { iterations: 150, lr: 0.01, focal_lr: 0.0, samples_per_ray: 48 };
+    let error_after = |features: Option<FeatureTarget>| {
+        let target = RefineTarget { features, ..RefineTarget::new(SquareCrop::whole_image(96, 96, 32), &mask) };
+        let r = refine_poses(&field, &[start], &[k], &[target], &[false], &settings, &mut |_, _| ()).unwrap();
+        rotation_error_deg(&r.camera_from_object[0].rotation.to_rotation_matrix(), &truth.rotation.to_rotation_matrix())
+    };
+    let (silhouette, with_features) = (error_after(None), error_after(Some(features)));
+    eprintln!("spin of 12 deg after refinement: IoU only {silhouette:.2} deg, with the feature term {with_features:.2} deg");
+    assert!(silhouette > 7.0, "IoU alone should not see the spin: {silhouette} deg");
+    assert!(with_features < 3.5, "the feature term should undo most of the spin: {with_features} deg");
+}

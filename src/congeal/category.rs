@@ -12,6 +12,12 @@
 //! against keeps an image from confirming its own pose. When a whole instance is flipped the same way
 //! it can still confirm itself (half and half, nothing settles it): `category.template_weight` adds
 //! the template's own candidate views, whose poses are exact, as an anchor.
+//!
+//! Last, images whose silhouette the shape does not explain well (`category.feature_max_iou`) are
+//! refined once more with a semantic term next to the IoU ([`FeatureTarget`]): the points of each
+//! token of the shape seen at the pose carry the category feature there, and the pose moves them onto
+//! image tokens that look alike. A different instance's silhouette pulls the template into a wrong tilt
+//! (the silhouette of a taller or lower chair fits best tipped); the parts' appearance holds it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -26,6 +32,7 @@ use crate::congeal::coord_maps::FeatureGrid;
 use crate::congeal::features::{semantic_distance, token_mask};
 use crate::congeal::pipeline::{candidate_info, ProgressFn, Refined, Refiner, Registration};
 use crate::congeal::pose_init::{initialise_pose, CandidateSet, InputView, PoseHypothesis};
+use crate::congeal::pose_refine::FeatureTarget;
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::field::render::{render_rays_host, CameraBatch, RenderWhat};
@@ -337,6 +344,71 @@ fn template_sources<'a>(field: &CanonicalField, set: &'a CandidateSet, config: &
         .collect()
 }
 
+/// How much of `category.feature_weight` an image gets from its silhouette fit: none at
+/// `feature_max_iou` and above (the shape explains the silhouette, which then pins the pose more
+/// finely than 14-pixel tokens can), all of it from `feature_max_iou - 0.1` down.
+fn feature_share(iou: f32, max_iou: f32) -> f32 {
+    ((max_iou - iou) / 0.1).clamp(0.0, 1.0)
+}
+
+/// Every image as a feature source at its pose in `state`, weighted by its `confidence`, followed by
+/// the template's `anchors`.
+fn category_sources<'a>(
+    field: &CanonicalField,
+    views: &'a [InputView],
+    state: &[Refined],
+    confidence: &[f32],
+    anchors: &[LiftSource<'a>],
+    score_size: u32,
+    config: &Config,
+) -> Result<Vec<LiftSource<'a>>> {
+    let mut sources: Vec<LiftSource> = views
+        .iter()
+        .zip(state)
+        .zip(confidence)
+        .map(|((v, s), w)| {
+            let camera = WindowCamera { camera_from_object: s.camera_from_object, intrinsics: s.intrinsics, window: v.crop };
+            let features = v.features.as_ref().ok_or_else(|| Error::InvalidInput("input without features".into()))?;
+            let mut source = LiftSource::new(field, camera, features, &v.silhouette, score_size, config)?;
+            source.weight = *w;
+            Ok(source)
+        })
+        .collect::<Result<_>>()?;
+    // The template's views come after the images (never left out: they are not images).
+    sources.extend(anchors.iter().cloned());
+    Ok(sources)
+}
+
+/// The semantic term of every image at its current pose ([`FeatureTarget::from_tokens`]): each token
+/// of the shape seen through the image's feature window (at least half its rays hit) carries the
+/// category feature the other sources put there.
+fn feature_targets(
+    field: &CanonicalField,
+    views: &[InputView],
+    state: &[Refined],
+    sources: &[LiftSource],
+    config: &Config,
+) -> Result<Vec<Option<FeatureTarget>>> {
+    let c = &config.category;
+    let sub = c.subsamples as usize;
+    views
+        .par_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let weight = c.feature_weight * feature_share(state[i].iou, c.feature_max_iou);
+            let Some(image) = v.features.as_ref().filter(|_| weight > 0.0) else { return Ok(None) };
+            let tokens = image.width;
+            let camera = sources[i].camera;
+            let pts =
+                surface_points(field, &[camera], (tokens * sub) as u32, config.render.samples_per_ray, config.render.chunk_rays)?;
+            let tp = token_points(pts.first().map(|p| p.as_slice()).unwrap_or(&[]), tokens, sub);
+            let grid = category_grid(sources, &tp, tokens, &[i])?;
+            let covered = covered_tokens(&tp, sub);
+            Ok(FeatureTarget::from_tokens(&tp, &covered, &grid.data, image, v.crop, weight as f64))
+        })
+        .collect()
+}
+
 /// Stage 4b: re-aligns a registration against the category features of the collection (see the
 /// module docs). Returns the registration unchanged when the stage is off (`category.rounds` 0), the
 /// collection is smaller than `category.min_images`, or inputs lack features.
@@ -389,20 +461,7 @@ pub fn align_category(
     let mut frozen = vec![false; views.len()];
     let mut history: Vec<Vec<Isometry3<f64>>> = state.iter().map(|s| vec![s.camera_from_object]).collect();
     for round in 0..c.rounds {
-        let mut sources: Vec<LiftSource> = views
-            .iter()
-            .zip(&state)
-            .map(|(v, s)| {
-                let camera = WindowCamera { camera_from_object: s.camera_from_object, intrinsics: s.intrinsics, window: v.crop };
-                let features = v.features.as_ref().ok_or_else(|| Error::InvalidInput("input without features".into()))?;
-                LiftSource::new(field, camera, features, &v.silhouette, score_size, config)
-            })
-            .collect::<Result<_>>()?;
-        for (s, w) in sources.iter_mut().zip(&confidence) {
-            s.weight = *w;
-        }
-        // The template's views come after the images (never left out: they are not images).
-        sources.extend(anchors.iter().cloned());
+        let sources = category_sources(field, views, &state, &confidence, &anchors, score_size, config)?;
         let sums = CandidateSums::new(&candidate_points, &sources, tokens);
         // Hypotheses against the category features (each image left out of its own).
         let init_cfg = PoseInitConfig { top_k: c.top_k, ..config.pose_init.clone() };
@@ -526,6 +585,20 @@ pub fn align_category(
         if changed.is_empty() && reverted == 0 {
             break;
         }
+    }
+    if c.feature_weight > 0.0 && c.feature_iterations > 0 {
+        let sources = category_sources(field, views, &state, &confidence, &anchors, score_size, config)?;
+        let terms = feature_targets(field, views, &state, &sources, config)?;
+        // Only the images that get the term: the others keep the poses their silhouettes settled.
+        let (which, terms): (Vec<usize>, Vec<Option<FeatureTarget>>) =
+            terms.into_iter().enumerate().filter(|(_, t)| t.is_some()).unzip();
+        refiner.refine_selected_with(&mut state, &which, c.feature_iterations, &terms, &|_| ())?;
+        info!(
+            "category: last refinement with the category features ({} iterations) for {} of {} images",
+            c.feature_iterations,
+            which.len(),
+            views.len()
+        );
     }
     registration.camera_from_object = state.iter().map(|r| r.camera_from_object).collect();
     registration.intrinsics = state.iter().map(|r| r.intrinsics).collect();

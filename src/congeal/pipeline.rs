@@ -14,7 +14,7 @@ use crate::congeal::coord_maps::forward::{coordinate_warps, pose_rasters};
 use crate::congeal::coord_maps::StoredWarp;
 use crate::congeal::features::{masked_crop, FeatureExtractor};
 use crate::congeal::pose_init::{self, InputView, PoseHypothesis};
-use crate::congeal::pose_refine::{refine_poses, RefineResult, RefineSettings, RefineTarget};
+use crate::congeal::pose_refine::{refine_poses, FeatureTarget, RefineResult, RefineSettings, RefineTarget};
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::geometry::Intrinsics;
@@ -493,12 +493,29 @@ impl<'a> Refiner<'a> {
         iterations: usize,
         progress: &dyn Fn(usize),
     ) -> Result<()> {
+        self.refine_selected_with(state, which, iterations, &[], progress)
+    }
+
+    /// [`Refiner::refine_selected`] with a semantic term per image (`features[k]` for `which[k]`;
+    /// missing or `None`: silhouette only).
+    pub(crate) fn refine_selected_with(
+        &self,
+        state: &mut [Refined],
+        which: &[usize],
+        iterations: usize,
+        features: &[Option<FeatureTarget>],
+        progress: &dyn Fn(usize),
+    ) -> Result<()> {
         if iterations == 0 || which.is_empty() {
             return Ok(());
         }
         let p0: Vec<_> = which.iter().map(|&i| state[i].camera_from_object).collect();
         let k0: Vec<_> = which.iter().map(|&i| state[i].intrinsics).collect();
-        let tg: Vec<_> = which.iter().map(|&i| self.targets[i].clone()).collect();
+        let tg: Vec<_> = which
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| RefineTarget { features: features.get(k).cloned().flatten(), ..self.targets[i].clone() })
+            .collect();
         let ff: Vec<_> = which.iter().map(|&i| self.free_focal[i]).collect();
         let result = refine_poses(self.field, &p0, &k0, &tg, &ff, &self.settings(iterations), &mut |it, _| progress(it))?;
         for (r, &i) in which.iter().enumerate() {

@@ -12,9 +12,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use nalgebra::{Isometry3, Matrix3, Translation3, UnitQuaternion, Vector3};
+use nalgebra::{Isometry3, Matrix3, Point3, Translation3, UnitQuaternion, Vector3};
 
 use crate::collection::SquareCrop;
+use crate::congeal::coord_maps::FeatureGrid;
 use crate::error::{Error, Result};
 use crate::field::canonical::CanonicalField;
 use crate::field::render::{render_rays, CameraBatch, RenderWhat};
@@ -33,12 +34,114 @@ pub struct RefineTarget {
     /// Fraction of each raster pixel inside the image ([`SquareCrop::resample_inside`]): the IoU
     /// counts rendered opacity only there, so an object cut by the frame is fitted with the same cut.
     pub inside: Vec<f32>,
+    /// Optional semantic term: what the image's features should show where object points project.
+    pub features: Option<FeatureTarget>,
 }
 
 impl RefineTarget {
     /// The target of an image's `mask` on `window`.
     pub fn new(window: SquareCrop, mask: &image::GrayImage) -> Self {
-        Self { mask: window.resample_mask(mask), inside: window.resample_inside(mask.width(), mask.height()), crop: window }
+        Self {
+            mask: window.resample_mask(mask),
+            inside: window.resample_inside(mask.width(), mask.height()),
+            crop: window,
+            features: None,
+        }
+    }
+}
+
+/// A semantic term of pose refinement: object points, each with the cosine between the feature it
+/// should carry and every token of the image's feature grid. The term is the weighted mean of
+/// `1 - cos` at the points' projections (tokens interpolated bilinearly), so the pose moves each part
+/// of the shape onto image tokens that look like it.
+#[derive(Clone, Debug)]
+pub struct FeatureTarget {
+    /// Object-frame points (normalised object frame).
+    pub points_in_object: Vec<Point3<f64>>,
+    /// Per point, `tokens²` cosines with the image's tokens (row-major).
+    pub cosines: Vec<f32>,
+    /// Tokens per side of the image's feature grid.
+    pub tokens: usize,
+    /// The window the feature grid covers (image pixels).
+    pub window: SquareCrop,
+    /// Weight of the term next to the IoU loss (1 - IoU).
+    pub weight: f64,
+}
+
+impl FeatureTarget {
+    /// The term for an image whose feature grid is `image` (over `window`): each token `t` of a view
+    /// of the shape at the current pose that the shape covers (`covered[t]`), with surface points
+    /// `points[t]` and an expected feature `expected[t]` (`channels` values; all zero = none),
+    /// contributes the mean of its points. Border tokens count too: thin parts (chair legs, a
+    /// backrest's frame) have no others. `None` when no token qualifies.
+    pub fn from_tokens(
+        points: &[Vec<Point3<f64>>],
+        covered: &[bool],
+        expected: &[f32],
+        image: &FeatureGrid,
+        window: SquareCrop,
+        weight: f64,
+    ) -> Option<Self> {
+        let (t, c) = (image.width, image.channels);
+        if image.height != t || points.len() != t * t || covered.len() != t * t || expected.len() != t * t * c {
+            return None;
+        }
+        let (mut points_in_object, mut cosines) = (Vec::new(), Vec::new());
+        for (k, pts) in points.iter().enumerate() {
+            let feature = &expected[k * c..(k + 1) * c];
+            if !covered[k] || pts.is_empty() || feature.iter().all(|v| *v == 0.0) {
+                continue;
+            }
+            let mean = pts.iter().fold(Vector3::zeros(), |a, p| a + p.coords) / pts.len() as f64;
+            points_in_object.push(Point3::from(mean));
+            cosines.extend(image.data.chunks(c).map(|u| u.iter().zip(feature).map(|(a, b)| a * b).sum::<f32>()));
+        }
+        (!points_in_object.is_empty()).then_some(Self { points_in_object, cosines, tokens: t, window, weight })
+    }
+
+    /// Cosine at token-grid coordinates `(gx, gy)` (token centres at integers) for point `k`, and its
+    /// derivatives along x and y; coordinates outside the grid are clamped (zero derivative there).
+    /// All zero for a point without cosines.
+    pub fn sample(&self, k: usize, gx: f64, gy: f64) -> (f64, f64, f64) {
+        let t = self.tokens;
+        let Some(map) = self.cosines.get(k * t * t..(k + 1) * t * t).filter(|m| !m.is_empty()) else {
+            return (0.0, 0.0, 0.0);
+        };
+        if t == 1 {
+            return (map[0] as f64, 0.0, 0.0);
+        }
+        let last = (t - 1) as f64;
+        let (inside_x, inside_y) = ((0.0..=last).contains(&gx), (0.0..=last).contains(&gy));
+        let (x, y) = (gx.clamp(0.0, last), gy.clamp(0.0, last));
+        let (x0, y0) = ((x.floor() as usize).min(t - 2), (y.floor() as usize).min(t - 2));
+        let (fx, fy) = (x - x0 as f64, y - y0 as f64);
+        let at = |yy: usize, xx: usize| map[yy * t + xx] as f64;
+        let (a, b, c, d) = (at(y0, x0), at(y0, x0 + 1), at(y0 + 1, x0), at(y0 + 1, x0 + 1));
+        let value = (1.0 - fy) * ((1.0 - fx) * a + fx * b) + fy * ((1.0 - fx) * c + fx * d);
+        let dx = if inside_x { (1.0 - fy) * (b - a) + fy * (d - c) } else { 0.0 };
+        let dy = if inside_y { (1.0 - fx) * (c - a) + fx * (d - b) } else { 0.0 };
+        (value, dx, dy)
+    }
+
+    /// Token-grid coordinates of an image pixel.
+    pub fn grid_from_image(&self, x: f64, y: f64) -> (f64, f64) {
+        let t = self.tokens as f64;
+        let s = self.window.side.max(1e-9);
+        (((x - self.window.centre_x) / s + 0.5) * t - 0.5, ((y - self.window.centre_y) / s + 0.5) * t - 0.5)
+    }
+
+    /// The term (weighted mean of `1 - cos`) for pixel positions `pixels` of the points.
+    pub fn loss(&self, pixels: &[(f64, f64)]) -> f64 {
+        let n = pixels.len().min(self.points_in_object.len()).max(1);
+        pixels
+            .iter()
+            .enumerate()
+            .map(|(k, &(x, y))| {
+                let (gx, gy) = self.grid_from_image(x, y);
+                1.0 - self.sample(k, gx, gy).0
+            })
+            .sum::<f64>()
+            / n as f64
     }
 }
 
@@ -188,6 +291,86 @@ fn target_tensors(targets: &[RefineTarget], device: &Device) -> Result<(Tensor, 
     ))
 }
 
+/// The semantic terms of a batch of targets, as a differentiable surrogate: its gradient with respect
+/// to the cameras is the gradient of the terms (bilinear in the projections, linearised each step).
+struct FeatureBatch<'a> {
+    /// Per target, its term (or none).
+    terms: Vec<Option<&'a FeatureTarget>>,
+    /// `[N, K, 3]` object points (zero-padded).
+    points: Tensor,
+    /// Points per target side of the padding.
+    k: usize,
+}
+
+impl<'a> FeatureBatch<'a> {
+    /// `None` when no target has a term with weight > 0.
+    fn new(targets: &'a [RefineTarget], device: &Device) -> Result<Option<Self>> {
+        let terms: Vec<Option<&FeatureTarget>> =
+            targets.iter().map(|t| t.features.as_ref().filter(|f| f.weight > 0.0 && !f.points_in_object.is_empty())).collect();
+        let k = terms.iter().flatten().map(|f| f.points_in_object.len()).max().unwrap_or(0);
+        if k == 0 {
+            return Ok(None);
+        }
+        for f in terms.iter().flatten() {
+            if f.tokens == 0 || f.cosines.len() != f.points_in_object.len() * f.tokens * f.tokens {
+                return Err(Error::InvalidInput(format!(
+                    "feature target: {} cosines for {} points on {} tokens per side",
+                    f.cosines.len(),
+                    f.points_in_object.len(),
+                    f.tokens
+                )));
+            }
+        }
+        let mut flat = vec![0f32; terms.len() * k * 3];
+        for (i, f) in terms.iter().enumerate() {
+            for (j, p) in f.map(|f| f.points_in_object.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                let o = (i * k + j) * 3;
+                flat[o..o + 3].copy_from_slice(&[p.x as f32, p.y as f32, p.z as f32]);
+            }
+        }
+        Ok(Some(Self { terms, points: Tensor::from_vec(flat, (targets.len(), k, 3), device)?, k }))
+    }
+
+    /// Pixel positions `[N, K]` (x, y) of the points under `cams`, differentiable.
+    fn project(&self, cams: &CameraBatch) -> Result<(Tensor, Tensor)> {
+        let n = self.terms.len();
+        let in_camera = self.points.matmul(&cams.rotation.transpose(1, 2)?)?.broadcast_add(&cams.translation.unsqueeze(1)?)?;
+        let z = in_camera.narrow(2, 2, 1)?.squeeze(2)?.maximum(1e-3)?;
+        let f = cams.focal.reshape((n, 1))?;
+        let x =
+            (in_camera.narrow(2, 0, 1)?.squeeze(2)? / &z)?.broadcast_mul(&f)?.broadcast_add(&cams.principal.narrow(1, 0, 1)?)?;
+        let y =
+            (in_camera.narrow(2, 1, 1)?.squeeze(2)? / &z)?.broadcast_mul(&f)?.broadcast_add(&cams.principal.narrow(1, 1, 1)?)?;
+        Ok((x, y))
+    }
+
+    /// A scalar whose gradient is that of `mean over targets of weight x term`.
+    fn surrogate(&self, cams: &CameraBatch) -> Result<Tensor> {
+        let n = self.terms.len();
+        let (x, y) = self.project(cams)?;
+        let (hx, hy) = (x.to_vec2::<f32>()?, y.to_vec2::<f32>()?);
+        let mut cx = vec![0f32; n * self.k];
+        let mut cy = vec![0f32; n * self.k];
+        for (i, term) in self.terms.iter().enumerate() {
+            let Some(f) = term else { continue };
+            let count = f.points_in_object.len();
+            let scale = f.tokens as f64 / f.window.side.max(1e-9);
+            for k in 0..count {
+                let (gx, gy) = f.grid_from_image(hx[i][k] as f64, hy[i][k] as f64);
+                let (_, dx, dy) = f.sample(k, gx, gy);
+                // d(1 - cos)/d pixel, weighted and averaged.
+                let c = -f.weight / (count * n) as f64 * scale;
+                cx[i * self.k + k] = (c * dx) as f32;
+                cy[i * self.k + k] = (c * dy) as f32;
+            }
+        }
+        let device = x.device();
+        let cx = Tensor::from_vec(cx, (n, self.k), device)?;
+        let cy = Tensor::from_vec(cy, (n, self.k), device)?;
+        Ok(((x * cx)?.sum_all()? + (y * cy)?.sum_all()?)?)
+    }
+}
+
 /// Refines all cameras together. `optimise_focal[i]` says whether image i's focal length is free.
 /// `progress(iteration, loss)` is called every iteration. Targets may differ in raster size (whole
 /// objects and truncated ones): each size is one batch, results come in the input order, and the
@@ -270,12 +453,18 @@ fn refine_batch(
     let mut opt_pose = AdamW::new(vec![xi.clone()], adam(settings.lr))?;
     let mut opt_focal = AdamW::new(vec![log_focal.clone()], adam(settings.focal_lr))?;
     let what = RenderWhat::default();
+    let feature_term = FeatureBatch::new(targets, &device)?;
     let mut history = Vec::with_capacity(settings.iterations);
     for it in 0..settings.iterations {
         let cams = corrected_cameras(initial, intrinsics, xi.as_tensor(), log_focal.as_tensor(), &focal_mask)?;
         let rays = cams.rays(&pixels)?;
         let opacity = (render_rays(field, &rays, settings.samples_per_ray, what)?.opacity.reshape((n, m))? * &inside)?;
-        let loss = soft_iou_batch(&opacity, &masks)?.affine(-1.0, 1.0)?.mean_all()?;
+        let mut loss = soft_iou_batch(&opacity, &masks)?.affine(-1.0, 1.0)?.mean_all()?;
+        if let Some(term) = &feature_term {
+            let surrogate = term.surrogate(&cams)?;
+            // Same value (the IoU loss), plus the term's gradient.
+            loss = (loss + (&surrogate - surrogate.detach())?)?;
+        }
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(Error::Numerical(format!("pose refinement loss is {value} at iteration {it}")));
@@ -312,4 +501,110 @@ fn refine_batch(
         out_intrinsics.push(k);
     }
     Ok(RefineResult { camera_from_object: poses, intrinsics: out_intrinsics, iou, loss_history: history })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::Rng;
+
+    fn target(points: usize, tokens: usize, seed: u64) -> FeatureTarget {
+        let mut rng = Rng(seed);
+        FeatureTarget {
+            points_in_object: (0..points)
+                .map(|_| Point3::new(rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3)))
+                .collect(),
+            cosines: (0..points * tokens * tokens).map(|_| rng.uniform(-1.0, 1.0) as f32).collect(),
+            tokens,
+            window: SquareCrop { centre_x: 52.0, centre_y: 47.0, side: 70.0, size: 1 },
+            weight: 1.7,
+        }
+    }
+
+    #[test]
+    fn feature_term_derivatives_match_finite_differences() {
+        let f = target(3, 5, 7);
+        let mut rng = Rng(3);
+        for k in 0..3 {
+            for _ in 0..20 {
+                let (x, y) = (rng.uniform(0.05, 3.95), rng.uniform(0.05, 3.95));
+                let (_, dx, dy) = f.sample(k, x, y);
+                let h = 1e-6;
+                let fd_x = (f.sample(k, x + h, y).0 - f.sample(k, x - h, y).0) / (2.0 * h);
+                let fd_y = (f.sample(k, x, y + h).0 - f.sample(k, x, y - h).0) / (2.0 * h);
+                // Away from cell borders the bilinear map is smooth.
+                if (x.fract() - 0.5).abs() < 0.49 && (y.fract() - 0.5).abs() < 0.49 {
+                    assert!((dx - fd_x).abs() < 1e-6 && (dy - fd_y).abs() < 1e-6, "({x}, {y}): {dx} {dy} vs {fd_x} {fd_y}");
+                }
+            }
+            // Token centres give the stored cosines; outside the grid the value is clamped and flat.
+            assert!((f.sample(k, 2.0, 3.0).0 - f.cosines[k * 25 + 3 * 5 + 2] as f64).abs() < 1e-7);
+            let (v, dx, dy) = f.sample(k, -3.0, 9.0);
+            assert!((v - f.cosines[k * 25 + 4 * 5] as f64).abs() < 1e-7 && dx == 0.0 && dy == 0.0);
+        }
+    }
+
+    /// The surrogate's gradient with respect to the se(3) correction and the focal length is the
+    /// gradient of the term itself (central differences of `FeatureTarget::loss` over the projections).
+    #[test]
+    fn feature_surrogate_gradient_matches_finite_differences() {
+        let device = Device::Cpu;
+        let k = Intrinsics::from_fov_y(40.0, 100, 90).unwrap();
+        let pose = Isometry3::from_parts(Translation3::new(0.05, -0.03, 2.2), UnitQuaternion::from_euler_angles(0.3, -0.5, 0.2));
+        let mut targets = Vec::new();
+        for seed in [11, 12] {
+            let mut t = RefineTarget {
+                crop: SquareCrop { centre_x: 50.0, centre_y: 45.0, side: 80.0, size: 4 },
+                mask: vec![0.0; 16],
+                inside: vec![1.0; 16],
+                features: Some(target(6, 6, seed)),
+            };
+            if seed == 12 {
+                t.features.as_mut().unwrap().weight = 0.4;
+            }
+            targets.push(t);
+        }
+        let batch = FeatureBatch::new(&targets, &device).unwrap().unwrap();
+        let focal_mask = Tensor::from_vec(vec![1f32, 1.0], 2, &device).unwrap();
+        let xi0 = vec![0.01, -0.02, 0.015, 0.01, 0.02, -0.01, -0.01, 0.02, 0.0, 0.0, -0.02, 0.01];
+        let term = |xi: &[f64], lf: &[f32]| -> f64 {
+            let xi = Tensor::from_vec(xi.to_vec(), (2, 6), &device).unwrap();
+            let lf = Tensor::from_vec(lf.to_vec(), 2, &device).unwrap();
+            let cams = corrected_cameras(&[pose, pose], &[k, k], &xi, &lf, &focal_mask).unwrap();
+            let (x, y) = batch.project(&cams).unwrap();
+            let (x, y) = (x.to_vec2::<f32>().unwrap(), y.to_vec2::<f32>().unwrap());
+            targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let f = t.features.as_ref().unwrap();
+                    let px: Vec<(f64, f64)> = (0..6).map(|j| (x[i][j] as f64, y[i][j] as f64)).collect();
+                    f.weight * f.loss(&px) / 2.0
+                })
+                .sum()
+        };
+        let xi = Var::from_vec(xi0.clone(), (2, 6), &device).unwrap();
+        let lf = Var::from_vec(vec![0.01f32, -0.02], 2, &device).unwrap();
+        let cams = corrected_cameras(&[pose, pose], &[k, k], xi.as_tensor(), lf.as_tensor(), &focal_mask).unwrap();
+        let grads = batch.surrogate(&cams).unwrap().backward().unwrap();
+        let g_xi = grads.get(&xi).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g_lf = grads.get(&lf).unwrap().to_vec1::<f32>().unwrap();
+        let h = 1e-4;
+        let mut worst = 0f64;
+        for p in 0..12 {
+            let (mut a, mut b) = (xi0.clone(), xi0.clone());
+            a[p] += h;
+            b[p] -= h;
+            let fd = (term(&a, &[0.01, -0.02]) - term(&b, &[0.01, -0.02])) / (2.0 * h);
+            worst = worst.max((fd - g_xi[p]).abs() / (fd.abs().max(g_xi[p].abs()).max(1e-2)));
+        }
+        for p in 0..2 {
+            let (mut a, mut b) = (vec![0.01f32, -0.02], vec![0.01f32, -0.02]);
+            a[p] += 1e-3;
+            b[p] -= 1e-3;
+            let fd = (term(&xi0, &a) - term(&xi0, &b)) / 2e-3;
+            worst = worst.max((fd - g_lf[p] as f64).abs() / (fd.abs().max(g_lf[p].abs() as f64).max(1e-2)));
+        }
+        assert!(worst < 0.02, "worst relative gradient error {worst}");
+    }
 }
