@@ -592,7 +592,7 @@ pub fn align_category(
         // Only the images that get the term: the others keep the poses their silhouettes settled.
         let (which, terms): (Vec<usize>, Vec<Option<FeatureTarget>>) =
             terms.into_iter().enumerate().filter(|(_, t)| t.is_some()).unzip();
-        refiner.refine_selected_with(&mut state, &which, c.feature_iterations, &terms, &|_| ())?;
+        refiner.refine_selected_with(&mut state, &which, c.feature_iterations, terms, &|_| ())?;
         info!(
             "category: last refinement with the category features ({} iterations) for {} of {} images",
             c.feature_iterations,

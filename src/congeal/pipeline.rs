@@ -493,7 +493,7 @@ impl<'a> Refiner<'a> {
         iterations: usize,
         progress: &dyn Fn(usize),
     ) -> Result<()> {
-        self.refine_selected_with(state, which, iterations, &[], progress)
+        self.refine_selected_with(state, which, iterations, Vec::new(), progress)
     }
 
     /// [`Refiner::refine_selected`] with a semantic term per image (`features[k]` for `which[k]`;
@@ -503,7 +503,7 @@ impl<'a> Refiner<'a> {
         state: &mut [Refined],
         which: &[usize],
         iterations: usize,
-        features: &[Option<FeatureTarget>],
+        mut features: Vec<Option<FeatureTarget>>,
         progress: &dyn Fn(usize),
     ) -> Result<()> {
         if iterations == 0 || which.is_empty() {
@@ -511,11 +511,9 @@ impl<'a> Refiner<'a> {
         }
         let p0: Vec<_> = which.iter().map(|&i| state[i].camera_from_object).collect();
         let k0: Vec<_> = which.iter().map(|&i| state[i].intrinsics).collect();
-        let tg: Vec<_> = which
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| RefineTarget { features: features.get(k).cloned().flatten(), ..self.targets[i].clone() })
-            .collect();
+        features.resize(which.len(), None);
+        let tg: Vec<_> =
+            which.iter().zip(features).map(|(&i, features)| RefineTarget { features, ..self.targets[i].clone() }).collect();
         let ff: Vec<_> = which.iter().map(|&i| self.free_focal[i]).collect();
         let result = refine_poses(self.field, &p0, &k0, &tg, &ff, &self.settings(iterations), &mut |it, _| progress(it))?;
         for (r, &i) in which.iter().enumerate() {

@@ -73,7 +73,7 @@ impl FeatureTarget {
     /// of the shape at the current pose that the shape covers (`covered[t]`), with surface points
     /// `points[t]` and an expected feature `expected[t]` (`channels` values; all zero = none),
     /// contributes the mean of its points. Border tokens count too: thin parts (chair legs, a
-    /// backrest's frame) have no others. `None` when no token qualifies.
+    /// backrest's frame) have no others. `None` when no token qualifies or the sizes disagree.
     pub fn from_tokens(
         points: &[Vec<Point3<f64>>],
         covered: &[bool],
@@ -123,11 +123,15 @@ impl FeatureTarget {
         (value, dx, dy)
     }
 
+    /// The feature window as a raster of one pixel per token (token centres at integers).
+    fn token_raster(&self) -> SquareCrop {
+        SquareCrop { size: self.tokens.max(1) as u32, ..self.window }
+    }
+
     /// Token-grid coordinates of an image pixel.
     pub fn grid_from_image(&self, x: f64, y: f64) -> (f64, f64) {
-        let t = self.tokens as f64;
-        let s = self.window.side.max(1e-9);
-        (((x - self.window.centre_x) / s + 0.5) * t - 0.5, ((y - self.window.centre_y) / s + 0.5) * t - 0.5)
+        let q = self.token_raster().crop_from_image(nalgebra::Point2::new(x, y));
+        (q.x, q.y)
     }
 
     /// The term (weighted mean of `1 - cos`) for pixel positions `pixels` of the points.
@@ -354,7 +358,8 @@ impl<'a> FeatureBatch<'a> {
         for (i, term) in self.terms.iter().enumerate() {
             let Some(f) = term else { continue };
             let count = f.points_in_object.len();
-            let scale = f.tokens as f64 / f.window.side.max(1e-9);
+            // Token-grid units per image pixel.
+            let scale = 1.0 / f.token_raster().scale().max(1e-12);
             for k in 0..count {
                 let (gx, gy) = f.grid_from_image(hx[i][k] as f64, hy[i][k] as f64);
                 let (_, dx, dy) = f.sample(k, gx, gy);
