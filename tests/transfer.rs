@@ -136,3 +136,55 @@ fn transfer_3d_and_2d_baseline_on_ground_truth_pairs() {
     assert_eq!(transfer_2d(&collection, &extractor, 0.05, &src, &dst, &[off]).unwrap(), snapped);
     assert!(transfer(out.path(), &result, &src, &dst, &[off]).unwrap()[0].is_some(), "3D route: a point 2 px off the mask");
 }
+
+/// `Transfer2d::for_run` as the CLI and the node build it: the bbox guess works without DINOv2 (the
+/// node no longer loads it for `bbox`) and maps each point to the same relative spot of the target
+/// mask's bbox; the feature methods without features, `3d`, and a bad joint weight are refused.
+#[test]
+fn bbox_transfer_needs_no_features_and_the_others_say_what_they_miss() {
+    use congeal::congeal::transfer::{Method, Transfer2d};
+    let dir = common::demo_collection();
+    let collection = Collection::load(&dir).unwrap();
+    let run: RunResult = serde_json::from_value(serde_json::json!({
+        "collection": dir.to_string_lossy(),
+        "shape_source": "template",
+        "canonical": {"mesh": "canonical.ply", "bbox_min": [-0.5, -0.5, -0.5], "bbox_max": [0.5, 0.5, 0.5]},
+        "images": [],
+        "timings_s": {}
+    }))
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let build = |method, weight| Transfer2d::for_run(&collection, None, &run, out.path(), 0.05, method, weight);
+    let mut matcher = build(Method::Bbox, 1.0).unwrap();
+    let (src, dst) =
+        (collection.images[0].rgb.to_string_lossy().to_string(), collection.images[1].rgb.to_string_lossy().to_string());
+    let box_of = |i: usize| congeal::collection::mask_bbox(&collection.load_image(i).unwrap().mask).unwrap();
+    let (a, b) = (box_of(0), box_of(1));
+    // The source bbox's centre and a point a quarter in from its top-left corner (both on the object
+    // or within snapping distance of it), mapped by hand.
+    let points =
+        [[a.x_min + 0.5 * a.width(), a.y_min + 0.5 * a.height()], [a.x_min + 0.25 * a.width(), a.y_min + 0.25 * a.height()]];
+    let pred = matcher.transfer_with(Method::Bbox, &src, &dst, &points).unwrap();
+    let mut mapped = 0;
+    for (p, q) in points.iter().zip(&pred) {
+        let Some(q) = q else { continue };
+        mapped += 1;
+        let u = ((q[0] - b.x_min) / b.width(), (q[1] - b.y_min) / b.height());
+        let expected = ((p[0] - a.x_min) / a.width(), (p[1] - a.y_min) / a.height());
+        // A point snapped onto the mask moves a little; the centre of the duck is on it.
+        assert!((u.0 - expected.0).abs() < 0.1 && (u.1 - expected.1).abs() < 0.1, "{p:?} -> {q:?}: {u:?} vs {expected:?}");
+    }
+    assert!(mapped >= 1, "no point was mapped: {pred:?}");
+    // Feature matching on a bbox-only matcher is refused, not a panic.
+    let err = matcher.transfer_with(Method::Features, &src, &dst, &points).unwrap_err().to_string();
+    assert!(err.contains("without DINOv2"), "{err}");
+    for (method, weight, says) in [
+        (Method::Features, 1.0, "need DINOv2"),
+        (Method::Joint, 1.0, "need DINOv2"),
+        (Method::Joint, f32::NAN, "finite"),
+        (Method::Canonical, 1.0, "coordinate maps"),
+    ] {
+        let err = build(method, weight).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(says), "{method:?} weight {weight}: `{err}`");
+    }
+}

@@ -478,23 +478,27 @@ fn transfer_2d(
         None => load_config(None, Some(&stored))?,
     };
     let collection = Collection::load(Path::new(&result.collection))?;
-    let device = config.device()?;
-    let extractor = congeal::congeal::features::FeatureExtractor::load(&config.features, &device)?;
-    let bar = ProgressBar::new(pairs.len() as u64);
-    let mut baseline = congeal::congeal::transfer::Transfer2d::new(&collection, &extractor, config.pose_init.crop_margin)
-        .with_run_masks(&result, run);
-    if method == Method::Joint {
-        let weight = nocs_weight.unwrap_or(config.transfer.nocs_weight);
-        if !(weight.is_finite() && weight >= 0.0) {
-            bail!("--nocs-weight must be finite and >= 0, got {weight}");
-        }
-        baseline = baseline.with_canonical(&result, run, weight);
+    // The bbox guess needs no DINOv2.
+    let extractor = match method {
+        Method::Bbox => None,
+        _ => Some(congeal::congeal::features::FeatureExtractor::load(&config.features, &config.device()?)?),
+    };
+    let weight = nocs_weight.unwrap_or(config.transfer.nocs_weight);
+    if method == Method::Joint && !(weight.is_finite() && weight >= 0.0) {
+        bail!("--nocs-weight must be finite and >= 0, got {weight}");
     }
+    let mut matcher = congeal::congeal::transfer::Transfer2d::for_run(
+        &collection,
+        extractor.as_ref(),
+        &result,
+        run,
+        config.pose_init.crop_margin,
+        method,
+        weight,
+    )?;
+    let bar = ProgressBar::new(pairs.len() as u64);
     for pair in pairs.iter_mut() {
-        let pred = match method {
-            Method::Bbox => baseline.transfer_bbox(&pair.src, &pair.dst, &pair.points)?,
-            _ => baseline.transfer(&pair.src, &pair.dst, &pair.points)?,
-        };
+        let pred = matcher.transfer_with(method, &pair.src, &pair.dst, &pair.points)?;
         pair.pred = Some(pred);
         bar.inc(1);
     }

@@ -290,7 +290,8 @@ struct Canonical {
 /// ([`joint_cost`]: feature distance plus weighted canonical-coordinate distance).
 pub struct Transfer2d<'a> {
     collection: &'a Collection,
-    extractor: &'a FeatureExtractor,
+    /// `None` for a matcher that only guesses by bbox ([`Transfer2d::for_run`] with [`Method::Bbox`]).
+    extractor: Option<&'a FeatureExtractor>,
     crop_margin: f64,
     cache: std::collections::HashMap<String, std::rc::Rc<FeaturedImage>>,
     masks: std::collections::HashMap<String, std::path::PathBuf>,
@@ -300,7 +301,73 @@ pub struct Transfer2d<'a> {
 impl<'a> Transfer2d<'a> {
     /// A baseline over `collection` with `extractor`'s features and the crop padding `crop_margin`.
     pub fn new(collection: &'a Collection, extractor: &'a FeatureExtractor, crop_margin: f64) -> Self {
-        Self { collection, extractor, crop_margin, cache: Default::default(), masks: Default::default(), canonical: None }
+        Self {
+            collection,
+            extractor: Some(extractor),
+            crop_margin,
+            cache: Default::default(),
+            masks: Default::default(),
+            canonical: None,
+        }
+    }
+
+    /// The matcher that `congeal transfer` and the node's transfer service use for `method` over the
+    /// run in `run_dir` (collection `collection`): the run's masks, and for [`Method::Joint`] its
+    /// forward maps with `nocs_weight`. `extractor` may be `None` for [`Method::Bbox`], the only
+    /// method that needs no features; [`Method::Canonical`] has no matcher (see [`transfer`]).
+    pub fn for_run(
+        collection: &'a Collection,
+        extractor: Option<&'a FeatureExtractor>,
+        run: &RunResult,
+        run_dir: &Path,
+        crop_margin: f64,
+        method: Method,
+        nocs_weight: f32,
+    ) -> Result<Self> {
+        let mut matcher = Self {
+            collection,
+            extractor: None,
+            crop_margin,
+            cache: Default::default(),
+            masks: Default::default(),
+            canonical: None,
+        }
+        .with_run_masks(run, run_dir);
+        if method == Method::Joint && !(nocs_weight.is_finite() && nocs_weight >= 0.0) {
+            return Err(Error::InvalidInput(format!(
+                "the canonical-coordinate weight must be finite and >= 0, got {nocs_weight}"
+            )));
+        }
+        match method {
+            Method::Canonical => {
+                return Err(Error::InvalidInput("the 3d method maps through the run's coordinate maps, not a matcher".into()))
+            }
+            Method::Bbox => {}
+            Method::Features | Method::Joint => {
+                matcher.extractor = Some(
+                    extractor
+                        .ok_or_else(|| Error::InvalidInput("the 2d and joint transfer methods need DINOv2 features".into()))?,
+                );
+            }
+        }
+        if method == Method::Joint {
+            matcher = matcher.with_canonical(run, run_dir, nocs_weight);
+        }
+        Ok(matcher)
+    }
+
+    /// Transfers with `method`: [`Transfer2d::transfer_bbox`] for [`Method::Bbox`], feature matching
+    /// ([`Transfer2d::transfer`], joint when built with canonical maps) otherwise.
+    pub fn transfer_with(&mut self, method: Method, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
+        match method {
+            Method::Bbox => self.transfer_bbox(src, dst, points),
+            _ => self.transfer(src, dst, points),
+        }
+    }
+
+    /// The feature extractor, or an error for a bbox-only matcher.
+    fn extractor(&self) -> Result<&'a FeatureExtractor> {
+        self.extractor.ok_or_else(|| Error::InvalidInput("this matcher was built without DINOv2 features (bbox only)".into()))
     }
 
     /// Matches with the joint cost: the forward maps (`nocs/NNN.png`) of the run in `run_dir` add
@@ -382,8 +449,9 @@ impl<'a> Transfer2d<'a> {
         let image = self.load(file)?;
         let bbox = crate::collection::mask_bbox(&image.mask)
             .ok_or_else(|| Error::Mask { path: file.into(), message: "mask is empty".into() })?;
-        let crop = SquareCrop::around(&bbox, self.crop_margin, self.extractor.input_size())?;
-        let features = self.extractor.extract(&[masked_crop(&image.rgb, &image.mask, &crop)])?.remove(0);
+        let extractor = self.extractor()?;
+        let crop = SquareCrop::around(&bbox, self.crop_margin, extractor.input_size())?;
+        let features = extractor.extract(&[masked_crop(&image.rgb, &image.mask, &crop)])?.remove(0);
         let f = std::rc::Rc::new(FeaturedImage { image, bbox, crop, features });
         self.cache.insert(file.to_string(), f.clone());
         Ok(f)
@@ -395,7 +463,7 @@ impl<'a> Transfer2d<'a> {
         let fb = self.featured(dst)?;
         let (na, nb) = (self.nocs_map(src)?, self.nocs_map(dst)?);
         let weight = self.canonical.as_ref().map_or(0.0, |c| c.nocs_weight);
-        let size = self.extractor.input_size() as f64;
+        let size = self.extractor()?.input_size() as f64;
         let unit = |crop: &SquareCrop, p: [f64; 2]| {
             let c = crop.crop_from_image(nalgebra::Point2::new(p[0], p[1]));
             [(c.x + 0.5) / size, (c.y + 0.5) / size]

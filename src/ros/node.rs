@@ -767,16 +767,19 @@ fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> Tran
             return transfer(&run_dir, &result, &src, &dst, &points);
         }
         let collection = Collection::load(Path::new(&result.collection))?;
-        let extractor = shared.features()?;
-        let mut matcher =
-            Transfer2d::new(&collection, &extractor, shared.config.pose_init.crop_margin).with_run_masks(&result, &run_dir);
-        match method {
-            Method::Bbox => matcher.transfer_bbox(&src, &dst, &points),
-            Method::Joint => {
-                matcher.with_canonical(&result, &run_dir, shared.config.transfer.nocs_weight).transfer(&src, &dst, &points)
-            }
-            _ => matcher.transfer(&src, &dst, &points),
-        }
+        // The bbox guess needs no DINOv2.
+        let extractor = if method == Method::Bbox { None } else { Some(shared.features()?) };
+        let config = &shared.config;
+        Transfer2d::for_run(
+            &collection,
+            extractor.as_deref(),
+            &result,
+            &run_dir,
+            config.pose_init.crop_margin,
+            method,
+            config.transfer.nocs_weight,
+        )?
+        .transfer_with(method, &src, &dst, &points)
     })();
     match outcome {
         Ok(pred) => TransferKeypoints::Response {

@@ -169,8 +169,9 @@ def run(n, proc, data_dir):
         u, v = int(round(r.points[0])), int(round(r.points[1]))
         ok = m1[v, u] > 127
     check(ok, f"~/transfer_keypoints: {list(r.valid)} {list(r.points)} {r.message}")
-    # The other methods by name (2D features alone, the canonical shape alone); an unknown one is refused by name.
-    for method in ["2d", "3d"]:
+    # The other methods by name (2D features alone, the canonical shape alone, the bbox guess, which the node
+    # answers without DINOv2); an unknown one is refused by name.
+    for method in ["2d", "3d", "bbox"]:
         r, _ = call(n, transfer, TransferKeypoints.Request(category="duck", src_stamp=poses[0].header.stamp.__class__(sec=100),
                                                            dst_stamp=poses[0].header.stamp.__class__(sec=101), points=src,
                                                            method=method))
