@@ -164,7 +164,7 @@ fn bbox_transfer_needs_no_features_and_the_others_say_what_they_miss() {
     // or within snapping distance of it), mapped by hand.
     let points =
         [[a.x_min + 0.5 * a.width(), a.y_min + 0.5 * a.height()], [a.x_min + 0.25 * a.width(), a.y_min + 0.25 * a.height()]];
-    let pred = matcher.transfer_with(Method::Bbox, &src, &dst, &points).unwrap();
+    let pred = matcher.transfer_by_method(&src, &dst, &points).unwrap();
     let mut mapped = 0;
     for (p, q) in points.iter().zip(&pred) {
         let Some(q) = q else { continue };
@@ -176,7 +176,7 @@ fn bbox_transfer_needs_no_features_and_the_others_say_what_they_miss() {
     }
     assert!(mapped >= 1, "no point was mapped: {pred:?}");
     // Feature matching on a bbox-only matcher is refused, not a panic.
-    let err = matcher.transfer_with(Method::Features, &src, &dst, &points).unwrap_err().to_string();
+    let err = matcher.transfer(&src, &dst, &points).unwrap_err().to_string();
     assert!(err.contains("without DINOv2"), "{err}");
     for (method, weight, says) in [
         (Method::Features, 1.0, "need DINOv2"),

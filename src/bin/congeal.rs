@@ -498,7 +498,7 @@ fn transfer_2d(
     )?;
     let bar = ProgressBar::new(pairs.len() as u64);
     for pair in pairs.iter_mut() {
-        let pred = matcher.transfer_with(method, &pair.src, &pair.dst, &pair.points)?;
+        let pred = matcher.transfer_by_method(&pair.src, &pair.dst, &pair.points)?;
         pair.pred = Some(pred);
         bar.inc(1);
     }

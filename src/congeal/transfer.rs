@@ -296,19 +296,19 @@ pub struct Transfer2d<'a> {
     cache: std::collections::HashMap<String, std::rc::Rc<FeaturedImage>>,
     masks: std::collections::HashMap<String, std::path::PathBuf>,
     canonical: Option<Canonical>,
+    /// What [`Transfer2d::transfer_by_method`] does: [`Method::Bbox`], or feature matching (joint
+    /// when built with canonical maps).
+    method: Method,
 }
 
 impl<'a> Transfer2d<'a> {
     /// A baseline over `collection` with `extractor`'s features and the crop padding `crop_margin`.
     pub fn new(collection: &'a Collection, extractor: &'a FeatureExtractor, crop_margin: f64) -> Self {
-        Self {
-            collection,
-            extractor: Some(extractor),
-            crop_margin,
-            cache: Default::default(),
-            masks: Default::default(),
-            canonical: None,
-        }
+        Self::with_parts(collection, Some(extractor), crop_margin, Method::Features)
+    }
+
+    fn with_parts(collection: &'a Collection, extractor: Option<&'a FeatureExtractor>, crop_margin: f64, method: Method) -> Self {
+        Self { collection, extractor, crop_margin, cache: Default::default(), masks: Default::default(), canonical: None, method }
     }
 
     /// The matcher that `congeal transfer` and the node's transfer service use for `method` over the
@@ -324,42 +324,31 @@ impl<'a> Transfer2d<'a> {
         method: Method,
         nocs_weight: f32,
     ) -> Result<Self> {
-        let mut matcher = Self {
-            collection,
-            extractor: None,
-            crop_margin,
-            cache: Default::default(),
-            masks: Default::default(),
-            canonical: None,
-        }
-        .with_run_masks(run, run_dir);
         if method == Method::Joint && !(nocs_weight.is_finite() && nocs_weight >= 0.0) {
             return Err(Error::InvalidInput(format!(
                 "the canonical-coordinate weight must be finite and >= 0, got {nocs_weight}"
             )));
         }
-        match method {
+        let extractor = match method {
             Method::Canonical => {
                 return Err(Error::InvalidInput("the 3d method maps through the run's coordinate maps, not a matcher".into()))
             }
-            Method::Bbox => {}
-            Method::Features | Method::Joint => {
-                matcher.extractor = Some(
-                    extractor
-                        .ok_or_else(|| Error::InvalidInput("the 2d and joint transfer methods need DINOv2 features".into()))?,
-                );
-            }
-        }
-        if method == Method::Joint {
-            matcher = matcher.with_canonical(run, run_dir, nocs_weight);
-        }
-        Ok(matcher)
+            Method::Bbox => None,
+            Method::Features | Method::Joint => Some(
+                extractor.ok_or_else(|| Error::InvalidInput("the 2d and joint transfer methods need DINOv2 features".into()))?,
+            ),
+        };
+        let matcher = Self::with_parts(collection, extractor, crop_margin, method).with_run_masks(run, run_dir);
+        Ok(match method {
+            Method::Joint => matcher.with_canonical(run, run_dir, nocs_weight),
+            _ => matcher,
+        })
     }
 
-    /// Transfers with `method`: [`Transfer2d::transfer_bbox`] for [`Method::Bbox`], feature matching
-    /// ([`Transfer2d::transfer`], joint when built with canonical maps) otherwise.
-    pub fn transfer_with(&mut self, method: Method, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
-        match method {
+    /// Transfers with the method the matcher was built for: [`Transfer2d::transfer_bbox`] for
+    /// [`Method::Bbox`], feature matching ([`Transfer2d::transfer`], joint with canonical maps) otherwise.
+    pub fn transfer_by_method(&mut self, src: &str, dst: &str, points: &[[f64; 2]]) -> Result<Vec<Option<[f64; 2]>>> {
+        match self.method {
             Method::Bbox => self.transfer_bbox(src, dst, points),
             _ => self.transfer(src, dst, points),
         }
@@ -373,6 +362,7 @@ impl<'a> Transfer2d<'a> {
     /// Matches with the joint cost: the forward maps (`nocs/NNN.png`) of the run in `run_dir` add
     /// `nocs_weight` x the canonical-coordinate distance to the feature distance.
     pub fn with_canonical(mut self, run: &RunResult, run_dir: &Path, nocs_weight: f32) -> Self {
+        self.method = Method::Joint;
         self.canonical =
             Some(Canonical { run_dir: run_dir.to_path_buf(), run: run.clone(), nocs_weight, maps: Default::default() });
         self

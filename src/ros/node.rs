@@ -779,7 +779,7 @@ fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> Tran
             method,
             config.transfer.nocs_weight,
         )?
-        .transfer_with(method, &src, &dst, &points)
+        .transfer_by_method(&src, &dst, &points)
     })();
     match outcome {
         Ok(pred) => TransferKeypoints::Response {
