@@ -12,7 +12,8 @@ shift $(( $# > 2 ? 2 : $# ))
 SETS=("$@")
 [ ${#SETS[@]} -gt 0 ] || SETS=(chairs-mixed duck chair-plaid chair-teak sofa-burlap)
 DATA=${CONGEAL_DATA_DIR:-../shared/data}/collections
-B=target/release/congeal
+B=${CONGEAL_BIN:-target/release/congeal}
+[ -x "$B" ] || { echo "$(basename "$0"): no congeal binary at $B (build it: cargo build --release --features ros --bins, or set CONGEAL_BIN)"; exit 1; }
 if [ ! -d "$DATA" ]; then
   echo "category.sh: $DATA is not here; nothing measured"
   exit 0

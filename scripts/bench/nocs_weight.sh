@@ -17,7 +17,8 @@ WEIGHTS=("$@")
 DOGS=../shared/data/real/dogs-dev
 DTU=../shared/data/real/dtu-house
 CHAIRS=../shared/data/collections/chairs-mixed
-B=target/release/congeal
+B=${CONGEAL_BIN:-target/release/congeal}
+[ -x "$B" ] || { echo "$(basename "$0"): no congeal binary at $B (build it: cargo build --release --features ros --bins, or set CONGEAL_BIN)"; exit 1; }
 for need in "$REAL_OUT/dogs/result.json" "$REAL_OUT/dtu/result.json" "$REAL_OUT/dtu.pairs.json" "$TR_OUT/run/result.json" "$TR_OUT/pairs.json" "$DOGS/pairs.json"; do
   if [ ! -f "$need" ]; then
     echo "nocs_weight.sh: $need is missing (run scripts/bench/real.sh and scripts/bench/transfer.sh first, with these OUTs)"

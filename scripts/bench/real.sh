@@ -16,7 +16,8 @@ CFG=${1:-config/fast_224.yaml}
 OUT=${2:-/tmp/congeal-real}
 REAL=../shared/data/real
 DOG=${3:-$REAL/templates/dog/template.obj}
-B=target/release/congeal
+B=${CONGEAL_BIN:-target/release/congeal}
+[ -x "$B" ] || { echo "$(basename "$0"): no congeal binary at $B (build it: cargo build --release --features ros --bins, or set CONGEAL_BIN)"; exit 1; }
 if [ ! -d "$REAL/dogs-dev" ] || [ ! -d "$REAL/dtu-house" ]; then
   echo "real.sh: $REAL is not here (the real photographs live in shared/, never in the repository); nothing measured"
   exit 0

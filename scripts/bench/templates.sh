@@ -20,7 +20,8 @@ CFG=$1
 SET=$2
 OUT=$3
 shift 3
-B=target/release/congeal
+B=${CONGEAL_BIN:-target/release/congeal}
+[ -x "$B" ] || { echo "$(basename "$0"): no congeal binary at $B (build it: cargo build --release --features ros --bins, or set CONGEAL_BIN)"; exit 1; }
 mkdir -p "$OUT"
 python3 scripts/bench/poses_config.py "$CFG" "$OUT/poses.yaml"
 names=(own)

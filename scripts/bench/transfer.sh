@@ -9,7 +9,8 @@ cd "$(dirname "$0")/../.."
 C=${1:-../shared/data/collections/chairs-mixed}
 CFG=${2:-config/fast_224.yaml}
 OUT=${3:-/tmp/congeal-transfer}
-B=target/release/congeal
+B=${CONGEAL_BIN:-target/release/congeal}
+[ -x "$B" ] || { echo "$(basename "$0"): no congeal binary at $B (build it: cargo build --release --features ros --bins, or set CONGEAL_BIN)"; exit 1; }
 $B bench "$C" --config "$CFG" --eval --out "$OUT/run" > "$OUT.bench.json"
 $B pairs "$C" --out "$OUT/pairs.json" --pairs 150 --points 20
 for m in joint 3d 2d bbox; do
