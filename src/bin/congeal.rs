@@ -478,10 +478,10 @@ fn transfer_2d(
         None => load_config(None, Some(&stored))?,
     };
     let collection = Collection::load(Path::new(&result.collection))?;
-    // The bbox guess needs no DINOv2.
-    let extractor = match method {
-        Method::Bbox => None,
-        _ => Some(congeal::congeal::features::FeatureExtractor::load(&config.features, &config.device()?)?),
+    let extractor = if method.needs_features() {
+        Some(congeal::congeal::features::FeatureExtractor::load(&config.features, &config.device()?)?)
+    } else {
+        None
     };
     let weight = nocs_weight.unwrap_or(config.transfer.nocs_weight);
     if method == Method::Joint && !(weight.is_finite() && weight >= 0.0) {

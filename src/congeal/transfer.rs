@@ -102,6 +102,12 @@ impl Method {
     pub const NAMES: [(&'static str, Method); 4] =
         [("joint", Method::Joint), ("3d", Method::Canonical), ("2d", Method::Features), ("bbox", Method::Bbox)];
 
+    /// Whether the method matches DINOv2 features (`joint` and `2d`); `3d` and `bbox` need none, so
+    /// callers load the extractor only when this is true.
+    pub fn needs_features(self) -> bool {
+        matches!(self, Method::Joint | Method::Features)
+    }
+
     /// The method called `name`; an empty name is the default, [`Method::Joint`].
     pub fn parse(name: &str) -> Result<Self> {
         let name = name.trim();
@@ -329,14 +335,13 @@ impl<'a> Transfer2d<'a> {
                 "the canonical-coordinate weight must be finite and >= 0, got {nocs_weight}"
             )));
         }
-        let extractor = match method {
-            Method::Canonical => {
-                return Err(Error::InvalidInput("the 3d method maps through the run's coordinate maps, not a matcher".into()))
-            }
-            Method::Bbox => None,
-            Method::Features | Method::Joint => Some(
-                extractor.ok_or_else(|| Error::InvalidInput("the 2d and joint transfer methods need DINOv2 features".into()))?,
-            ),
+        if method == Method::Canonical {
+            return Err(Error::InvalidInput("the 3d method maps through the run's coordinate maps, not a matcher".into()));
+        }
+        let extractor = if method.needs_features() {
+            Some(extractor.ok_or_else(|| Error::InvalidInput("the 2d and joint transfer methods need DINOv2 features".into()))?)
+        } else {
+            None
         };
         let matcher = Self::with_parts(collection, extractor, crop_margin, method).with_run_masks(run, run_dir);
         Ok(match method {
@@ -618,6 +623,8 @@ mod tests {
         assert_eq!(Method::parse(" 2D ").unwrap(), Method::Features);
         assert_eq!(Method::parse("3d").unwrap(), Method::Canonical);
         assert_eq!(Method::parse("bbox").unwrap(), Method::Bbox);
+        let featured: Vec<&str> = Method::NAMES.iter().filter(|(_, m)| m.needs_features()).map(|(n, _)| *n).collect();
+        assert_eq!(featured, ["joint", "2d"]);
         let e = Method::parse("nearest").unwrap_err().to_string();
         assert!(e.contains("`nearest`") && e.contains("joint, 3d, 2d, bbox"), "{e}");
         // A huge name is echoed cut short.

@@ -767,8 +767,7 @@ fn transfer_keypoints(shared: &Shared, req: &TransferKeypoints::Request) -> Tran
             return transfer(&run_dir, &result, &src, &dst, &points);
         }
         let collection = Collection::load(Path::new(&result.collection))?;
-        // The bbox guess needs no DINOv2.
-        let extractor = if method == Method::Bbox { None } else { Some(shared.features()?) };
+        let extractor = if method.needs_features() { Some(shared.features()?) } else { None };
         let config = &shared.config;
         Transfer2d::for_run(
             &collection,
