@@ -195,7 +195,14 @@ impl CollectionStore {
         let path = self.root.join("collection.json");
         let text = serde_json::to_string_pretty(&self.index)
             .map_err(|e| Error::Collection { path: path.clone(), message: e.to_string() })?;
-        write_atomic(&path, |tmp| std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e)))
+        // The index is the commit point: its bytes reach the disk before the rename makes it current,
+        // so a power loss leaves the old index or the new one, never an empty file that would hide
+        // every frame collected so far. (A frame whose PNGs were not yet flushed is skipped on load.)
+        write_atomic(&path, |tmp| {
+            use std::io::Write;
+            let mut file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+            file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| Error::io(tmp, e))
+        })
     }
 
     /// The stored frame whose stamp is nearest to `stamp` within `tolerance_ns`.

@@ -292,7 +292,12 @@ fn publish_track(shared: &Shared, slot: &ModelSlot, frame: &LiveFrame, pose: &Tr
     if let Err(e) = pubs.detections.publish(&dets) {
         warn!("publishing detections: {e}");
     }
-    if let Err(e) = pubs.tf.publish(&transform(&header, &frame.category, &camera_from_object)) {
+    // tf2 refuses a transform without a parent frame: images with an empty frame_id get poses and
+    // detections but no TF (and one warning).
+    if header.frame_id.is_empty() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| warn!("input images have an empty header.frame_id: no TF is published for them"));
+    } else if let Err(e) = pubs.tf.publish(&transform(&header, &frame.category, &camera_from_object)) {
         warn!("publishing tf: {e}");
     }
     if shared.params.publish_nocs {

@@ -98,20 +98,28 @@ where
     })
 }
 
+/// Largest `queue_size` / `ingest_queue` accepted.
+const MAX_QUEUE: i64 = 10_000;
+/// Largest `slop` accepted (s): image, mask and camera_info further apart are not one frame.
+const MAX_SLOP_S: f64 = 60.0;
+
 impl Params {
     fn from_node(node: &r2r::Node) -> anyhow::Result<Self> {
+        // Queue depths: at least one message, at most what a node could hold in memory.
         let positive = |name: &str, v: i64| -> anyhow::Result<usize> {
-            if v < 1 {
-                anyhow::bail!("parameter `{name}` must be >= 1, got {v}");
+            if !(1..=MAX_QUEUE).contains(&v) {
+                anyhow::bail!("parameter `{name}` must be between 1 and {MAX_QUEUE}, got {v}");
             }
             Ok(v as usize)
         };
         let slop_s: f64 = param(node, "slop", 0.05)?;
-        if !(slop_s.is_finite() && slop_s >= 0.0) {
-            anyhow::bail!("parameter `slop` must be a finite number of seconds >= 0, got {slop_s}");
+        if !(slop_s.is_finite() && (0.0..=MAX_SLOP_S).contains(&slop_s)) {
+            anyhow::bail!("parameter `slop` must be a number of seconds between 0 and {MAX_SLOP_S}, got {slop_s}");
         }
+        let category: String = param(node, "category", "object".to_string())?;
+        validate_category(&category).map_err(|e| anyhow::anyhow!("parameter `category`: {e}"))?;
         Ok(Self {
-            category: param(node, "category", "object".to_string())?,
+            category,
             data_dir: PathBuf::from(param(node, "data_dir", "congeal_data".to_string())?),
             template_path: param(node, "template_path", String::new())?,
             config: param(node, "config", String::new())?,
@@ -255,7 +263,8 @@ pub(crate) struct Publishers {
 impl Publishers {
     /// Every publisher of the node (names are the DESIGN.md contract).
     fn create(node: &mut r2r::Node) -> anyhow::Result<Self> {
-        let latched = QosProfile::default().transient_local().keep_last(1);
+        // Latched per category: a late subscriber gets the last result and mesh of each (up to 16).
+        let latched = QosProfile::default().transient_local().keep_last(16);
         Ok(Self {
             status: node.create_publisher::<Status>("~/status", QosProfile::default())?,
             result: node.create_publisher::<CongealResult>("~/result", latched.clone())?,
@@ -552,12 +561,17 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
             j.message = progress_message(stage, fraction, n, j.progress, started.elapsed().as_secs_f64());
         }
     };
-    let outcome = (|| -> crate::Result<RunResult> {
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::Result<RunResult> {
         // Snapshot the collection as it is now (frames keep arriving while the job runs).
         let collection = Collection::load(&shared.params.data_dir.join(&category))?;
         images.store(collection.images.len(), std::sync::atomic::Ordering::Relaxed);
         pipeline::run(&collection, &spec, &shared.config, &run_dir, &progress)
-    })();
+    }));
+    // A panic (a bug, not bad input) fails this job; the category can be congealed again.
+    let outcome: std::result::Result<RunResult, String> = match attempt {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!("the job panicked (a bug, please report it): {}", panic_message(&panic))),
+    };
     let mut jobs = lock(&shared.jobs);
     let Some(state) = jobs.get_mut(&category) else { return };
     state.done = true;
@@ -578,7 +592,7 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
             // Make the result queryable before announcing it: a client that reacts to ~/pose or
             // ~/status by calling ~/get_pose must find it.
             lock(&shared.results).insert(category.clone(), (result.clone(), run_dir.clone()));
-            publish_result(&shared, &category, &job, &result, &run_dir);
+            publish_result(&shared, &category, &job, &result, &run_dir, true);
             shared.publish_status(&category, &snapshot);
         }
         Err(e) => {
@@ -593,6 +607,15 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
     }
 }
 
+/// The message a panic carried (`&str` or `String` payloads), for logs and `~/status`.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown payload".into())
+}
+
 fn header_for(store: &CollectionStore, file: &str) -> Option<Header> {
     store
         .frames()
@@ -601,21 +624,29 @@ fn header_for(store: &CollectionStore, file: &str) -> Option<Header> {
         .map(|f| Header { stamp: Time { sec: f.stamp_sec, nanosec: f.stamp_nanosec }, frame_id: f.frame_id.clone() })
 }
 
-fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult, run_dir: &Path) {
+/// Publishes a finished run: `~/result` and `~/canonical_mesh` (latched), and with `per_image` each
+/// image's `~/pose` and `~/nocs`.
+fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult, run_dir: &Path, per_image: bool) {
     let store = match shared.store(category) {
         Ok(s) => s,
         Err(e) => return warn!("{e}"),
     };
-    let store = lock(&store);
+    // The frames' headers, copied out so the store's lock is not held while NOCS maps are read and
+    // published (the disk writer needs it for the frames still arriving).
+    let headers: Vec<Header> = {
+        let store = lock(&store);
+        result.images.iter().map(|im| header_for(&store, &im.file).unwrap_or_default()).collect()
+    };
     let mut images = Vec::new();
-    for im in &result.images {
+    for (im, header) in result.images.iter().zip(headers) {
         let Ok(pose) = im.pose() else { continue };
-        let header = header_for(&store, &im.file).unwrap_or_default();
         let msg = pose_stamped(header.clone(), &pose);
-        if let Err(e) = lock(&shared.publishers).pose.publish(&msg) {
-            warn!("publishing pose: {e}");
+        if per_image {
+            if let Err(e) = lock(&shared.publishers).pose.publish(&msg) {
+                warn!("publishing pose: {e}");
+            }
         }
-        if let Some(nocs_file) = &im.nocs {
+        if let (true, Some(nocs_file)) = (per_image, &im.nocs) {
             if let Ok((w, h, values)) = crate::output::read_nocs_png(&run_dir.join(nocs_file)) {
                 let mask: Vec<bool> = values.iter().map(|v| v.iter().any(|c| *c > 0.0)).collect();
                 if let Err(e) = lock(&shared.publishers).nocs.publish(&nocs_image(header.clone(), w, h, &values, &mask)) {
@@ -661,7 +692,8 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
             }
             let marker = Marker {
                 header: Header { stamp: Time::default(), frame_id: frame },
-                ns: "congeal".into(),
+                // One marker per category on the shared topic (RViz keeps each namespace's).
+                ns: format!("congeal/{category}"),
                 id: 0,
                 type_: Marker::TRIANGLE_LIST as i32,
                 action: Marker::ADD as i32,
@@ -698,6 +730,10 @@ fn restore(shared: &Shared) {
                 if let Ok(shape) = load_model(&last.join("model"), &shared.device()) {
                     shared.install_model(&category, shape);
                 }
+                // Latch the restored result and mesh again (not the per-image poses: they were
+                // published when the run finished).
+                let job = last.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                publish_result(shared, &category, &job, &result, &last, false);
                 lock(&shared.results).insert(category, (result, last));
             }
         }
@@ -1069,17 +1105,19 @@ pub fn run_node() -> anyhow::Result<()> {
             Congeal::Response { accepted, job_id, message }
         });
         let sh = shared.clone();
-        serve(get_pose_srv, "~/get_pose", move |req: &GetPose::Request| get_pose(&sh, req));
+        serve_blocking(get_pose_srv, "~/get_pose", move |req: &GetPose::Request| get_pose(&sh, req));
         let sh = shared.clone();
         serve(collect_srv, "~/set_collecting", move |req: &SetCollecting::Request| set_collecting(&sh, req));
         let sh = shared.clone();
         serve_blocking(register_srv, "~/register", move |req: &Register::Request| register(&sh, req));
         let sh = shared.clone();
-        serve(save_srv, "~/save_model", move |req: &SaveModel::Request| save_model_srv(&sh, req));
+        serve_blocking(save_srv, "~/save_model", move |req: &SaveModel::Request| save_model_srv(&sh, req));
         let sh = shared.clone();
         serve_blocking(load_srv, "~/load_model", move |req: &LoadModel::Request| load_model_srv(&sh, req));
         let sh = shared.clone();
-        serve(transfer_srv, "~/transfer_keypoints", move |req: &TransferKeypoints::Request| transfer_keypoints(&sh, req));
+        serve_blocking(transfer_srv, "~/transfer_keypoints", move |req: &TransferKeypoints::Request| {
+            transfer_keypoints(&sh, req)
+        });
         let sh = shared.clone();
         serve(reset_srv_stream, "~/reset", move |_: &Trigger::Request| reset_srv(&sh));
         // Status at 2 Hz while any job runs.

@@ -1,13 +1,15 @@
 """congeal_node under stress: a flood of 1000 images at 100 Hz (memory stays bounded, services keep
 answering, the ingestion queue drops the oldest), kill -9 while accumulating and while a job runs,
-restart: the collection on disk is intact and the job can be rerun."""
-import json, os, signal, sys, tempfile, time
+restart: the collection on disk is intact and the job can be rerun; after one more restart a late subscriber
+gets the restored result and mesh (latched). A `category` that cannot name a folder is refused at start-up."""
+import json, os, signal, subprocess, sys, tempfile, time
 
 import numpy as np
 import rclpy
-from congeal_msgs.msg import Status
+from congeal_msgs.msg import CongealResult, Status
 from congeal_msgs.srv import Congeal, GetPose
 from sensor_msgs.msg import Image
+from visualization_msgs.msg import Marker
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import *  # noqa
@@ -24,9 +26,18 @@ def collection_ok(data_dir, category):
     return len(meta["images"])
 
 
+def bad_category_is_refused(data_dir):
+    proc = subprocess.run([NODE, "--ros-args", "-p", f"data_dir:={data_dir}", "-p", "category:=../escape"],
+                          capture_output=True, text=True, timeout=60)
+    text = proc.stdout + proc.stderr
+    check(proc.returncode != 0 and "category" in text,
+          f"category:=../escape is refused at start-up, naming the parameter: rc {proc.returncode}, {text.strip()[-200:]}")
+
+
 def main():
     data_dir = tempfile.mkdtemp(prefix="congeal-stress-")
     log = os.path.join(data_dir, "node.log")
+    bad_category_is_refused(data_dir)
     rclpy.init()
     n = rclpy.create_node("congeal_stress_peer")
     img_pub = n.create_publisher(Image, "/image", SENSOR)
@@ -111,6 +122,23 @@ def main():
         resp, _ = call(n, congeal, req)
         check(resp.accepted, f"the job can be rerun: {resp.message}")
         check(wait_for(lambda: any(s.done and s.ok for s in statuses), 300, n), "the rerun job finishes ok")
+        # One more restart: the node latches the restored run again, so a late subscriber (RViz, a
+        # planner started later) gets the result and the mesh without a new job.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc = start_node(data_dir, log=log)
+        check(wait_alive(n, get_pose, GetPose.Request(category="duck")), "node restarts after the rerun")
+        results, markers = [], []
+        n.create_subscription(CongealResult, "/congeal/result", results.append, LATCHED)
+        n.create_subscription(Marker, "/congeal/canonical_mesh", markers.append, LATCHED)
+        check(wait_for(lambda: any(r.category == "duck" and len(r.images) >= len(frames) for r in results), 20, n),
+              f"the restored result is latched for a late subscriber ({[r.category for r in results]})")
+        check(wait_for(lambda: any(m.ns == "congeal/duck" and len(m.points) > 0 for m in markers), 20, n),
+              f"the restored mesh is latched, one namespace per category ({[m.ns for m in markers]})")
     finally:
         if proc.poll() is None:
             proc.kill()
