@@ -797,6 +797,53 @@ impl Config {
         if !(self.pose_init.semantic_weight.is_finite() && self.pose_init.semantic_weight >= 0.0) {
             return Err(Error::Config("pose_init.semantic_weight must be finite and >= 0".into()));
         }
+        if !(p.colour_weight.is_finite() && p.colour_weight >= 0.0) {
+            return Err(Error::Config(format!("pose_init.colour_weight must be finite and >= 0, got {}", p.colour_weight)));
+        }
+        if !(p.min_separation_deg.is_finite() && p.min_separation_deg >= 0.0) {
+            return Err(Error::Config(format!(
+                "pose_init.min_separation_deg must be finite and >= 0, got {}",
+                p.min_separation_deg
+            )));
+        }
+        let angles_finite = [p.elevation_min_deg, p.elevation_max_deg].iter().chain(&p.rolls_deg).all(|a| a.is_finite());
+        if !angles_finite || p.elevation_min_deg > p.elevation_max_deg {
+            return Err(Error::Config(format!(
+                "pose_init elevations must be finite with elevation_min_deg <= elevation_max_deg, and rolls_deg finite \
+                 (got {}..{}, rolls {:?})",
+                p.elevation_min_deg, p.elevation_max_deg, p.rolls_deg
+            )));
+        }
+        if p.samples_per_ray < 2 {
+            return Err(Error::Config(format!("pose_init.samples_per_ray must be >= 2, got {}", p.samples_per_ray)));
+        }
+        let t = &self.template;
+        if !(t.opacity_per_voxel.is_finite() && t.opacity_per_voxel > 0.0) {
+            return Err(Error::Config(format!("template.opacity_per_voxel must be finite and > 0, got {}", t.opacity_per_voxel)));
+        }
+        // Raster sides: large enough for any real use, small enough that a typo cannot ask for
+        // tens of GB (sizes are squared and multiplied by batch and channels).
+        let sides = [
+            ("pose_init.render_size", p.render_size),
+            ("pose_init.score_size", p.score_size),
+            ("pose_init.frame_size", p.frame_size),
+            ("pose_refine.ray_grid", self.pose_refine.ray_grid),
+            ("pose_refine.truncated_ray_grid", self.pose_refine.truncated_ray_grid),
+            ("features.input_size", f.input_size),
+            ("features.render_size", f.render_size),
+        ];
+        if let Some((name, v)) = sides.iter().find(|(_, v)| *v > MAX_RASTER_SIDE) {
+            return Err(Error::Config(format!("{name} must be <= {MAX_RASTER_SIDE}, got {v}")));
+        }
+        if p.azimuths * p.elevations * p.rolls_deg.len() * p.fovs_deg.len() > MAX_CANDIDATES {
+            return Err(Error::Config(format!(
+                "pose_init asks for {} x {} x {} x {} candidates, more than {MAX_CANDIDATES}",
+                p.fovs_deg.len(),
+                p.azimuths,
+                p.elevations,
+                p.rolls_deg.len()
+            )));
+        }
         self.coord_maps.validate()?;
         self.sds.validate()?;
         self.track.validate()?;
@@ -814,6 +861,11 @@ impl Config {
         parse_device(&self.device)
     }
 }
+
+/// Largest side accepted for a raster setting (pixels or rays).
+pub const MAX_RASTER_SIDE: u32 = 4096;
+/// Largest number of pose-initialisation candidates accepted (the paper's grid is 768).
+pub const MAX_CANDIDATES: usize = 100_000;
 
 /// The profiles shipped in `config/`, built into the binary: (name, YAML).
 const BUILTIN_PROFILES: [(&str, &str); 4] = [
@@ -907,6 +959,38 @@ mod tests {
         let bad = Config { track: TrackConfig { velocity: -0.1, ..TrackConfig::default() }, ..Config::default() };
         assert!(bad.validate().is_err());
         assert!(Config::default().validate().is_ok());
+    }
+
+    /// Values that used to pass and then failed deep inside a stage (NaN scores, empty renders blamed
+    /// on the field, rasters of tens of GB) are refused by name; the shipped profiles pass.
+    #[test]
+    fn settings_that_break_later_stages_are_refused_by_name() {
+        let with_init = |f: &dyn Fn(&mut PoseInitConfig)| {
+            let mut c = Config::default();
+            f(&mut c.pose_init);
+            c.validate().map_err(|e| e.to_string())
+        };
+        type Edit<'a> = &'a dyn Fn(&mut PoseInitConfig);
+        let cases: [(&str, Edit); 6] = [
+            ("colour_weight", &|p| p.colour_weight = f32::NAN),
+            ("min_separation_deg", &|p| p.min_separation_deg = f64::NAN),
+            ("elevation", &|p| p.elevation_max_deg = f64::INFINITY),
+            ("elevation", &|p| (p.elevation_min_deg, p.elevation_max_deg) = (50.0, -50.0)),
+            ("samples_per_ray", &|p| p.samples_per_ray = 1),
+            ("render_size", &|p| p.render_size = 50_000),
+        ];
+        for (name, f) in cases {
+            let e = with_init(f).unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        assert!(with_init(&|p| p.azimuths = 1_000_000).unwrap_err().contains("candidates"));
+        for v in [0.0, -1.0, f32::NAN] {
+            let c = Config { template: TemplateConfig { opacity_per_voxel: v, ..Default::default() }, ..Config::default() };
+            assert!(c.validate().unwrap_err().to_string().contains("opacity_per_voxel"), "{v}");
+        }
+        for name in ["default", "fast", "fast_224", "tiny"] {
+            assert!(Config::builtin(name).unwrap().validate().is_ok(), "{name}");
+        }
     }
 
     #[test]

@@ -138,9 +138,14 @@ fn images_without_masks_get_built_in_masks() {
     // A plain folder of images without masks: U^2-Net-p masks them and the run poses them.
     let src = common::demo_collection();
     let dir = tempfile::tempdir().unwrap();
-    for k in [0, 5, 10, 15] {
+    for k in [0, 5, 10] {
         std::fs::copy(src.join(format!("rgb/{k:03}.png")), dir.path().join(format!("{k:03}.png"))).unwrap();
     }
+    // An RGBA export with an opaque alpha channel: the alpha says nothing, so the segmenter masks it
+    // (it was read as a mask covering the whole image, and the image skipped).
+    let opaque = image::open(src.join("rgb/015.png")).unwrap().to_rgba8();
+    assert!(opaque.pixels().all(|p| p[3] == 255));
+    opaque.save(dir.path().join("015.png")).unwrap();
     // Files that are no image at all (an interrupted download, an empty file) are left out of the
     // folder with their reason and reported as skipped; they do not stop the run.
     std::fs::write(dir.path().join("empty.png"), b"").unwrap();

@@ -188,3 +188,63 @@ fn bbox_transfer_needs_no_features_and_the_others_say_what_they_miss() {
         assert!(err.contains(says), "{method:?} weight {weight}: `{err}`");
     }
 }
+
+/// The PCK curve counts a point at every threshold its error is within, and its 0.1 entry is the
+/// headline PCK: predictions offset from the ground truth by known fractions of the target's mask
+/// bbox side (0.07, 0.12, 0.25, 0.6, and one unanswered) give 0, 1, 2, 2, 3, 3 hits of 5 at
+/// alpha 0.05, 0.1, 0.15, 0.2, 0.3, 0.5. Lists that do not match the points are refused.
+#[test]
+fn pck_curve_counts_each_point_at_the_thresholds_it_meets() {
+    use congeal::collection::mask_bbox;
+    use congeal::congeal::transfer::TransferPair;
+    use congeal::eval::pairs::CURVE_ALPHAS;
+    let collection = Collection::load(&common::demo_collection()).unwrap();
+    let dst = collection.images[1].rgb.to_string_lossy().to_string();
+    let src = collection.images[0].rgb.to_string_lossy().to_string();
+    let bbox = mask_bbox(&collection.load_image(1).unwrap().mask).unwrap();
+    let side = bbox.width().max(bbox.height()) as f64;
+    let gt = [[40.0, 50.0], [60.0, 70.0], [80.0, 90.0], [100.0, 110.0], [120.0, 130.0]];
+    // Offsets along a diagonal, so both coordinates move.
+    let off = |g: [f64; 2], f: f64| [g[0] + f * side * 0.6, g[1] + f * side * 0.8];
+    let pred = vec![Some(off(gt[0], 0.07)), Some(off(gt[1], 0.12)), Some(off(gt[2], 0.25)), Some(off(gt[3], 0.6)), None];
+    let pair = TransferPair { src, dst, points: gt.to_vec(), pred: Some(pred), gt: Some(gt.iter().map(|g| Some(*g)).collect()) };
+    let report = pck_report(&collection, std::slice::from_ref(&pair), 0.1).unwrap();
+    // A short prediction list, or predictions on only some pairs, would drop points from the score
+    // but not from the count: refused.
+    let mut short = pair.clone();
+    short.pred.as_mut().unwrap().pop();
+    assert!(pck_report(&collection, &[short], 0.1).unwrap_err().to_string().contains("4 `pred` entries for 5 points"));
+    let unpredicted = TransferPair { pred: None, ..pair.clone() };
+    let e = pck_report(&collection, &[pair, unpredicted], 0.1).unwrap_err().to_string();
+    assert!(e.contains("1 of 2 pairs have no predictions"), "{e}");
+    let alphas: Vec<f64> = report.curve.iter().map(|p| p.alpha).collect();
+    assert_eq!(alphas, CURVE_ALPHAS.to_vec());
+    let hits: Vec<f64> = report.curve.iter().map(|p| (p.pck.unwrap() * 5.0).round()).collect();
+    assert_eq!(hits, vec![0.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+    assert_eq!(report.curve[1].pck, report.pck);
+}
+
+/// A ground-truth NOCS map of another size than its image is refused, naming the file (it indexed the
+/// image's mask with the map's own width and panicked, or paired points wrongly).
+#[test]
+fn pairs_refuse_a_nocs_map_of_another_size() {
+    let src = common::demo_collection();
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["rgb", "mask", "nocs"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("collection.json"), dir.path().join("collection.json")).unwrap();
+    let collection = Collection::load(dir.path()).unwrap();
+    let opts = PairOptions { pairs: 1000, points_per_pair: 5, seed: 1, tolerance: 0.01 };
+    assert!(ground_truth_pairs(&collection, &opts).is_ok());
+    let nocs = collection.images[1].nocs.clone().unwrap();
+    let map = image::open(dir.path().join(&nocs)).unwrap().to_rgb16();
+    let (w, h) = map.dimensions();
+    image::imageops::resize(&map, w * 2, h * 2, image::imageops::FilterType::Nearest).save(dir.path().join(&nocs)).unwrap();
+    let msg = ground_truth_pairs(&collection, &opts).unwrap_err().to_string();
+    assert!(msg.contains(&nocs.to_string_lossy().to_string()) && msg.contains("NOCS map is"), "{msg}");
+}

@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Keypoint pairs with ground truth (`congeal pairs`): adds PCK@0.1 of the predictions they
-        /// hold (`congeal transfer --out`), or of the run's 3D transfer when they hold none.
+        /// hold (`congeal transfer --out`), or of the run's 3D transfer when they hold none, and PCK at
+        /// 0.05-0.5 (`keypoints.curve`).
         #[arg(long)]
         pairs: Option<PathBuf>,
     },
@@ -415,7 +416,12 @@ fn main() -> Result<()> {
                 pairs,
                 points_per_pair: points,
                 seed,
-                tolerance: tolerance.unwrap_or(if cross { 0.05 } else { 0.01 }),
+                tolerance: match tolerance {
+                    Some(t) if !(t.is_finite() && t > 0.0) => bail!("--tolerance must be a finite number > 0, got {t}"),
+                    Some(t) => t,
+                    None if cross => 0.05,
+                    None => 0.01,
+                },
             };
             let list = congeal::eval::pairs::ground_truth_pairs(&collection, &opts)?;
             std::fs::write(&out, serde_json::to_string_pretty(&list)?).with_context(|| format!("writing {}", out.display()))?;

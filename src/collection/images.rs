@@ -43,15 +43,23 @@ pub fn decode_mask(img: &DynamicImage) -> GrayImage {
 }
 
 /// A binary mask (0/255) from the alpha channel of an image (`alpha >= 128`), or `None` if the image has
-/// no alpha channel.
+/// no alpha channel or one that marks every pixel alike (an opaque export or camera image: no mask, so
+/// a mask file or the segmenter decides).
 pub fn mask_from_alpha(img: &DynamicImage) -> Option<GrayImage> {
     if !img.color().has_alpha() {
         return None;
     }
     let rgba = img.to_rgba8();
-    Some(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+    informative_mask(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
         image::Luma([if rgba.get_pixel(x, y)[3] >= 128 { 255 } else { 0 }])
     }))
+}
+
+/// The mask, or `None` when all its pixels are alike (all object or all background: such an alpha
+/// channel says nothing about where the object is).
+pub fn informative_mask(mask: GrayImage) -> Option<GrayImage> {
+    let first = mask.as_raw().first().copied()?;
+    mask.as_raw().iter().any(|&v| v != first).then_some(mask)
 }
 
 /// Sets every pixel `>= 128` to 255 and the rest to 0.

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::geometry::Intrinsics;
 
 pub use crop::{mask_bbox, BorderContact, PixelBox, SquareCrop};
-pub use images::{binarise, decode_mask, load_dynamic, load_mask, load_rgb, mask_from_alpha, validate_mask};
+pub use images::{binarise, decode_mask, informative_mask, load_dynamic, load_mask, load_rgb, mask_from_alpha, validate_mask};
 
 /// What a collection contains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

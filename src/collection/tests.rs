@@ -156,7 +156,8 @@ fn wrong_types_and_bad_poses_are_rejected() {
 }
 
 /// Real calibrations: a negligible skew (1e-4 fx) and fx != fy (0.3 %) are accepted (skew dropped,
-/// both focal lengths kept); a skew of 0.1 fx is refused with a message naming the image and file.
+/// both focal lengths kept); a skew of 0.1 fx, or fx and fy 2 % apart, is refused with a message naming
+/// the image and file.
 #[test]
 fn real_calibrations_accept_negligible_skew_only() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,6 +182,17 @@ fn real_calibrations_accept_negligible_skew_only() {
     let m = |s: f64| nalgebra::Matrix3::new(fx, s, 64.0, 0.0, fy, 64.0, 0.0, 0.0, 1.0);
     assert!(crate::geometry::Intrinsics::from_matrix(&m(0.9e-3 * fx), 128, 128).is_ok());
     assert!(crate::geometry::Intrinsics::from_matrix(&m(1.1e-3 * fx), 128, 128).is_err());
+
+    // Non-square pixels beyond 1 % would be rendered wrong (rays use the mean focal length): refused,
+    // naming the image.
+    v["images"][3]["K"][0][1] = serde_json::json!(0.0);
+    v["images"][3]["K"][1][1] = serde_json::json!(fx * 1.02);
+    write_json(tmp.path(), &v);
+    let msg = Collection::load(tmp.path()).unwrap_err().to_string();
+    assert!(msg.contains("rgb/003.png") && msg.contains("square pixels"), "{msg}");
+    let aspect = |r: f64| nalgebra::Matrix3::new(fx, 0.0, 64.0, 0.0, fx * r, 64.0, 0.0, 0.0, 1.0);
+    assert!(crate::geometry::Intrinsics::from_matrix(&aspect(1.009), 128, 128).is_ok());
+    assert!(crate::geometry::Intrinsics::from_matrix(&aspect(0.989), 128, 128).is_err());
 }
 
 /// A copy of image 0 of the duck collection, as a one-image collection in `dir`.

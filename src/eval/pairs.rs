@@ -6,11 +6,12 @@
 //! frame, NOCS normalised per instance): the target mask pixel with the nearest *normalised* NOCS,
 //! when within `tolerance` (normalised units); otherwise the point has no ground truth.
 
-use kiddo::{KdTree, SquaredEuclidean};
+use kiddo::SquaredEuclidean;
 use nalgebra::{Isometry3, Point3, Vector3};
 use serde::{Deserialize, Serialize};
 
 use crate::collection::{mask_bbox, Collection, CollectionKind};
+use crate::congeal::coord_maps::reverse::kd_tree;
 use crate::congeal::transfer::{pck, TransferPair};
 use crate::error::{Error, Result};
 use crate::output::read_nocs_png;
@@ -75,8 +76,20 @@ fn pair(collection: &Collection, i: usize, j: usize, cross: bool, opts: &PairOpt
     let nocs_path = |e: &crate::collection::ImageEntry| {
         e.nocs.as_ref().map(|p| collection.root.join(p)).ok_or_else(|| missing(collection, "NOCS maps"))
     };
-    let (w, _, ni) = read_nocs_png(&nocs_path(ei)?)?;
-    let (wj, hj, nj) = read_nocs_png(&nocs_path(ej)?)?;
+    // A NOCS map must cover its image pixel for pixel (its mask and the projections index both).
+    let read = |e: &crate::collection::ImageEntry| -> Result<(u32, u32, Vec<[f32; 3]>)> {
+        let path = nocs_path(e)?;
+        let (w, h, values) = read_nocs_png(&path)?;
+        if (w, h) != (e.width, e.height) {
+            return Err(Error::Collection {
+                path: path.clone(),
+                message: format!("NOCS map is {w}x{h} but its image {} is {}x{}", e.rgb.display(), e.width, e.height),
+            });
+        }
+        Ok((w, h, values))
+    };
+    let (w, _, ni) = read(ei)?;
+    let (wj, hj, nj) = read(ej)?;
     let mask_i = collection.load_image(i)?.mask;
     let mask_j = collection.load_image(j)?.mask;
     let on_i: Vec<usize> = (0..ni.len()).filter(|&k| mask_i.as_raw().get(k).is_some_and(|v| *v >= 128)).collect();
@@ -84,12 +97,8 @@ fn pair(collection: &Collection, i: usize, j: usize, cross: bool, opts: &PairOpt
     let picked: Vec<usize> = on_i.iter().copied().step_by(stride).take(opts.points_per_pair).collect();
     let points: Vec<[f64; 2]> = picked.iter().map(|&k| [(k as u32 % w) as f64, (k as u32 / w) as f64]).collect();
     let gt: Vec<Option<[f64; 2]>> = if cross {
-        let mut tree: KdTree<f64, 3> = KdTree::new();
-        for (k, v) in nj.iter().enumerate() {
-            if mask_j.as_raw().get(k).is_some_and(|m| *m >= 128) {
-                tree.add(&v.map(|c| c as f64), k as u64);
-            }
-        }
+        let on_j = nj.iter().enumerate().filter(|(k, _)| mask_j.as_raw().get(*k).is_some_and(|m| *m >= 128));
+        let tree = kd_tree(on_j.map(|(k, v)| (v.map(|c| c as f64), k as u64)));
         picked
             .iter()
             .map(|&k| {
@@ -129,7 +138,7 @@ fn pair(collection: &Collection, i: usize, j: usize, cross: bool, opts: &PairOpt
 }
 
 /// PCK@0.1 of predicted pairs: overall and on pairs whose ground-truth viewpoints differ by more
-/// than 90 deg in azimuth.
+/// than 90 deg in azimuth; and the same at the thresholds of [`CURVE_ALPHAS`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PckReport {
     /// PCK threshold factor (0.1).
@@ -144,7 +153,25 @@ pub struct PckReport {
     pub points_wide: usize,
     /// Pairs evaluated.
     pub pairs: usize,
+    /// PCK at each of [`CURVE_ALPHAS`] (overall and wide), so coarse misses (a point on the wrong
+    /// part or the wrong end of the object) can be told from imprecise hits.
+    pub curve: Vec<PckPoint>,
 }
+
+/// PCK at one threshold factor.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PckPoint {
+    /// Threshold factor: a point counts when it lands within `alpha` x the target's mask bbox side.
+    pub alpha: f64,
+    /// PCK over all visible points.
+    pub pck: Option<f64>,
+    /// PCK over pairs more than 90 deg apart in azimuth.
+    pub pck_wide: Option<f64>,
+}
+
+/// The thresholds of [`PckReport::curve`]: the usual 0.05 / 0.1 / 0.15 of the correspondence
+/// literature, and coarser ones up to half the bbox.
+pub const CURVE_ALPHAS: [f64; 6] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5];
 
 /// Azimuth of the camera about object +y, degrees (0 = on the +z side).
 pub fn azimuth_deg(camera_from_object: &Isometry3<f64>) -> f64 {
@@ -154,6 +181,25 @@ pub fn azimuth_deg(camera_from_object: &Isometry3<f64>) -> f64 {
 
 /// Scores predicted pairs with PCK@alpha; the threshold uses the target's mask bbox.
 pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -> Result<PckReport> {
+    // Every pair is scored on all its points, or the report refuses: a short list would silently
+    // drop points from the score but not from the count.
+    let bad = |message: String| Error::InvalidInput(format!("keypoint pairs: {message}"));
+    for (k, p) in pairs.iter().enumerate() {
+        for (what, len) in [("gt", p.gt.as_ref().map(Vec::len)), ("pred", p.pred.as_ref().map(Vec::len))] {
+            if let Some(len) = len.filter(|&l| l != p.points.len()) {
+                return Err(bad(format!(
+                    "pair {k} ({} -> {}) has {len} `{what}` entries for {} points",
+                    p.src,
+                    p.dst,
+                    p.points.len()
+                )));
+            }
+        }
+    }
+    let without: Vec<usize> = pairs.iter().enumerate().filter(|(_, p)| p.pred.is_none()).map(|(k, _)| k).collect();
+    if !without.is_empty() && without.len() < pairs.len() {
+        return Err(bad(format!("{} of {} pairs have no predictions (first: pair {})", without.len(), pairs.len(), without[0])));
+    }
     let mut sizes = std::collections::HashMap::new();
     for p in pairs {
         if sizes.contains_key(&p.dst) {
@@ -187,6 +233,8 @@ pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -
         .cloned()
         .collect();
     let count = |ps: &[TransferPair]| ps.iter().map(|p| p.gt.as_ref().map_or(0, |g| g.iter().flatten().count())).sum();
+    let curve =
+        CURVE_ALPHAS.iter().map(|&a| PckPoint { alpha: a, pck: pck(pairs, &size, a), pck_wide: pck(&wide, &size, a) }).collect();
     Ok(PckReport {
         alpha,
         pck: pck(pairs, &size, alpha),
@@ -194,5 +242,6 @@ pub fn pck_report(collection: &Collection, pairs: &[TransferPair], alpha: f64) -
         pck_wide: pck(&wide, &size, alpha),
         points_wide: count(&wide),
         pairs: pairs.len(),
+        curve,
     })
 }

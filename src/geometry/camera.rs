@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 /// negligible skew (~1e-4 fx); up to this bound it shifts a pixel 480 rows down by under half a
 /// pixel and is dropped, beyond it the camera is refused.
 pub const MAX_SKEW_RATIO: f64 = 1e-3;
+/// Largest accepted `|fy / fx - 1|`: the renderer casts rays with the mean focal length (square
+/// pixels), which moves a point at the edge of a 640-px image by at most ~1.6 px at this bound.
+pub const MAX_ASPECT_DEVIATION: f64 = 0.01;
 
 /// Intrinsics of a pinhole camera without distortion or skew (fx and fy may differ), for an image
 /// of `width` x `height` pixels.
@@ -64,6 +67,13 @@ impl Intrinsics {
                 "intrinsics skew {skew} is beyond |skew| <= {MAX_SKEW_RATIO} fx = {:.4} (a pinhole without skew is assumed; \
                  undistort/resample the image to a skew-free camera first)",
                 MAX_SKEW_RATIO * fx
+            )));
+        }
+        if (fy / fx - 1.0).abs() > MAX_ASPECT_DEVIATION {
+            return Err(Error::InvalidInput(format!(
+                "focal lengths fx={fx} and fy={fy} differ by more than {:.0} % (square pixels are assumed; \
+                 resample the image to square pixels first)",
+                100.0 * MAX_ASPECT_DEVIATION
             )));
         }
         if width == 0 || height == 0 {

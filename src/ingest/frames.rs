@@ -59,7 +59,8 @@ fn check_layout(raw: &RawImage, channels: usize) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a colour image; for `rgba8`/`bgra8` also returns the alpha channel as a binary mask.
+/// Decodes a colour image; for `rgba8`/`bgra8` also returns the alpha channel as a binary mask, unless
+/// it is the same everywhere (opaque camera frames: no mask).
 pub fn decode_rgb(raw: &RawImage) -> Result<(RgbImage, Option<GrayImage>)> {
     let ch = channels(&raw.encoding).ok_or_else(|| {
         Error::InvalidInput(format!(
@@ -88,7 +89,7 @@ pub fn decode_rgb(raw: &RawImage) -> Result<(RgbImage, Option<GrayImage>)> {
             }
         }
     }
-    Ok((rgb, alpha))
+    Ok((rgb, alpha.and_then(crate::collection::informative_mask)))
 }
 
 /// Decodes a mask (`mono8`/`8UC1`): values >= 128 are object.
@@ -147,9 +148,18 @@ mod tests {
         assert_eq!(decode_rgb(&bgr).unwrap().0, a);
         // Padding bytes are skipped: pixel (0,1) starts at step.
         assert_eq!(a.get_pixel(0, 1).0[0], rgb.data[rgb.step as usize]);
-        let rgba = raw("rgba8", 3, 3, 4, 0);
+        let mut rgba = raw("rgba8", 3, 3, 4, 0);
+        rgba.data[3] = 200; // pixel (0,0) is object, the others (alpha < 128) background
         let (_, alpha) = decode_rgb(&rgba).unwrap();
-        assert_eq!(alpha.unwrap().get_pixel(0, 0).0[0], if rgba.data[3] >= 128 { 255 } else { 0 });
+        let alpha = alpha.unwrap();
+        assert_eq!((alpha.get_pixel(0, 0).0[0], alpha.get_pixel(1, 0).0[0]), (255, 0));
+        // An opaque (or fully transparent) alpha channel is no mask.
+        for a in [255u8, 0] {
+            for k in (3..rgba.data.len()).step_by(4) {
+                rgba.data[k] = a;
+            }
+            assert!(decode_rgb(&rgba).unwrap().1.is_none(), "alpha {a} everywhere");
+        }
         rgb.encoding = "mono8".into();
         rgb.step = 5;
         let (g, _) = decode_rgb(&rgb).unwrap();

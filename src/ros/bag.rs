@@ -230,7 +230,10 @@ impl Topics {
     /// Decodes the messages of the configured topics; what is skipped (other topics, undecodable
     /// messages, a truncated bag) goes into `skips`.
     fn read(bag: &Path, buf: &[u8], opts: &ExtractOptions, skips: &mut Skips) -> Result<Self> {
-        let stream = mcap::MessageStream::new(buf).map_err(|e| bag_err(bag, e))?;
+        // A bag whose recording was cut off (no footer, end magic missing) is read up to the cut;
+        // the first undecodable record stops the read below, with a skip saying so.
+        let options = mcap::read::Options::IgnoreEndMagic.into();
+        let stream = mcap::MessageStream::new_with_options(buf, options).map_err(|e| bag_err(bag, e))?;
         let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
         let mut bad: BTreeMap<String, u64> = BTreeMap::new();
         let mut images: Vec<(i64, Image)> = Vec::new();

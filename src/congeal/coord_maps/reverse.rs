@@ -54,6 +54,20 @@ impl NocsMap {
     }
 }
 
+/// A k-d tree of the points, each exact duplicate (same bits) kept once with its first item: kiddo's
+/// buckets cannot hold more than 32 copies of one point (a saturated warp, a flat NOCS region of a
+/// quantised map), and a nearest-neighbour query finds the same distance either way.
+pub fn kd_tree<const K: usize>(points: impl Iterator<Item = ([f64; K], u64)>) -> KdTree<f64, K> {
+    let mut seen = std::collections::HashSet::new();
+    let mut tree: KdTree<f64, K> = KdTree::new();
+    for (p, item) in points {
+        if seen.insert(p.map(f64::to_bits)) {
+            tree.add(&p, item);
+        }
+    }
+    tree
+}
+
 /// Reverse canonical coordinate map of one image (Eq. 12-13): NOCS point -> pixel of the rendering
 /// with the nearest NOCS (Eq. 12) -> input pixel whose warped position is nearest (Eq. 13).
 pub struct ReverseMap {
@@ -70,14 +84,8 @@ impl ReverseMap {
         if rendering.is_empty() || warped.is_empty() {
             return Err(Error::InvalidInput("reverse map needs a non-empty rendering and input foreground".into()));
         }
-        let mut tree3: KdTree<f64, 3> = KdTree::with_capacity(rendering.len());
-        for (k, (_, n)) in rendering.iter().enumerate() {
-            tree3.add(&n.map(|v| v as f64), k as u64);
-        }
-        let mut tree2: KdTree<f64, 2> = KdTree::with_capacity(warped.len());
-        for (k, (_, w)) in warped.iter().enumerate() {
-            tree2.add(w, k as u64);
-        }
+        let tree3 = kd_tree(rendering.iter().enumerate().map(|(k, (_, n))| (n.map(|v| v as f64), k as u64)));
+        let tree2 = kd_tree(warped.iter().enumerate().map(|(k, (_, w))| (*w, k as u64)));
         Ok(Self {
             rendering: tree3,
             rendering_pixels: rendering.iter().map(|r| r.0).collect(),
@@ -146,6 +154,18 @@ pub(crate) fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> 
 
 #[cfg(test)]
 mod tests {
+    /// 100 copies of one point (more than a kiddo bucket holds; inserting them one by one panicked)
+    /// next to one other point: both are found, each copy with the first copy's item.
+    #[test]
+    fn kd_tree_keeps_duplicates_once() {
+        use kiddo::SquaredEuclidean;
+        let points = (0..100).map(|k| ([0.25, 0.5, 0.75], k)).chain(std::iter::once(([1.0, 1.0, 1.0], 100)));
+        let tree = super::kd_tree(points);
+        assert_eq!(tree.size(), 2);
+        assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.2, 0.5, 0.7]).item, 0);
+        assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.9, 1.0, 1.0]).item, 100);
+    }
+
     use super::*;
 
     #[test]
