@@ -679,39 +679,44 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
         warn!("publishing result: {e}");
     }
     match crate::field::mesh::TriangleMesh::load(run_dir.join(&result.canonical.mesh)) {
-        Ok(mesh) => {
-            let mut points = Vec::with_capacity(mesh.triangles.len() * 3);
-            let mut colors = Vec::with_capacity(mesh.triangles.len() * 3);
-            for t in &mesh.triangles {
-                for &v in t {
-                    let p = mesh.positions[v as usize];
-                    points.push(Point { x: p[0] as f64, y: p[1] as f64, z: p[2] as f64 });
-                    let c = mesh.vertex_colors.as_ref().map(|c| c[v as usize]).unwrap_or([0.7; 3]);
-                    colors.push(ColorRGBA { r: c[0], g: c[1], b: c[2], a: 1.0 });
-                }
-            }
-            let marker = Marker {
-                header: Header { stamp: Time::default(), frame_id: frame },
-                // One marker per category on the shared topic (RViz keeps each namespace's).
-                ns: format!("congeal/{category}"),
-                id: 0,
-                type_: Marker::TRIANGLE_LIST as i32,
-                action: Marker::ADD as i32,
-                pose: r2r::geometry_msgs::msg::Pose {
-                    orientation: r2r::geometry_msgs::msg::Quaternion { w: 1.0, ..Default::default() },
-                    ..Default::default()
-                },
-                scale: r2r::geometry_msgs::msg::Vector3 { x: 1.0, y: 1.0, z: 1.0 },
-                color: ColorRGBA { r: 0.7, g: 0.7, b: 0.7, a: 1.0 },
-                points,
-                colors,
-                ..Default::default()
-            };
-            if let Err(e) = lock(&shared.publishers).mesh.publish(&marker) {
-                warn!("publishing mesh: {e}");
-            }
-        }
+        Ok(mesh) => publish_mesh(shared, category, &mesh),
         Err(e) => warn!("canonical mesh: {e}"),
+    }
+}
+
+/// Publishes a category's canonical mesh on `~/canonical_mesh` (latched; frame and namespace
+/// `congeal/<category>`).
+fn publish_mesh(shared: &Shared, category: &str, mesh: &crate::field::mesh::TriangleMesh) {
+    let frame = format!("congeal/{category}");
+    let mut points = Vec::with_capacity(mesh.triangles.len() * 3);
+    let mut colors = Vec::with_capacity(mesh.triangles.len() * 3);
+    for t in &mesh.triangles {
+        for &v in t {
+            let Some(p) = mesh.positions.get(v as usize) else { continue };
+            points.push(Point { x: p[0] as f64, y: p[1] as f64, z: p[2] as f64 });
+            let c = mesh.vertex_colors.as_ref().and_then(|c| c.get(v as usize).copied()).unwrap_or([0.7; 3]);
+            colors.push(ColorRGBA { r: c[0], g: c[1], b: c[2], a: 1.0 });
+        }
+    }
+    let marker = Marker {
+        header: Header { stamp: Time::default(), frame_id: frame.clone() },
+        // One marker per category on the shared topic (RViz keeps each namespace's).
+        ns: frame,
+        id: 0,
+        type_: Marker::TRIANGLE_LIST as i32,
+        action: Marker::ADD as i32,
+        pose: r2r::geometry_msgs::msg::Pose {
+            orientation: r2r::geometry_msgs::msg::Quaternion { w: 1.0, ..Default::default() },
+            ..Default::default()
+        },
+        scale: r2r::geometry_msgs::msg::Vector3 { x: 1.0, y: 1.0, z: 1.0 },
+        color: ColorRGBA { r: 0.7, g: 0.7, b: 0.7, a: 1.0 },
+        points,
+        colors,
+        ..Default::default()
+    };
+    if let Err(e) = lock(&shared.publishers).mesh.publish(&marker) {
+        warn!("publishing mesh: {e}");
     }
 }
 
@@ -987,6 +992,12 @@ fn load_model_srv(shared: &Shared, req: &LoadModel::Request) -> LoadModel::Respo
     match (validate_category(&category), load_model(Path::new(&req.path), &shared.device())) {
         (Err(e), _) | (_, Err(e)) => LoadModel::Response { ok: false, message: e.to_string() },
         (Ok(()), Ok(shape)) => {
+            // A model folder holds no mesh: extract the field's surface for ~/canonical_mesh, so live
+            // mode shows the shape in RViz as after a job.
+            match crate::field::field_mesh(&shape.field) {
+                Ok(mesh) => publish_mesh(shared, &category, &mesh),
+                Err(e) => warn!("mesh of the model for `{category}`: {e}"),
+            }
             shared.install_model(&category, shape);
             LoadModel::Response { ok: true, message: format!("model for `{category}` loaded") }
         }

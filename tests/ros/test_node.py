@@ -141,7 +141,8 @@ def run(n, proc, data_dir):
     check(bool(results) and len(results[-1].images) >= len(frames), "~/result latched with every image")
     if markers:
         m = markers[-1]
-        check(m.type == Marker.TRIANGLE_LIST and m.header.frame_id == "congeal/duck" and len(m.points) % 3 == 0
+        check(m.type == Marker.TRIANGLE_LIST and m.header.frame_id == "congeal/duck" and m.ns == "congeal/duck"
+              and len(m.points) % 3 == 0
               and len(m.points) > 0 and len(m.colors) == len(m.points), f"Marker TRIANGLE_LIST ({len(m.points)} points)")
     else:
         check(False, "Marker received")
@@ -206,6 +207,10 @@ def run(n, proc, data_dir):
     check(r.ok and os.path.exists(os.path.join(model_dir, "model.json")), f"~/save_model: {r.message}")
     r, _ = call(n, load, LoadModel.Request(category="other", path=model_dir))
     check(r.ok, f"~/load_model: {r.message}")
+    # A loaded model's surface is published too (a model folder holds no mesh), in its own namespace.
+    other = lambda: [m for m in markers if m.ns == "congeal/other" and m.header.frame_id == "congeal/other"]
+    check(wait_for(lambda: bool(other()) and len(other()[-1].points) > 0, 20, n),
+          f"~/canonical_mesh for the loaded model ({[m.ns for m in markers]})")
     r, _ = call(n, load, LoadModel.Request(category="other", path="/nonexistent"))
     check(not r.ok and "nonexistent" in r.message, f"~/load_model of a missing folder says why: {r.message}")
     r, _ = call(n, collect, SetCollecting.Request(category="../evil", collecting=True))
