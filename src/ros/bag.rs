@@ -233,18 +233,26 @@ impl Topics {
         // A bag whose recording was cut off (no footer, end magic missing) is read up to the cut;
         // the first undecodable record stops the read below, with a skip saying so.
         let options = mcap::read::Options::IgnoreEndMagic.into();
-        let stream = mcap::MessageStream::new_with_options(buf, options).map_err(|e| bag_err(bag, e))?;
+        let mut stream = mcap::MessageStream::new_with_options(buf, options).map_err(|e| bag_err(bag, e))?;
         let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
         let mut bad: BTreeMap<String, u64> = BTreeMap::new();
         let mut images: Vec<(i64, Image)> = Vec::new();
         let mut masks: Vec<(i64, Image)> = Vec::new();
         let mut infos: Vec<(i64, CameraInfo)> = Vec::new();
         let mut poses: Vec<(i64, PoseStamped)> = Vec::new();
-        for (n, msg) in stream.enumerate() {
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
+        for n in 0.. {
+            // The mcap reader can panic on some corrupted records (not on truncation): that ends the
+            // read like an error does, keeping what was read.
+            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.next()));
+            let msg = match next {
+                Ok(None) => break,
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
                     skips.push(format!("bag read stopped after {n} messages: {e}"));
+                    break;
+                }
+                Err(_) => {
+                    skips.push(format!("bag read stopped after {n} messages: a corrupted record"));
                     break;
                 }
             };

@@ -239,6 +239,14 @@ def main():
             rep2 = json.loads(r2.stdout[:r2.stdout.rindex("}") + 1])
             cut_ok = 0 < rep2["images"] < n and any("stopped" in s for s in rep2["skipped"])
         check("a cut-off bag yields the frames before the cut", cut_ok, (r2.stdout + r2.stderr).strip()[-300:])
+        # A corrupted record the mcap reader panics on (an attachment without room for its CRC): the read
+        # stops there with an error, not a crash (exit code 101).
+        rec = lambda op, body: bytes([op]) + struct.pack("<Q", len(body)) + body
+        (tmp / "att.mcap").write_bytes(b"\x89MCAP0\r\n" + rec(0x01, struct.pack("<II", 0, 0))
+                                       + rec(0x09, struct.pack("<QQIIQ", 0, 0, 0, 0, 0)))
+        r2 = sh([BIN, "bag", "extract", tmp / "att.mcap", "--image-topic", "/x", "--out", tmp / "att"])
+        check("a corrupted record ends the read with an error, not a crash", r2.returncode == 1 and "no decodable" in r2.stderr,
+              f"rc {r2.returncode}: {r2.stderr.strip()[-200:]}")
         (tmp / "junk.mcap").write_bytes(b"not an mcap file at all")
         r2 = sh([BIN, "bag", "extract", tmp / "junk.mcap", "--image-topic", "/x", "--out", tmp / "y"])
         check("junk bag is a clear error", r2.returncode != 0 and "panick" not in r2.stderr, r2.stderr.strip()[-200:])
