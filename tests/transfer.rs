@@ -135,6 +135,15 @@ fn transfer_3d_and_2d_baseline_on_ground_truth_pairs() {
     assert!(snapped[0].is_some());
     assert_eq!(transfer_2d(&collection, &extractor, 0.05, &src, &dst, &[off]).unwrap(), snapped);
     assert!(transfer(out.path(), &result, &src, &dst, &[off]).unwrap()[0].is_some(), "3D route: a point 2 px off the mask");
+
+    // A run's NOCS map of another size than its image (a hand-edited run) is refused, naming it: its
+    // pixels were read as the image's.
+    let im = result.images.iter().find(|im| im.file == dst).unwrap();
+    let nocs = out.path().join(im.nocs.as_ref().unwrap());
+    let map = image::open(&nocs).unwrap().to_rgb16();
+    image::imageops::crop_imm(&map, 0, 0, map.width() / 2, map.height()).to_image().save(&nocs).unwrap();
+    let e = transfer(out.path(), &result, &src, &dst, &[nearest]).unwrap_err().to_string();
+    assert!(e.contains("NOCS map is") && e.contains(im.nocs.as_ref().unwrap().as_str()), "{e}");
 }
 
 /// `Transfer2d::for_run` as the CLI and the node build it: the bbox guess works without DINOv2 (the

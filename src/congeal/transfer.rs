@@ -151,7 +151,7 @@ pub fn transfer(run_dir: &Path, run: &RunResult, src: &str, dst: &str, points: &
             path: run_dir.join("result.json"),
             message: format!("image {file} has no NOCS map (run with output.nocs: true)"),
         })?;
-        NocsMap::load(&run_dir.join(nocs))
+        NocsMap::load_for_image(&run_dir.join(nocs), image.size)
     };
     let a = map(src)?;
     let reverse = reverse_map(run_dir, run, dst)?;
@@ -384,7 +384,7 @@ impl<'a> Transfer2d<'a> {
             path: c.run_dir.join("result.json"),
             message: format!("image {file} has no NOCS map (run with output.nocs: true)"),
         })?;
-        let map = std::rc::Rc::new(NocsMap::load(&c.run_dir.join(nocs))?);
+        let map = std::rc::Rc::new(NocsMap::load_for_image(&c.run_dir.join(nocs), image.size)?);
         c.maps.insert(file.to_string(), map.clone());
         Ok(Some(map))
     }

@@ -30,6 +30,19 @@ impl NocsMap {
         Ok(Self { width, height, nocs })
     }
 
+    /// [`NocsMap::load`], refusing a map of another size than its image (`[width, height]`, as in
+    /// result.json): its pixels would not be the image's.
+    pub fn load_for_image(path: &Path, size: [u32; 2]) -> Result<Self> {
+        let map = Self::load(path)?;
+        if [map.width, map.height] != size {
+            return Err(Error::Run {
+                path: path.to_path_buf(),
+                message: format!("NOCS map is {}x{} but its image is {}x{}", map.width, map.height, size[0], size[1]),
+            });
+        }
+        Ok(map)
+    }
+
     /// The NOCS at a (sub)pixel position, nearest pixel; `None` off the object or the image.
     pub fn at(&self, x: f64, y: f64) -> Option<[f32; 3]> {
         let (u, v) = (x.round(), y.round());
@@ -56,12 +69,13 @@ impl NocsMap {
 
 /// A k-d tree of the points, each exact duplicate (same bits) kept once with its first item: kiddo's
 /// buckets cannot hold more than 32 copies of one point (a saturated warp, a flat NOCS region of a
-/// quantised map), and a nearest-neighbour query finds the same distance either way.
+/// quantised map), and a nearest-neighbour query finds the same distance either way. Points with a
+/// NaN or infinite coordinate (a corrupt warp) are left out: kiddo cannot order them.
 pub fn kd_tree<const K: usize>(points: impl Iterator<Item = ([f64; K], u64)>) -> KdTree<f64, K> {
     let mut seen = std::collections::HashSet::new();
     let mut tree: KdTree<f64, K> = KdTree::new();
     for (p, item) in points {
-        if seen.insert(p.map(f64::to_bits)) {
+        if p.iter().all(|v| v.is_finite()) && seen.insert(p.map(f64::to_bits)) {
             tree.add(&p, item);
         }
     }
@@ -115,8 +129,8 @@ impl ReverseMap {
 pub fn reverse_map(run_dir: &Path, run: &RunResult, file: &str) -> Result<Option<ReverseMap>> {
     let image = find_image(run_dir, run, file)?;
     let (Some(render_file), Some(nocs_file)) = (&image.nocs_render, &image.nocs) else { return Ok(None) };
-    let rendered = NocsMap::load(&run_dir.join(render_file))?;
-    let forward = NocsMap::load(&run_dir.join(nocs_file))?;
+    let rendered = NocsMap::load_for_image(&run_dir.join(render_file), image.size)?;
+    let forward = NocsMap::load_for_image(&run_dir.join(nocs_file), image.size)?;
     let warp: Option<StoredWarp> = match &image.warp {
         Some(w) => {
             let path = run_dir.join(w);
@@ -155,12 +169,14 @@ pub(crate) fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> 
 #[cfg(test)]
 mod tests {
     /// 100 copies of one point (more than a kiddo bucket holds; inserting them one by one panicked)
-    /// next to one other point: both are found, each copy with the first copy's item.
+    /// next to one other point, and 40 points with a NaN coordinate: the two points are found, each
+    /// copy with the first copy's item, and the NaN points are left out.
     #[test]
     fn kd_tree_keeps_duplicates_once() {
         use kiddo::SquaredEuclidean;
         let points = (0..100).map(|k| ([0.25, 0.5, 0.75], k)).chain(std::iter::once(([1.0, 1.0, 1.0], 100)));
-        let tree = super::kd_tree(points);
+        let nan = (0..40).map(|k| ([f64::NAN, k as f64, 0.0], 200 + k));
+        let tree = super::kd_tree(points.chain(nan));
         assert_eq!(tree.size(), 2);
         assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.2, 0.5, 0.7]).item, 0);
         assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.9, 1.0, 1.0]).item, 100);
