@@ -98,6 +98,30 @@ where
     })
 }
 
+/// How long a shutdown waits for queued frames to reach the disk.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    // A signal that cannot be listened for never resolves (the process keeps its default action).
+    let listen = |kind: SignalKind, name: &'static str| async move {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!("cannot listen for {name} ({e}); it will not shut down cleanly");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = listen(SignalKind::interrupt(), "SIGINT") => "SIGINT",
+        _ = listen(SignalKind::terminate(), "SIGTERM") => "SIGTERM",
+    }
+}
+
 /// Largest `queue_size` / `ingest_queue` accepted.
 const MAX_QUEUE: i64 = 10_000;
 /// Largest `slop` accepted (s): image, mask and camera_info further apart are not one frame.
@@ -162,16 +186,40 @@ pub(crate) struct Frame {
     info: Option<CameraInfo>,
 }
 
-/// A bounded queue that drops its oldest entry when full (and counts it).
+/// A bounded queue that drops its oldest entry when full (and counts it). Its consumer marks each
+/// entry it took as [`DropOldest::finished`], so [`DropOldest::drain`] can wait for the last one.
 pub(crate) struct DropOldest<T> {
-    items: Mutex<(VecDeque<T>, u64)>,
+    /// Entries, how many were dropped, how many were taken and are not finished.
+    items: Mutex<(VecDeque<T>, u64, usize)>,
     ready: Condvar,
     capacity: usize,
 }
 
 impl<T> DropOldest<T> {
     fn new(capacity: usize) -> Self {
-        Self { items: Mutex::new((VecDeque::new(), 0)), ready: Condvar::new(), capacity }
+        Self { items: Mutex::new((VecDeque::new(), 0, 0)), ready: Condvar::new(), capacity }
+    }
+
+    /// The consumer is done with an entry it popped.
+    fn finished(&self) {
+        let mut g = lock(&self.items);
+        g.2 = g.2.saturating_sub(1);
+        self.ready.notify_all();
+    }
+
+    /// Waits until every entry has been taken and finished, at most `timeout`; returns how many
+    /// were left (queued or in progress).
+    fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.items);
+        loop {
+            let left = g.0.len() + g.2;
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            g = self.ready.wait_timeout(g, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     fn push(&self, item: T) -> Option<u64> {
@@ -183,7 +231,7 @@ impl<T> DropOldest<T> {
             dropped = Some(g.1);
         }
         g.0.push_back(item);
-        self.ready.notify_one();
+        self.ready.notify_all();
         dropped
     }
 
@@ -196,6 +244,7 @@ impl<T> DropOldest<T> {
         let mut g = self.items.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(item) = g.0.pop_front() {
+                g.2 += 1;
                 return item;
             }
             g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -459,6 +508,7 @@ fn disk_writer(shared: Arc<Shared>) {
             let stamp = &frame.image.header.stamp;
             store.append(&rgb, mask.as_ref(), intrinsics.as_ref(), (stamp.sec, stamp.nanosec), &frame.image.header.frame_id)
         })();
+        shared.to_disk.finished();
         if let Err(e) = result {
             errors += 1;
             if errors <= 20 || errors.is_multiple_of(100) {
@@ -1157,11 +1207,33 @@ pub fn run_node() -> anyhow::Result<()> {
                 }
             }
         });
-        // The executor spins on a blocking thread; callbacks above run on the tokio workers.
-        let spin = tokio::task::spawn_blocking(move || loop {
-            node.spin_once(Duration::from_millis(10));
+        // SIGINT / SIGTERM (Ctrl-C, ros2 launch): stop accepting frames, write those already queued
+        // (at most SHUTDOWN_DRAIN), then stop spinning and return. A job still running is left as a
+        // killed job is.
+        let sh = shared.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_spin = stop.clone();
+        tokio::spawn(async move {
+            let which = shutdown_signal().await;
+            *lock(&sh.collecting) = None;
+            let drain = sh.clone();
+            let left = tokio::task::spawn_blocking(move || drain.to_disk.drain(SHUTDOWN_DRAIN)).await.unwrap_or(usize::MAX);
+            if left == 0 {
+                info!("{which}: every queued frame is on disk; exiting");
+            } else {
+                warn!("{which}: {left} queued frame(s) not written within {} s; exiting", SHUTDOWN_DRAIN.as_secs());
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        // The executor spins on a blocking thread; callbacks above run on the tokio workers. It stops
+        // on shutdown, so the node is dropped before the process exits.
+        let spin = tokio::task::spawn_blocking(move || {
+            while !stop_spin.load(std::sync::atomic::Ordering::SeqCst) {
+                node.spin_once(Duration::from_millis(10));
+            }
         });
         let _ = spin.await;
     });
+    rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }

@@ -1,7 +1,8 @@
 """congeal_node under stress: a flood of 1000 images at 100 Hz (memory stays bounded, services keep
 answering, the ingestion queue drops the oldest), kill -9 while accumulating and while a job runs,
 restart: the collection on disk is intact and the job can be rerun; after one more restart a late subscriber
-gets the restored result and mesh (latched). A `category` that cannot name a folder is refused at start-up."""
+gets the restored result and mesh (latched). A `category` that cannot name a folder is refused at start-up.
+SIGINT with frames still queued writes them before the node exits."""
 import json, os, signal, subprocess, sys, tempfile, time
 
 import numpy as np
@@ -139,6 +140,38 @@ def main():
               f"the restored result is latched for a late subscriber ({[r.category for r in results]})")
         check(wait_for(lambda: any(m.ns == "congeal/duck" and len(m.points) > 0 for m in markers), 20, n),
               f"the restored mesh is latched, one namespace per category ({[m.ns for m in markers]})")
+        proc.kill()
+        proc.wait()
+
+        # Ctrl-C while frames wait in the ingestion queue: they are written before the node exits.
+        # Reliable inputs, so every frame published reaches the node; 1280x960 noise takes ~0.1 s a
+        # frame to write, so most of them are still queued when the first one is on disk.
+        proc = start_node(data_dir, extra=("category:=bye", "input_reliability:=reliable"), log=log)
+        check(wait_alive(n, get_pose, GetPose.Request(category="bye")), "node up for the shutdown test")
+        reliable = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+        img_rel = n.create_publisher(Image, "/image", reliable)
+        mask_rel = n.create_publisher(Image, "/mask", reliable)
+        wait_for(lambda: img_rel.get_subscription_count() > 0 and mask_rel.get_subscription_count() > 0, 15, n)
+        wait_for(lambda: False, 1.0, n)
+        big = np.random.default_rng(1).integers(0, 255, (960, 1280, 3), dtype=np.uint8)
+        big_mask = np.zeros((960, 1280), np.uint8)
+        big_mask[200:760, 300:980] = 255
+        sent = 8
+        for i in range(sent):
+            img_rel.publish(image_msg(big, "rgb8", 5000 + i))
+            mask_rel.publish(image_msg(big_mask, "mono8", 5000 + i))
+            wait_for(lambda: False, 0.03, n)
+        wait_for(lambda: count_frames(data_dir, "bye") >= 1, 20, n)
+        at_signal = count_frames(data_dir, "bye")
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        stored = count_frames(data_dir, "bye")
+        check(rc == 0 and stored == sent,
+              f"SIGINT writes the queued frames before exiting (rc {rc}; {at_signal} on disk at the signal, {stored} of {sent} after)")
     finally:
         if proc.poll() is None:
             proc.kill()
