@@ -151,7 +151,14 @@ pub(crate) fn tracking_worker(shared: Arc<Shared>) {
         }
         let stats = &shared.live.stats;
         let start = Instant::now();
-        match track_frame(&shared, &slot, &mut entry.1, &frame) {
+        // A panic (a bug) costs this frame and the tracker's state, not live mode.
+        let tracked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| track_frame(&shared, &slot, &mut entry.1, &frame)))
+                .unwrap_or_else(|_| {
+                    entry.1 = Tracker::new(shared.config.track.clone());
+                    Err(crate::Error::InvalidInput("tracking this frame panicked (a bug); the tracker starts over".into()))
+                });
+        match tracked {
             Ok(outcome) => {
                 let seconds = start.elapsed().as_secs_f64();
                 let state = match outcome.reinitialised {

@@ -479,7 +479,8 @@ fn disk_writer(shared: Arc<Shared>) {
     let mut errors = 0u64;
     loop {
         let frame = shared.to_disk.pop();
-        let result = (|| -> crate::Result<usize> {
+        // A panic (a bug) costs this frame, not the writer: collection goes on.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::Result<usize> {
             let (rgb, alpha) = decode_rgb(&raw_image(&frame.image))?;
             let mask = match &frame.mask {
                 Some(m) => Some(decode_mask(&raw_image(m))?),
@@ -507,7 +508,8 @@ fn disk_writer(shared: Arc<Shared>) {
             let mut store = lock(&store);
             let stamp = &frame.image.header.stamp;
             store.append(&rgb, mask.as_ref(), intrinsics.as_ref(), (stamp.sec, stamp.nanosec), &frame.image.header.frame_id)
-        })();
+        }))
+        .unwrap_or_else(|_| Err(crate::Error::InvalidInput("writing this frame panicked (a bug)".into())));
         shared.to_disk.finished();
         if let Err(e) = result {
             errors += 1;
