@@ -14,7 +14,7 @@ use crate::collection::{mask_bbox, Collection, CollectionKind};
 use crate::congeal::coord_maps::reverse::kd_tree;
 use crate::congeal::transfer::{pck, TransferPair};
 use crate::error::{Error, Result};
-use crate::output::read_nocs_png;
+use crate::output::read_nocs_png_for_image;
 
 /// How to sample ground-truth pairs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -77,19 +77,9 @@ fn pair(collection: &Collection, i: usize, j: usize, cross: bool, opts: &PairOpt
         e.nocs.as_ref().map(|p| collection.root.join(p)).ok_or_else(|| missing(collection, "NOCS maps"))
     };
     // A NOCS map must cover its image pixel for pixel (its mask and the projections index both).
-    let read = |e: &crate::collection::ImageEntry| -> Result<(u32, u32, Vec<[f32; 3]>)> {
-        let path = nocs_path(e)?;
-        let (w, h, values) = read_nocs_png(&path)?;
-        if (w, h) != (e.width, e.height) {
-            return Err(Error::Collection {
-                path: path.clone(),
-                message: format!("NOCS map is {w}x{h} but its image {} is {}x{}", e.rgb.display(), e.width, e.height),
-            });
-        }
-        Ok((w, h, values))
-    };
-    let (w, _, ni) = read(ei)?;
-    let (wj, hj, nj) = read(ej)?;
+    let read = |e: &crate::collection::ImageEntry| read_nocs_png_for_image(&nocs_path(e)?, e.width, e.height);
+    let (w, ni) = (ei.width, read(ei)?);
+    let (wj, hj, nj) = (ej.width, ej.height, read(ej)?);
     let mask_i = collection.load_image(i)?.mask;
     let mask_j = collection.load_image(j)?.mask;
     let on_i: Vec<usize> = (0..ni.len()).filter(|&k| mask_i.as_raw().get(k).is_some_and(|v| *v >= 128)).collect();

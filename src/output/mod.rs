@@ -94,6 +94,19 @@ pub fn read_nocs_png(path: &Path) -> Result<(u32, u32, Vec<[f32; 3]>)> {
     Ok((w, h, values))
 }
 
+/// [`read_nocs_png`] of the map of an image of `width` x `height`, refusing a map of another size
+/// (its pixels would not be the image's).
+pub fn read_nocs_png_for_image(path: &Path, width: u32, height: u32) -> Result<Vec<[f32; 3]>> {
+    let (w, h, values) = read_nocs_png(path)?;
+    if (w, h) != (width, height) {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!("NOCS map is {w}x{h} but its image is {width}x{height}"),
+        });
+    }
+    Ok(values)
+}
+
 fn to_u8(v: f32) -> u8 {
     if v.is_nan() {
         0

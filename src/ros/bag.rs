@@ -243,7 +243,7 @@ impl Topics {
         for n in 0.. {
             // The mcap reader can panic on some corrupted records (not on truncation): that ends the
             // read like an error does, keeping what was read.
-            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.next()));
+            let next = crate::ros::node::catch_panic(|| stream.next());
             let msg = match next {
                 Ok(None) => break,
                 Ok(Some(Ok(m))) => m,
@@ -251,8 +251,8 @@ impl Topics {
                     skips.push(format!("bag read stopped after {n} messages: {e}"));
                     break;
                 }
-                Err(_) => {
-                    skips.push(format!("bag read stopped after {n} messages: a corrupted record"));
+                Err(m) => {
+                    skips.push(format!("bag read stopped after {n} messages: a corrupted record ({m})"));
                     break;
                 }
             };

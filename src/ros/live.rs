@@ -20,7 +20,7 @@ use crate::congeal::track::{TrackOutcome, TrackedPose, Tracker};
 use crate::field::render::{render_rays_host, CameraBatch, RenderWhat};
 use crate::ingest::frames::{decode_mask, decode_rgb, intrinsics_from_camera_info};
 use crate::ros::convert::{nocs_image, pose_stamped, raw_image};
-use crate::ros::node::{lock, ModelSlot, Shared};
+use crate::ros::node::{catch_panic, lock, ModelSlot, Shared};
 
 /// Latencies kept for the diagnostics' median.
 const LATENCY_WINDOW: usize = 100;
@@ -152,12 +152,10 @@ pub(crate) fn tracking_worker(shared: Arc<Shared>) {
         let stats = &shared.live.stats;
         let start = Instant::now();
         // A panic (a bug) costs this frame and the tracker's state, not live mode.
-        let tracked =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| track_frame(&shared, &slot, &mut entry.1, &frame)))
-                .unwrap_or_else(|_| {
-                    entry.1 = Tracker::new(shared.config.track.clone());
-                    Err(crate::Error::InvalidInput("tracking this frame panicked (a bug); the tracker starts over".into()))
-                });
+        let tracked = catch_panic(|| track_frame(&shared, &slot, &mut entry.1, &frame)).unwrap_or_else(|m| {
+            entry.1 = Tracker::new(shared.config.track.clone());
+            Err(crate::Error::InvalidInput(format!("tracking this frame panicked (a bug): {m}; the tracker starts over")))
+        });
         match tracked {
             Ok(outcome) => {
                 let seconds = start.elapsed().as_secs_f64();

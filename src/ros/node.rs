@@ -480,7 +480,7 @@ fn disk_writer(shared: Arc<Shared>) {
     loop {
         let frame = shared.to_disk.pop();
         // A panic (a bug) costs this frame, not the writer: collection goes on.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::Result<usize> {
+        let result = catch_panic(|| -> crate::Result<usize> {
             let (rgb, alpha) = decode_rgb(&raw_image(&frame.image))?;
             let mask = match &frame.mask {
                 Some(m) => Some(decode_mask(&raw_image(m))?),
@@ -508,8 +508,8 @@ fn disk_writer(shared: Arc<Shared>) {
             let mut store = lock(&store);
             let stamp = &frame.image.header.stamp;
             store.append(&rgb, mask.as_ref(), intrinsics.as_ref(), (stamp.sec, stamp.nanosec), &frame.image.header.frame_id)
-        }))
-        .unwrap_or_else(|_| Err(crate::Error::InvalidInput("writing this frame panicked (a bug)".into())));
+        })
+        .unwrap_or_else(|m| Err(crate::Error::InvalidInput(format!("writing this frame panicked (a bug): {m}"))));
         shared.to_disk.finished();
         if let Err(e) = result {
             errors += 1;
@@ -613,16 +613,16 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
             j.message = progress_message(stage, fraction, n, j.progress, started.elapsed().as_secs_f64());
         }
     };
-    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> crate::Result<RunResult> {
+    let attempt = catch_panic(|| -> crate::Result<RunResult> {
         // Snapshot the collection as it is now (frames keep arriving while the job runs).
         let collection = Collection::load(&shared.params.data_dir.join(&category))?;
         images.store(collection.images.len(), std::sync::atomic::Ordering::Relaxed);
         pipeline::run(&collection, &spec, &shared.config, &run_dir, &progress)
-    }));
+    });
     // A panic (a bug, not bad input) fails this job; the category can be congealed again.
     let outcome: std::result::Result<RunResult, String> = match attempt {
         Ok(result) => result.map_err(|e| e.to_string()),
-        Err(panic) => Err(format!("the job panicked (a bug, please report it): {}", panic_message(&panic))),
+        Err(m) => Err(format!("the job panicked (a bug, please report it): {m}")),
     };
     let mut jobs = lock(&shared.jobs);
     let Some(state) = jobs.get_mut(&category) else { return };
@@ -659,13 +659,16 @@ fn run_job(shared: Arc<Shared>, category: String, spec: ShapeSpec, job: String) 
     }
 }
 
-/// The message a panic carried (`&str` or `String` payloads), for logs and `~/status`.
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown payload".into())
+/// Runs `f`, turning a panic (a bug, not bad input) into `Err` with the message it carried, so one
+/// failure costs one job, frame or bag record instead of the thread that handles them.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown payload".into())
+    })
 }
 
 fn header_for(store: &CollectionStore, file: &str) -> Option<Header> {
@@ -698,7 +701,7 @@ fn publish_result(shared: &Shared, category: &str, job: &str, result: &RunResult
                 warn!("publishing pose: {e}");
             }
         }
-        if let (true, Some(nocs_file)) = (per_image, &im.nocs) {
+        if let Some(nocs_file) = im.nocs.as_ref().filter(|_| per_image) {
             if let Ok((w, h, values)) = crate::output::read_nocs_png(&run_dir.join(nocs_file)) {
                 let mask: Vec<bool> = values.iter().map(|v| v.iter().any(|c| *c > 0.0)).collect();
                 if let Err(e) = lock(&shared.publishers).nocs.publish(&nocs_image(header.clone(), w, h, &values, &mask)) {

@@ -8,8 +8,8 @@ use kiddo::{KdTree, SquaredEuclidean};
 
 use crate::congeal::coord_maps::StoredWarp;
 use crate::error::{Error, Result};
-use crate::output::read_nocs_png;
 use crate::output::result::{ImageResult, RunResult};
+use crate::output::{read_nocs_png, read_nocs_png_for_image};
 
 /// One image's forward map.
 #[derive(Clone, Debug)]
@@ -26,21 +26,19 @@ impl NocsMap {
     /// Reads a run's 16-bit NOCS PNG (background = all zero).
     pub fn load(path: &Path) -> Result<Self> {
         let (width, height, values) = read_nocs_png(path)?;
-        let nocs = values.into_iter().map(|v| if v.iter().any(|c| *c > 0.0) { Some(v) } else { None }).collect();
-        Ok(Self { width, height, nocs })
+        Ok(Self::from_values(width, height, values))
     }
 
     /// [`NocsMap::load`], refusing a map of another size than its image (`[width, height]`, as in
     /// result.json): its pixels would not be the image's.
     pub fn load_for_image(path: &Path, size: [u32; 2]) -> Result<Self> {
-        let map = Self::load(path)?;
-        if [map.width, map.height] != size {
-            return Err(Error::Run {
-                path: path.to_path_buf(),
-                message: format!("NOCS map is {}x{} but its image is {}x{}", map.width, map.height, size[0], size[1]),
-            });
-        }
-        Ok(map)
+        let values = read_nocs_png_for_image(path, size[0], size[1])?;
+        Ok(Self::from_values(size[0], size[1], values))
+    }
+
+    fn from_values(width: u32, height: u32, values: Vec<[f32; 3]>) -> Self {
+        let nocs = values.into_iter().map(|v| if v.iter().any(|c| *c > 0.0) { Some(v) } else { None }).collect();
+        Self { width, height, nocs }
     }
 
     /// The NOCS at a (sub)pixel position, nearest pixel; `None` off the object or the image.
@@ -168,6 +166,8 @@ pub(crate) fn find_image<'a>(run_dir: &Path, run: &'a RunResult, file: &str) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// 100 copies of one point (more than a kiddo bucket holds; inserting them one by one panicked)
     /// next to one other point, and 40 points with a NaN coordinate: the two points are found, each
     /// copy with the first copy's item, and the NaN points are left out.
@@ -176,13 +176,11 @@ mod tests {
         use kiddo::SquaredEuclidean;
         let points = (0..100).map(|k| ([0.25, 0.5, 0.75], k)).chain(std::iter::once(([1.0, 1.0, 1.0], 100)));
         let nan = (0..40).map(|k| ([f64::NAN, k as f64, 0.0], 200 + k));
-        let tree = super::kd_tree(points.chain(nan));
+        let tree = kd_tree(points.chain(nan));
         assert_eq!(tree.size(), 2);
         assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.2, 0.5, 0.7]).item, 0);
         assert_eq!(tree.nearest_one::<SquaredEuclidean>(&[0.9, 1.0, 1.0]).item, 100);
     }
-
-    use super::*;
 
     #[test]
     fn reverse_map_finds_nearest_and_refuses_far_points() {
