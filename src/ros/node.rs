@@ -213,7 +213,7 @@ impl<T> DropOldest<T> {
         let deadline = Instant::now() + timeout;
         let mut g = lock(&self.items);
         loop {
-            let left = g.0.len() + g.2;
+            let left = g.0.len() + g.2; // as `pending`, under the lock already held
             let now = Instant::now();
             if left == 0 || now >= deadline {
                 return left;
@@ -238,6 +238,12 @@ impl<T> DropOldest<T> {
     /// Entries dropped so far.
     pub(crate) fn dropped(&self) -> u64 {
         lock(&self.items).1
+    }
+
+    /// Entries waiting or being handled now.
+    pub(crate) fn pending(&self) -> usize {
+        let g = lock(&self.items);
+        g.0.len() + g.2
     }
 
     fn pop(&self) -> T {
@@ -1241,4 +1247,36 @@ pub fn run_node() -> anyhow::Result<()> {
     });
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The shutdown's wait: `drain` returns only when every entry was taken *and* finished (a frame
+    /// being written counts), or at the timeout with how many are left.
+    #[test]
+    fn drain_waits_for_queued_and_in_progress_entries() {
+        let queue = Arc::new(DropOldest::new(10));
+        for k in 0..5 {
+            queue.push(k);
+        }
+        assert_eq!(queue.pending(), 5);
+        assert_eq!(queue.drain(Duration::from_millis(20)), 5, "no consumer yet: all left at the timeout");
+        let done = Arc::new(AtomicUsize::new(0));
+        let (q, d) = (queue.clone(), done.clone());
+        let consumer = std::thread::spawn(move || {
+            for _ in 0..5 {
+                let _ = q.pop();
+                std::thread::sleep(Duration::from_millis(30)); // "writing"
+                d.fetch_add(1, Ordering::SeqCst);
+                q.finished();
+            }
+        });
+        assert_eq!(queue.drain(Duration::from_secs(10)), 0);
+        assert_eq!(done.load(Ordering::SeqCst), 5, "drain returned before the last entry was finished");
+        assert_eq!(queue.pending(), 0);
+        consumer.join().unwrap();
+    }
 }
