@@ -17,11 +17,9 @@
 //! `index` seconds, frame `camera`). Schemas are `ros2msg` with dependencies appended in the ROS 2
 //! convention, read from the `.msg` files under `$AMENT_PREFIX_PATH/*/share`.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use image::{GrayImage, RgbImage};
 use nalgebra::Isometry3;
@@ -167,6 +165,11 @@ fn row_major(iso: &Isometry3<f64>) -> [[f64; 4]; 4] {
 }
 
 /// Extracts a collection folder `out` from the MCAP bag `bag`.
+///
+/// The bag is read twice, as a stream: first the stamps of the images and masks and the small camera
+/// info and pose messages, then each image again, written as soon as its mask (if any) has been read.
+/// Memory stays at a few frames plus the largest chunk, not the bag's size, as long as each mask is
+/// recorded near its image (an image whose mask comes later in the file waits for it in memory).
 pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractReport> {
     crate::ingest::store::validate_category(&opts.category)?;
     if opts.slop_ns < 0 {
@@ -175,121 +178,278 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
     if out.join("collection.json").exists() {
         return Err(Error::InvalidInput(format!("{} already holds a collection; choose a new --out folder", out.display())));
     }
-    let buf = std::fs::read(bag).map_err(|e| Error::io(bag, e))?;
     let mut skips = Skips::new();
-    let topics = Topics::read(bag, &buf, opts, &mut skips)?;
+    let topics = Topics::read(bag, opts, &mut skips)?;
     for sub in ["rgb", "mask"] {
         std::fs::create_dir_all(out.join(sub)).map_err(|e| Error::io(out.join(sub), e))?;
     }
     let mut report = ExtractReport::default();
-    let mut entries = Vec::new();
-    for (t, img) in &topics.images {
+    // Each image's slot (its place by stamp) and the mask it takes, by message ordinal.
+    let slot_of: BTreeMap<usize, usize> = topics.images.iter().enumerate().map(|(slot, (_, n))| (*n, slot)).collect();
+    let mask_of: Vec<std::result::Result<Option<usize>, String>> = topics
+        .images
+        .iter()
+        .map(|(t, _)| match opts.mask_topic {
+            None => Ok(None),
+            Some(_) => nearest(&topics.mask_t, *t, opts.slop_ns)
+                .map(|j| Some(topics.masks[j]))
+                .ok_or_else(|| format!("no mask within {} ns", opts.slop_ns)),
+        })
+        .collect();
+    let mut mask_uses: BTreeMap<usize, usize> = BTreeMap::new();
+    for m in mask_of.iter().flatten().flatten() {
+        *mask_uses.entry(*m).or_default() += 1;
+    }
+    let mut masks_read: BTreeMap<usize, std::result::Result<GrayImage, String>> = BTreeMap::new();
+    let mut waiting: BTreeMap<usize, Vec<(usize, Image)>> = BTreeMap::new();
+    let mut entries: Vec<Option<Value>> = vec![None; topics.images.len()];
+    let mut frame_done = |slot: usize,
+                          img: &Image,
+                          mask: Option<&std::result::Result<GrayImage, String>>,
+                          skips: &mut Skips,
+                          report: &mut ExtractReport|
+     -> Result<()> {
+        let t = topics.images[slot].0;
         let label = format!("image at {}.{:09}", img.header.stamp.sec, img.header.stamp.nanosec);
         let (rgb, alpha) = match decode_rgb(&raw_image(img)) {
             Ok(x) => x,
             Err(e) => {
                 skips.push(format!("{label}: {e}"));
-                continue;
+                return Ok(());
             }
         };
         let size = rgb.dimensions();
-        let mask = match topics.mask_for(*t, size, opts) {
-            Ok(Some(m)) => Some(m),
-            Ok(None) => alpha,
-            Err(e) => {
+        let mask = match mask {
+            None => alpha,
+            Some(Err(e)) => {
                 skips.push(format!("{label}: {e}; image dropped"));
-                continue;
+                return Ok(());
             }
+            Some(Ok(m)) if m.dimensions() != size => {
+                let (w, h) = m.dimensions();
+                skips.push(format!("{label}: mask is {w}x{h} but the image is {}x{}; image dropped", size.0, size.1));
+                return Ok(());
+            }
+            Some(Ok(m)) => Some(m.clone()),
         };
-        let intrinsics = topics.intrinsics_for(*t, size, opts, &label, &mut skips);
-        let pose = topics.pose_for(*t, opts, &label, &mut skips);
+        let intrinsics = topics.intrinsics_for(t, size, opts, &label, skips);
+        let pose = topics.pose_for(t, opts, &label, skips);
         let frame = ExtractedFrame { header: &img.header, rgb: &rgb, mask: mask.as_ref(), intrinsics, pose };
-        entries.push(write_frame(out, entries.len(), &frame, &mut report)?);
+        entries[slot] = Some(write_frame(out, slot, &frame, report)?);
+        Ok(())
+    };
+    for_each_message(bag, opts, topics.read, None, |n, role, data| {
+        match role {
+            Role::Mask if mask_uses.contains_key(&n) => {
+                let mask = decode::<Image>(data).and_then(|m| decode_mask(&raw_image(&m)).map_err(|e| e.to_string()));
+                for (slot, img) in waiting.remove(&n).unwrap_or_default() {
+                    frame_done(slot, &img, Some(&mask), &mut skips, &mut report)?;
+                    release(&mut mask_uses, n);
+                }
+                if mask_uses.contains_key(&n) {
+                    masks_read.insert(n, mask);
+                }
+            }
+            Role::Image => {
+                let Some(&slot) = slot_of.get(&n) else { return Ok(()) };
+                let img = decode::<Image>(data).map_err(|e| bag_err(bag, format!("message {n} changed while reading: {e}")))?;
+                match &mask_of[slot] {
+                    Ok(None) => frame_done(slot, &img, None, &mut skips, &mut report)?,
+                    Err(e) => skips
+                        .push(format!("image at {}.{:09}: {e}; image dropped", img.header.stamp.sec, img.header.stamp.nanosec)),
+                    Ok(Some(m)) => match masks_read.get(m) {
+                        Some(mask) => {
+                            frame_done(slot, &img, Some(mask), &mut skips, &mut report)?;
+                            if release(&mut mask_uses, *m) {
+                                masks_read.remove(m);
+                            }
+                        }
+                        None => waiting.entry(*m).or_default().push((slot, img)),
+                    },
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    for (_, img) in waiting.into_values().flatten() {
+        skips.push(format!(
+            "image at {}.{:09}: its mask could not be read; image dropped",
+            img.header.stamp.sec, img.header.stamp.nanosec
+        ));
     }
-    report.images = entries.len();
-    if entries.is_empty() {
+    // Written under their slots; renumbered to 0.. in stamp order (a slot is never below its number).
+    let mut written = Vec::new();
+    for (slot, entry) in entries.into_iter().enumerate() {
+        if let Some(entry) = entry {
+            written.push(renumber(out, entry, slot, written.len())?);
+        }
+    }
+    report.images = written.len();
+    if written.is_empty() {
         return Err(bag_err(bag, format!("no usable image: {}", skips.finish().join("; "))));
     }
-    write_collection_index(bag, out, opts, entries, &report, &mut skips)?;
+    write_collection_index(bag, out, opts, written, &report, &mut skips)?;
     report.skipped = skips.finish();
     Ok(report)
 }
 
-/// The messages of the image, mask, camera-info and pose topics of a bag, each sorted by stamp.
+/// One use of mask `n` is done; true when it has no uses left.
+fn release(uses: &mut BTreeMap<usize, usize>, n: usize) -> bool {
+    match uses.get_mut(&n) {
+        Some(k) if *k > 1 => {
+            *k -= 1;
+            false
+        }
+        _ => {
+            uses.remove(&n);
+            true
+        }
+    }
+}
+
+/// Moves a frame written as number `from` to number `to` (its files and its entry's fields).
+fn renumber(out: &Path, mut entry: Value, from: usize, to: usize) -> Result<Value> {
+    if from == to {
+        return Ok(entry);
+    }
+    for (key, dir) in [("rgb", "rgb"), ("mask", "mask")] {
+        if entry.get(key).is_some() {
+            let rel = format!("{dir}/{to:03}.png");
+            let old = out.join(format!("{dir}/{from:03}.png"));
+            std::fs::rename(&old, out.join(&rel)).map_err(|e| Error::io(&old, e))?;
+            entry[key] = json!(rel);
+        }
+    }
+    entry["index"] = json!(to);
+    Ok(entry)
+}
+
+/// What a message of the configured topics is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    Image,
+    Mask,
+    CameraInfo,
+    Pose,
+}
+
+/// Reads the bag from the file in order and hands each message of the configured topics, with its
+/// ordinal among all messages and its role, to `f`; returns how many messages were read. Reads at
+/// most `limit` messages. With `skips`, the read's own problems are reported there (other topics,
+/// encodings that are not CDR, a truncated or corrupted bag, which ends the read keeping what was read).
+fn for_each_message(
+    bag: &Path,
+    opts: &ExtractOptions,
+    limit: usize,
+    mut skips: Option<&mut Skips>,
+    mut f: impl FnMut(usize, Role, &[u8]) -> Result<()>,
+) -> Result<usize> {
+    let file = std::fs::File::open(bag).map_err(|e| Error::io(bag, e))?;
+    let mut reader = mcap::io::MessageReader::new(std::io::BufReader::new(file));
+    let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
+    let mut not_cdr: BTreeMap<String, u64> = BTreeMap::new();
+    let mut n = 0;
+    while n < limit {
+        // The mcap reader could panic on some corrupted records (0.9 did): that ends the read like
+        // an error does, keeping what was read.
+        let next = crate::ros::node::catch_panic(|| reader.next());
+        let msg = match next {
+            Ok(None) => break,
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                if n == 0 {
+                    return Err(bag_err(bag, e));
+                }
+                if let Some(s) = skips.as_deref_mut() {
+                    s.push(format!("bag read stopped after {n} messages: {e}"));
+                }
+                break;
+            }
+            Err(m) => {
+                if let Some(s) = skips.as_deref_mut() {
+                    s.push(format!("bag read stopped after {n} messages: a corrupted record ({m})"));
+                }
+                break;
+            }
+        };
+        let ordinal = n;
+        n += 1;
+        let topic = msg.channel.topic.as_str();
+        let role = if topic == opts.image_topic {
+            Role::Image
+        } else if opts.mask_topic.as_deref() == Some(topic) {
+            Role::Mask
+        } else if opts.camera_info_topic.as_deref() == Some(topic) {
+            Role::CameraInfo
+        } else if opts.pose_topic.as_deref() == Some(topic) {
+            Role::Pose
+        } else {
+            *other_topics.entry(topic.to_string()).or_default() += 1;
+            continue;
+        };
+        if msg.channel.message_encoding != "cdr" {
+            *not_cdr.entry(format!("{topic}: message encoding `{}` is not cdr", msg.channel.message_encoding)).or_default() += 1;
+            continue;
+        }
+        f(ordinal, role, &msg.data)?;
+    }
+    if let Some(skips) = skips {
+        for (what, count) in &not_cdr {
+            skips.push(format!("{count} message(s) on {what}"));
+        }
+        for (topic, count) in &other_topics {
+            skips.push(format!("{count} message(s) on unused topic {topic}"));
+        }
+    }
+    Ok(n)
+}
+
+/// The first pass over a bag: the stamps of its images and masks (with their message ordinals), its
+/// camera info and pose messages, each sorted by stamp, and how many messages could be read.
 struct Topics {
-    images: Vec<(i64, Image)>,
-    masks: Vec<(i64, Image)>,
+    /// (stamp, ordinal) of each decodable image.
+    images: Vec<(i64, usize)>,
+    /// Ordinal of each decodable mask, in the order of `mask_t`.
+    masks: Vec<usize>,
     infos: Vec<(i64, CameraInfo)>,
     poses: Vec<(i64, PoseStamped)>,
     mask_t: Vec<i64>,
     info_t: Vec<i64>,
     pose_t: Vec<i64>,
+    /// Messages read before the end or the first unreadable record.
+    read: usize,
 }
 
 impl Topics {
-    /// Decodes the messages of the configured topics; what is skipped (other topics, undecodable
-    /// messages, a truncated bag) goes into `skips`.
-    fn read(bag: &Path, buf: &[u8], opts: &ExtractOptions, skips: &mut Skips) -> Result<Self> {
-        // A bag whose recording was cut off (no footer, end magic missing) is read up to the cut;
-        // the first undecodable record stops the read below, with a skip saying so.
-        let options = mcap::read::Options::IgnoreEndMagic.into();
-        let mut stream = mcap::MessageStream::new_with_options(buf, options).map_err(|e| bag_err(bag, e))?;
-        let mut other_topics: BTreeMap<String, u64> = BTreeMap::new();
+    /// Decodes the messages of the configured topics, keeping only the stamps of images and masks;
+    /// what is skipped (other topics, undecodable messages, a truncated bag) goes into `skips`.
+    fn read(bag: &Path, opts: &ExtractOptions, skips: &mut Skips) -> Result<Self> {
         let mut bad: BTreeMap<String, u64> = BTreeMap::new();
-        let mut images: Vec<(i64, Image)> = Vec::new();
-        let mut masks: Vec<(i64, Image)> = Vec::new();
+        let mut images: Vec<(i64, usize)> = Vec::new();
+        let mut masks: Vec<(i64, usize)> = Vec::new();
         let mut infos: Vec<(i64, CameraInfo)> = Vec::new();
         let mut poses: Vec<(i64, PoseStamped)> = Vec::new();
-        for n in 0.. {
-            // The mcap reader can panic on some corrupted records (not on truncation): that ends the
-            // read like an error does, keeping what was read.
-            let next = crate::ros::node::catch_panic(|| stream.next());
-            let msg = match next {
-                Ok(None) => break,
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => {
-                    skips.push(format!("bag read stopped after {n} messages: {e}"));
-                    break;
-                }
-                Err(m) => {
-                    skips.push(format!("bag read stopped after {n} messages: a corrupted record ({m})"));
-                    break;
-                }
-            };
-            let topic = msg.channel.topic.as_str();
-            let role = if topic == opts.image_topic {
-                0
-            } else if opts.mask_topic.as_deref() == Some(topic) {
-                1
-            } else if opts.camera_info_topic.as_deref() == Some(topic) {
-                2
-            } else if opts.pose_topic.as_deref() == Some(topic) {
-                3
-            } else {
-                *other_topics.entry(topic.to_string()).or_default() += 1;
-                continue;
-            };
-            if msg.channel.message_encoding != "cdr" {
-                *bad.entry(format!("{topic}: message encoding `{}` is not cdr", msg.channel.message_encoding)).or_default() += 1;
-                continue;
-            }
-            let data: &[u8] = &msg.data;
+        let read = for_each_message(bag, opts, usize::MAX, Some(skips), |n, role, data| {
             let res = match role {
-                0 => decode::<Image>(data).map(|m| images.push((stamp_ns(&m.header.stamp), m))),
-                1 => decode::<Image>(data).map(|m| masks.push((stamp_ns(&m.header.stamp), m))),
-                2 => decode::<CameraInfo>(data).map(|m| infos.push((stamp_ns(&m.header.stamp), m))),
-                _ => decode::<PoseStamped>(data).map(|m| poses.push((stamp_ns(&m.header.stamp), m))),
+                Role::Image => decode::<Image>(data).map(|m| images.push((stamp_ns(&m.header.stamp), n))),
+                Role::Mask => decode::<Image>(data).map(|m| masks.push((stamp_ns(&m.header.stamp), n))),
+                Role::CameraInfo => decode::<CameraInfo>(data).map(|m| infos.push((stamp_ns(&m.header.stamp), m))),
+                Role::Pose => decode::<PoseStamped>(data).map(|m| poses.push((stamp_ns(&m.header.stamp), m))),
             };
             if let Err(e) = res {
-                let schema = msg.channel.schema.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+                let (topic, schema) = match role {
+                    Role::Image => (opts.image_topic.as_str(), "sensor_msgs/msg/Image"),
+                    Role::Mask => (opts.mask_topic.as_deref().unwrap_or_default(), "sensor_msgs/msg/Image"),
+                    Role::CameraInfo => (opts.camera_info_topic.as_deref().unwrap_or_default(), "sensor_msgs/msg/CameraInfo"),
+                    Role::Pose => (opts.pose_topic.as_deref().unwrap_or_default(), "geometry_msgs/msg/PoseStamped"),
+                };
                 *bad.entry(format!("{topic}: cannot decode ({schema}): {e}")).or_default() += 1;
             }
-        }
+            Ok(())
+        })?;
         for (what, count) in &bad {
             skips.push(format!("{count} message(s) on {what}"));
-        }
-        for (topic, count) in &other_topics {
-            skips.push(format!("{count} message(s) on unused topic {topic}"));
         }
         if images.is_empty() {
             return Err(bag_err(bag, format!("no decodable sensor_msgs/Image on topic {}", opts.image_topic)));
@@ -301,28 +461,8 @@ impl Topics {
         let mask_t = masks.iter().map(|(t, _)| *t).collect();
         let info_t = infos.iter().map(|(t, _)| *t).collect();
         let pose_t = poses.iter().map(|(t, _)| *t).collect();
-        Ok(Self { images, masks, infos, poses, mask_t, info_t, pose_t })
-    }
-
-    /// The mask of the image at `t` (`None` without a mask topic; an error drops the image).
-    fn mask_for(&self, t: i64, size: (u32, u32), opts: &ExtractOptions) -> Result<Option<GrayImage>> {
-        if opts.mask_topic.is_none() {
-            return Ok(None);
-        }
-        let Some(j) = nearest(&self.mask_t, t, opts.slop_ns) else {
-            return Err(Error::InvalidInput(format!("no mask within {} ns", opts.slop_ns)));
-        };
-        let m = decode_mask(&raw_image(&self.masks[j].1))?;
-        if m.dimensions() != size {
-            return Err(Error::InvalidInput(format!(
-                "mask is {}x{} but the image is {}x{}",
-                m.width(),
-                m.height(),
-                size.0,
-                size.1
-            )));
-        }
-        Ok(Some(m))
+        let masks = masks.into_iter().map(|(_, n)| n).collect();
+        Ok(Self { images, masks, infos, poses, mask_t, info_t, pose_t, read })
     }
 
     /// Intrinsics of the image at `t`: camera info nearest within slop, else the latest before the
@@ -513,18 +653,11 @@ pub fn schema_text(type_name: &str) -> Result<String> {
     Ok(out)
 }
 
-fn channel(topic: &str, type_name: &str) -> Result<Arc<mcap::Channel<'static>>> {
-    let schema = mcap::Schema {
-        name: type_name.to_string(),
-        encoding: "ros2msg".into(),
-        data: Cow::Owned(schema_text(type_name)?.into_bytes()),
-    };
-    Ok(Arc::new(mcap::Channel {
-        topic: topic.to_string(),
-        schema: Some(Arc::new(schema)),
-        message_encoding: "cdr".into(),
-        metadata: BTreeMap::new(),
-    }))
+/// Adds `type_name`'s schema (`ros2msg`) and a CDR channel on `topic` to `writer`; returns the channel id.
+fn add_channel<W: std::io::Write + std::io::Seek>(writer: &mut mcap::Writer<W>, topic: &str, type_name: &str) -> Result<u16> {
+    let mcap_err = |e: mcap::McapError| Error::InvalidInput(format!("adding channel {topic}: {e}"));
+    let schema = writer.add_schema(type_name, "ros2msg", schema_text(type_name)?.as_bytes()).map_err(mcap_err)?;
+    writer.add_channel(schema, topic, "cdr", &BTreeMap::new()).map_err(mcap_err)
 }
 
 /// Writes the run in `run_dir` (posed against `collection_dir`) as an MCAP bag `out`.
@@ -541,8 +674,6 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
     };
     let entries: Vec<Value> = doc.get("images").and_then(Value::as_array).cloned().unwrap_or_default();
 
-    let pose_ch = channel(POSE_TOPIC, "geometry_msgs/msg/PoseStamped")?;
-    let nocs_ch = channel(NOCS_TOPIC, "sensor_msgs/msg/Image")?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
@@ -550,6 +681,8 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
     let mcap_err = |e: mcap::McapError| Error::InvalidInput(format!("writing {}: {e}", out.display()));
     let mut writer =
         mcap::WriteOptions::new().compression(None).profile("ros2").create(BufWriter::new(file)).map_err(mcap_err)?;
+    let pose_ch = add_channel(&mut writer, POSE_TOPIC, "geometry_msgs/msg/PoseStamped")?;
+    let nocs_ch = add_channel(&mut writer, NOCS_TOPIC, "sensor_msgs/msg/Image")?;
     let mut report = WriteReport { bag: out.display().to_string(), ..Default::default() };
     let mut skips = Skips::new();
     let mut seq = 0u32;
@@ -577,13 +710,10 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
             .to_serialized_bytes()
             .map_err(|e| Error::InvalidInput(format!("serialising PoseStamped: {e}")))?;
         writer
-            .write(&mcap::Message {
-                channel: pose_ch.clone(),
-                sequence: seq,
-                log_time: t,
-                publish_time: t,
-                data: Cow::Owned(data),
-            })
+            .write_to_known_channel(
+                &mcap::records::MessageHeader { channel_id: pose_ch, sequence: seq, log_time: t, publish_time: t },
+                &data,
+            )
             .map_err(mcap_err)?;
         seq += 1;
         report.poses += 1;
@@ -598,13 +728,10 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
                     .to_serialized_bytes()
                     .map_err(|e| Error::InvalidInput(format!("serialising Image: {e}")))?;
                 writer
-                    .write(&mcap::Message {
-                        channel: nocs_ch.clone(),
-                        sequence: seq,
-                        log_time: t,
-                        publish_time: t,
-                        data: Cow::Owned(data),
-                    })
+                    .write_to_known_channel(
+                        &mcap::records::MessageHeader { channel_id: nocs_ch, sequence: seq, log_time: t, publish_time: t },
+                        &data,
+                    )
                     .map_err(mcap_err)?;
                 seq += 1;
                 report.nocs_images += 1;
@@ -628,6 +755,79 @@ mod tests {
         assert_eq!(nearest(&s, 26, 5), Some(2));
         assert_eq!(nearest(&s, 100, 5), None);
         assert_eq!(nearest(&[], 1, 5), None);
+    }
+
+    /// A `w x h` image message stamped `sec` s: rgb8 filled with `value`, or mono8 (a mask) all 255.
+    fn image_msg(sec: i32, w: u32, h: u32, value: Option<u8>) -> Vec<u8> {
+        let (encoding, step, data) = match value {
+            Some(v) => ("rgb8", 3 * w, vec![v; (3 * w * h) as usize]),
+            None => ("mono8", w, vec![255; (w * h) as usize]),
+        };
+        let msg = Image {
+            header: Header { stamp: Time { sec, nanosec: 0 }, frame_id: "cam".into() },
+            height: h,
+            width: w,
+            encoding: encoding.into(),
+            is_bigendian: 0,
+            step,
+            data,
+        };
+        msg.to_serialized_bytes().expect("serialise a test image")
+    }
+
+    /// The stream keeps stamp order and the pairing of masks with images whatever the file order:
+    /// images recorded out of order, masks recorded long after their images, one mask shared by two
+    /// images, and a dropped image (mask of another size) that leaves no gap in the numbering.
+    #[test]
+    fn extract_streams_any_file_order_into_stamp_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bag = dir.path().join("order.mcap");
+        let file = std::fs::File::create(&bag).expect("create bag");
+        let mut writer = mcap::WriteOptions::new().profile("ros2").create(BufWriter::new(file)).expect("writer");
+        let img_ch = add_channel(&mut writer, "/img", "sensor_msgs/msg/Image").expect("image channel");
+        let mask_ch = add_channel(&mut writer, "/mask", "sensor_msgs/msg/Image").expect("mask channel");
+        let mut seq = 0;
+        let mut put = |writer: &mut mcap::Writer<BufWriter<std::fs::File>>, ch: u16, data: Vec<u8>| {
+            let header = mcap::records::MessageHeader { channel_id: ch, sequence: seq, log_time: seq as u64, publish_time: 0 };
+            seq += 1;
+            writer.write_to_known_channel(&header, &data).expect("write message");
+        };
+        // Images at 5, 3, 1, 4, 2 s (pixel value 10 x stamp); image 4 has a 6x6 mask, so it is dropped.
+        for sec in [5, 3, 1, 4, 2] {
+            put(&mut writer, img_ch, image_msg(sec, 8, 8, Some(10 * sec as u8)));
+        }
+        // Masks after all images; none at 2 s: that image shares the mask at 1 s (1 s slop).
+        for (sec, w) in [(1, 8), (3, 8), (4, 6), (5, 8)] {
+            put(&mut writer, mask_ch, image_msg(sec, w, w, None));
+        }
+        writer.finish().expect("finish bag");
+        let opts = ExtractOptions {
+            image_topic: "/img".into(),
+            mask_topic: Some("/mask".into()),
+            camera_info_topic: None,
+            pose_topic: None,
+            category: "toy".into(),
+            slop_ns: 1_000_000_000,
+            bbox: None,
+        };
+        let out = dir.path().join("out");
+        let report = extract(&bag, &opts, &out).expect("extract");
+        assert_eq!((report.images, report.with_mask), (4, 4), "{report:?}");
+        assert!(report.skipped.iter().any(|s| s.contains("mask is 6x6")), "{:?}", report.skipped);
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("collection.json")).expect("index")).expect("json");
+        let images = doc["images"].as_array().expect("images");
+        let secs: Vec<i64> = images.iter().map(|e| e["stamp_sec"].as_i64().unwrap_or(-1)).collect();
+        assert_eq!(secs, vec![1, 2, 3, 5]);
+        for (k, e) in images.iter().enumerate() {
+            assert_eq!(e["index"].as_u64(), Some(k as u64));
+            assert_eq!(e["rgb"].as_str(), Some(format!("rgb/{k:03}.png").as_str()));
+            let rgb = image::open(out.join(format!("rgb/{k:03}.png"))).expect("rgb png").to_rgb8();
+            assert_eq!(rgb.get_pixel(0, 0)[0] as i64, 10 * secs[k], "image {k} holds another frame's pixels");
+            let mask = image::open(out.join(format!("mask/{k:03}.png"))).expect("mask png").to_luma8();
+            assert_eq!(mask.dimensions(), (8, 8));
+        }
+        assert!(!out.join("rgb/004.png").exists() && !out.join("mask/004.png").exists(), "files left under old numbers");
     }
 
     #[test]
