@@ -72,11 +72,11 @@ def main():
     sys.exit(1 if failures else 0)
 
 
-def publish(n, pubs, f, sec):
+def publish(n, pubs, f, sec, frame_id="camera_optical"):
     img_pub, mask_pub, info_pub = pubs
     h, w = f["rgb"].shape[:2]
-    img_pub.publish(image_msg(f["rgb"], "rgb8", sec, frame_id="camera_optical"))
-    mask_pub.publish(image_msg(f["mask"], "mono8", sec, frame_id="camera_optical"))
+    img_pub.publish(image_msg(f["rgb"], "rgb8", sec, frame_id=frame_id))
+    mask_pub.publish(image_msg(f["mask"], "mono8", sec, frame_id=frame_id))
     info_pub.publish(info_msg(f["K"], w, h, sec))
 
 
@@ -159,6 +159,14 @@ def run(n, data_dir, meta, frames):
     err = rot_err_deg(quat_to_rot(dets[sec].detections[0].results[0].pose.pose.orientation), f["pose"][:3, :3]) if got else 1e9
     check(got and err <= 15.0 and any("reset" in v for v in state()),
           f"after ~/reset the frame is re-initialised ({state()[-1:]}) with error {err:.2f} deg")
+
+    # A camera that leaves frame_id empty: tf2 refuses a transform without a parent, so no /tf, but the
+    # detection and the pose are still published.
+    sec = 2500
+    publish(n, pubs, frames[-1], sec, frame_id="")
+    got = wait_for(lambda: sec in dets and sec in poses, 20, n)
+    wait_for(lambda: sec in tfs, 2, n)
+    check(got and sec not in tfs, f"empty frame_id: detection and pose published ({got}), no /tf ({sec not in tfs})")
 
     # Burst: 15 frames back to back; the node skips what it cannot track (newest wins) and keeps up.
     for k in range(15):
