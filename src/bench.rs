@@ -16,6 +16,44 @@ use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::shape::sds::{score_distillation, DiffusionModels, GuidanceKind, NoiseSchedule};
 
+/// `congeal bench-store`: stores `frames` frames of `size` x `size` pixels (with mask and K) into a
+/// temporary [`CollectionStore`](crate::ingest::store::CollectionStore), and reports the mean and the
+/// slowest milliseconds per frame in each tenth of the run, then the time to reopen the store.
+pub fn bench_store(frames: usize, size: u32, report: &mut dyn FnMut(&str)) -> Result<()> {
+    if frames < 10 || size == 0 {
+        return Err(Error::InvalidInput("--frames must be at least 10 and --size at least 1".into()));
+    }
+    let dir = std::env::temp_dir().join(format!("congeal-bench-store-{}", std::process::id()));
+    let result = store_frames(&dir, frames, size, report);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn store_frames(dir: &Path, frames: usize, size: u32, report: &mut dyn FnMut(&str)) -> Result<()> {
+    let mut store = crate::ingest::store::CollectionStore::open(dir, "bench")?;
+    let rgb = image::RgbImage::from_fn(size, size, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+    let mask = image::GrayImage::from_fn(size, size, |x, y| image::Luma([if x > size / 4 && y > size / 4 { 255 } else { 0 }]));
+    let k = crate::geometry::Intrinsics::from_fov_y(50.0, size, size)?;
+    let tenth = frames / 10;
+    let mut times = Vec::with_capacity(tenth);
+    for i in 0..frames {
+        let t = std::time::Instant::now();
+        store.append(&rgb, Some(&mask), Some(&k), (i as i32, 0), "camera")?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if times.len() == tenth {
+            let mean = times.iter().sum::<f64>() / times.len() as f64;
+            let max = times.iter().cloned().fold(0.0, f64::max);
+            report(&format!("frames {:5}-{:5}: {mean:.2} ms per frame (slowest {max:.1} ms)", i + 1 - tenth, i));
+            times.clear();
+        }
+    }
+    drop(store);
+    let t = std::time::Instant::now();
+    let store = crate::ingest::store::CollectionStore::open(dir, "bench")?;
+    report(&format!("reopened {} frames in {:.1} ms", store.len(), t.elapsed().as_secs_f64() * 1e3));
+    Ok(())
+}
+
 /// `congeal bench-features`: times DINOv2 `patch_features` (block `layer`, default the last) on
 /// `batch` random images at each of `sizes`, `reps` times after one warm-up; each finding goes to
 /// `report` as a line.

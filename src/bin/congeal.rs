@@ -139,6 +139,15 @@ enum Command {
         #[command(subcommand)]
         command: BagCommand,
     },
+    /// Benchmark the node's collection store: milliseconds to store one frame as the collection grows.
+    BenchStore {
+        /// Frames to store (into a temporary folder).
+        #[arg(long, default_value_t = 5000)]
+        frames: usize,
+        /// Side of the square test frames, pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+    },
     /// Benchmark DINOv2 patch features: seconds per image at each input size, and peak memory.
     BenchFeatures {
         /// DINOv2 weights (HF-named safetensors, see scripts/setup_weights.sh).
@@ -440,6 +449,7 @@ fn main() -> Result<()> {
             println!("transferred {found} of {n} points; predictions in {}", out.display());
         }
         Command::Bag { command } => bag(command)?,
+        Command::BenchStore { frames, size } => congeal::bench::bench_store(frames, size, &mut |line| println!("{line}"))?,
         Command::BenchFeatures { weights, sizes, batch, reps, layer, device } => {
             let device = congeal::config::parse_device(&device)?;
             congeal::bench::bench_features(&weights, &sizes, batch, reps, layer, &device, &mut |line| println!("{line}"))?

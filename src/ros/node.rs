@@ -200,6 +200,23 @@ impl<T> DropOldest<T> {
         Self { items: Mutex::new((VecDeque::new(), 0, 0)), ready: Condvar::new(), capacity }
     }
 
+    /// The oldest entry, waiting for one at most `timeout` (`None` when none came).
+    fn pop_timeout(&self, timeout: Duration) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.items);
+        loop {
+            if let Some(item) = g.0.pop_front() {
+                g.2 += 1;
+                return Some(item);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = self.ready.wait_timeout(g, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     /// The consumer is done with an entry it popped.
     fn finished(&self) {
         let mut g = lock(&self.items);
@@ -244,17 +261,6 @@ impl<T> DropOldest<T> {
     pub(crate) fn pending(&self) -> usize {
         let g = lock(&self.items);
         g.0.len() + g.2
-    }
-
-    fn pop(&self) -> T {
-        let mut g = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(item) = g.0.pop_front() {
-                g.2 += 1;
-                return item;
-            }
-            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
     }
 }
 
@@ -365,6 +371,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Folds every open store's journal into its `collection.json` (see [`CollectionStore::flush`]).
+    fn flush_stores(&self) {
+        let stores: Vec<(String, Arc<Mutex<CollectionStore>>)> =
+            lock(&self.stores).iter().map(|(c, s)| (c.clone(), s.clone())).collect();
+        for (category, store) in stores {
+            if let Err(e) = lock(&store).flush() {
+                warn!("{category}: rewriting the collection index (the frames stay in its journal): {e}");
+            }
+        }
+    }
+
     fn store(&self, category: &str) -> crate::Result<Arc<Mutex<CollectionStore>>> {
         let mut stores = lock(&self.stores);
         if let Some(s) = stores.get(category) {
@@ -481,10 +498,17 @@ fn warm_up(
 }
 
 /// Writes synchronised frames to disk, off the executor.
+/// After this long without a frame to write, the disk writer folds each store's journal into its
+/// `collection.json`, so a reader of that file alone sees every stored frame.
+const IDLE_FOLD: Duration = Duration::from_millis(500);
+
 fn disk_writer(shared: Arc<Shared>) {
     let mut errors = 0u64;
     loop {
-        let frame = shared.to_disk.pop();
+        let Some(frame) = shared.to_disk.pop_timeout(IDLE_FOLD) else {
+            shared.flush_stores();
+            continue;
+        };
         // A panic (a bug) costs this frame, not the writer: collection goes on.
         let result = catch_panic(|| -> crate::Result<usize> {
             let (rgb, alpha) = decode_rgb(&raw_image(&frame.image))?;
@@ -1234,6 +1258,9 @@ pub fn run_node() -> anyhow::Result<()> {
             } else {
                 warn!("{which}: {left} queued frame(s) not written within {} s; exiting", SHUTDOWN_DRAIN.as_secs());
             }
+            // The frames are committed in each store's journal; folding them into collection.json
+            // now leaves a tidy folder (a kill instead loses nothing either).
+            sh.flush_stores();
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         // The executor spins on a blocking thread; callbacks above run on the tokio workers. It stops
@@ -1268,7 +1295,7 @@ mod tests {
         let (q, d) = (queue.clone(), done.clone());
         let consumer = std::thread::spawn(move || {
             for _ in 0..5 {
-                let _ = q.pop();
+                let _ = q.pop_timeout(Duration::from_secs(10));
                 std::thread::sleep(Duration::from_millis(30)); // "writing"
                 d.fetch_add(1, Ordering::SeqCst);
                 q.finished();
