@@ -114,8 +114,11 @@ impl Collection {
         }
         let file = dir.join("collection.json");
         if file.is_file() {
+            // The node's journal is read before the index: a fold in between moves frames from the
+            // journal into the index, never out of both.
+            let journal = crate::ingest::store::read_journal(dir)?;
             let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-            let text = with_journal(dir, &file, text)?;
+            let text = with_journal(&file, text, &journal)?;
             json::parse(dir, &file, &text)
         } else {
             load_plain(dir)
@@ -230,24 +233,19 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// `collection.json`'s text with the frames of the node's journal
-/// ([`JOURNAL`](crate::ingest::store::JOURNAL): stored since the index was last rewritten) appended, so a
-/// collection whose node was killed, or is still collecting, loads with every committed frame.
-fn with_journal(dir: &Path, file: &Path, text: String) -> Result<String> {
-    let journal = dir.join(crate::ingest::store::JOURNAL);
-    let lines = match std::fs::read(&journal) {
-        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
-        Ok(_) => return Ok(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(text),
-        Err(e) => return Err(Error::io(&journal, e)),
-    };
+/// `collection.json`'s text (`file`) with the journal's frames that it lacks appended, so a collection
+/// whose node was killed, or is still collecting, loads with every committed frame.
+fn with_journal(file: &Path, text: String, journal: &str) -> Result<String> {
+    if journal.is_empty() {
+        return Ok(text);
+    }
     let bad = |message: String| Error::Collection { path: file.to_path_buf(), message };
     let mut doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let Some(images) = doc.get_mut("images").and_then(serde_json::Value::as_array_mut) else {
         return Ok(text); // the parser names what is wrong
     };
     let known = images.iter().filter_map(|e| e.get("index")?.as_u64()).map(|i| i as usize).collect();
-    for frame in crate::ingest::store::journal_frames(&lines, &known) {
+    for frame in crate::ingest::store::journal_frames(journal, &known) {
         images.push(serde_json::to_value(frame).map_err(|e| bad(e.to_string()))?);
     }
     serde_json::to_string(&doc).map_err(|e| bad(e.to_string()))

@@ -5,9 +5,9 @@
 //! Crash safety and cost: every image is written to a temporary name and renamed into place, then the
 //! frame's index entry is appended to the journal [`JOURNAL`] (one JSON line, flushed to disk): that
 //! line is the commit point. `collection.json` is rewritten from time to time and the journal emptied:
-//! when the journal holds 64 frames or an eighth of the collection, at a frame 2 s after the last
-//! rewrite, when the store is opened or dropped, and (the node) whenever the input pauses for half a
-//! second. So storing a frame costs about the same after 20 000 frames as after 10 (rewriting the
+//! at the first frame, when the journal holds 64 frames or an eighth of the collection, at a frame 2 s
+//! after the last rewrite, when the store is opened or dropped, and (the node) whenever the input
+//! pauses for half a second. So storing a frame costs about the same after 20 000 frames as after 10 (rewriting the
 //! whole index for every frame did not), and a reader of `collection.json` alone lags by at most 2 s.
 //! A kill at any moment leaves `collection.json` (old or new, both valid) plus the journal;
 //! [`CollectionStore::open`] and [`Collection::load`](crate::collection::Collection::load) read both,
@@ -81,6 +81,19 @@ pub struct CollectionStore {
     next_index: usize,
     /// When `collection.json` was last written.
     rewritten: std::time::Instant,
+    /// Whether `collection.json` exists (the first frame writes it at once, so a loader never takes
+    /// the folder for a plain folder of images).
+    indexed: bool,
+}
+
+/// The text of the journal in the collection folder `root` (empty when there is none).
+pub fn read_journal(root: &Path) -> Result<String> {
+    let journal = root.join(JOURNAL);
+    match std::fs::read(&journal) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Error::io(&journal, e)),
+    }
 }
 
 /// The frames of a journal's complete, readable lines (a torn or unreadable line is skipped) that
@@ -160,21 +173,12 @@ impl CollectionStore {
             }
         };
         // Frames committed to the journal since the last rewrite (a kill, or a crash) join the index.
-        let journal = root.join(JOURNAL);
-        let journal_text = match std::fs::read(&journal) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(Error::io(&journal, e)),
-        };
+        let journal_text = read_journal(&root)?;
         let known = index.images.iter().map(|f| f.index).collect();
         index.images.extend(journal_frames(&journal_text, &known));
         let next_index = index.images.iter().map(|f| f.index + 1).max().unwrap_or(0);
-        let fresh = !json.exists();
-        let mut store = Self { root, index, journaled: 0, next_index, rewritten: std::time::Instant::now() };
-        if fresh {
-            // The folder is a collection from the start, so a loader never mistakes it for a plain one.
-            store.write_index()?;
-        }
+        let indexed = json.exists();
+        let mut store = Self { root, index, journaled: 0, next_index, rewritten: std::time::Instant::now(), indexed };
         if !journal_text.is_empty() {
             // Also drops a torn last line, which the next append would otherwise run into.
             store.journaled = 1;
@@ -246,7 +250,10 @@ impl CollectionStore {
         self.index.images.push(frame);
         self.next_index = index + 1;
         self.journaled += 1;
-        if self.journaled >= COMPACT_MIN.max(self.index.images.len() / 8) || self.rewritten.elapsed() >= COMPACT_AFTER {
+        if !self.indexed
+            || self.journaled >= COMPACT_MIN.max(self.index.images.len() / 8)
+            || self.rewritten.elapsed() >= COMPACT_AFTER
+        {
             // The frame is committed already; a failed rewrite is tried again at the next one.
             if let Err(e) = self.flush() {
                 tracing::warn!("rewriting the collection index (the frames stay in {JOURNAL}): {e}");
@@ -278,6 +285,7 @@ impl CollectionStore {
             return Ok(());
         }
         self.write_index()?;
+        self.indexed = true;
         self.rewritten = std::time::Instant::now();
         let path = self.root.join(JOURNAL);
         // The new index holds every journaled frame: a kill before this leaves lines it already has,
@@ -377,11 +385,11 @@ mod tests {
         let (rgb, mask) = frame(7);
         let mut store = CollectionStore::open(dir.path(), "cups").unwrap();
         let root = store.root().to_path_buf();
-        assert_eq!(index_frames(&root), 0, "a new store writes its (empty) index at once");
+        assert!(!root.join("collection.json").exists(), "no index before the first frame");
         for k in 0..3 {
             store.append(&rgb, Some(&mask), None, (k, 0), "cam").unwrap();
         }
-        assert_eq!((index_frames(&root), journal_lines(&root)), (0, 3), "three frames only in the journal");
+        assert_eq!((index_frames(&root), journal_lines(&root)), (1, 2), "the first frame writes the index, two wait");
         assert_eq!(Collection::load(&root).unwrap().images.len(), 3, "the loader reads the journal too");
 
         // A kill (no Drop): reopening takes the journal into the index and empties it.
