@@ -83,6 +83,7 @@ pub(crate) fn report(shared: &Shared, previous: &mut RateState) -> DiagnosticArr
             kv("sync_images_without_own_camera_info", dropped.infos_missing),
             kv("ingest_dropped_queue_full", disk_dropped),
             kv("ingest_pending", shared.to_disk.pending()),
+            kv("collect_skipped_period", lock(&shared.thinning).skipped),
             kv("tracking_skipped_newest_wins", skipped),
         ],
     );

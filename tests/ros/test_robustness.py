@@ -28,18 +28,19 @@ def collection_ok(data_dir, category):
     return len(meta["images"])
 
 
-def bad_category_is_refused(data_dir):
-    proc = subprocess.run([NODE, "--ros-args", "-p", f"data_dir:={data_dir}", "-p", "category:=../escape"],
-                          capture_output=True, text=True, timeout=60)
-    text = proc.stdout + proc.stderr
-    check(proc.returncode != 0 and "category" in text,
-          f"category:=../escape is refused at start-up, naming the parameter: rc {proc.returncode}, {text.strip()[-200:]}")
+def bad_values_are_refused(data_dir):
+    for param, name in (("category:=../escape", "category"), ("collect_period:=-1.0", "collect_period")):
+        proc = subprocess.run([NODE, "--ros-args", "-p", f"data_dir:={data_dir}", "-p", param],
+                              capture_output=True, text=True, timeout=60)
+        text = proc.stdout + proc.stderr
+        check(proc.returncode != 0 and f"`{name}`" in text,
+              f"{param} is refused at start-up, naming the parameter: rc {proc.returncode}, {text.strip()[-200:]}")
 
 
 def main():
     data_dir = tempfile.mkdtemp(prefix="congeal-stress-")
     log = os.path.join(data_dir, "node.log")
-    bad_category_is_refused(data_dir)
+    bad_values_are_refused(data_dir)
     rclpy.init()
     n = rclpy.create_node("congeal_stress_peer")
     img_pub = n.create_publisher(Image, "/image", SENSOR)
@@ -170,6 +171,9 @@ def main():
         big = np.random.default_rng(1).integers(0, 255, (960, 1280, 3), dtype=np.uint8)
         big_mask = np.zeros((960, 1280), np.uint8)
         big_mask[200:760, 300:980] = 255
+        small_rgb = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        small_mask = np.zeros((120, 160), np.uint8)
+        small_mask[30:90, 40:120] = 255
         sent = 8
         for i in range(sent):
             img_rel.publish(image_msg(big, "rgb8", 5000 + i))
@@ -188,6 +192,32 @@ def main():
         check(accepted and rc == 0 and stored == sent,
               f"SIGINT writes the queued frames before exiting (all accepted: {accepted}; rc {rc}; "
               f"{at_signal} on disk at the signal, {stored} of {sent} after)")
+
+        # collect_period: frames every 0.2 s of stamps, one kept per second; the rest are counted.
+        proc = start_node(data_dir, extra=("category:=period", "input_reliability:=reliable", "collect_period:=1.0"),
+                          log=log)
+        check(wait_alive(n, get_pose, GetPose.Request(category="period")), "node up for the collect_period test")
+        wait_for(lambda: img_rel.get_subscription_count() > 0 and mask_rel.get_subscription_count() > 0, 15, n)
+        wait_for(lambda: False, 1.0, n)
+        diags.clear()
+        for k in range(11):
+            sec, ns = divmod(6000 * 10**9 + k * 200_000_000, 10**9)
+            img_rel.publish(image_msg(small_rgb, "rgb8", sec, ns))
+            mask_rel.publish(image_msg(small_mask, "mono8", sec, ns))
+            wait_for(lambda: False, 0.05, n)
+
+        def skipped():
+            for d in reversed(diags):
+                for st in d.status:
+                    if st.name == "congeal: inputs":
+                        return int({kv.key: kv.value for kv in st.values}.get("collect_skipped_period", -1))
+            return -1
+        wait_for(lambda: skipped() == 8 and len(stored_stamps(data_dir, "period")) == 3, 20, n)
+        check(stored_stamps(data_dir, "period") == {6000, 6001, 6002} and skipped() == 8,
+              f"collect_period 1 s keeps one frame per second of stamps (stored {sorted(stored_stamps(data_dir, 'period'))}, "
+              f"{skipped()} counted as skipped)")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
