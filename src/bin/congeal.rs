@@ -308,6 +308,10 @@ enum BagCommand {
         /// Canonical bbox written with ground-truth poses: minx,miny,minz,maxx,maxy,maxz.
         #[arg(long, allow_hyphen_values = true)]
         bbox: Option<String>,
+        /// Keep at most one image per this many seconds of stamps (0 = every image), like the node's
+        /// `collect_period`: a 30 Hz recording gives 1800 near-identical images a minute.
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+        period: f64,
     },
     /// Write a run's output topics (/congeal/pose, /congeal/nocs) as an MCAP bag.
     Write {
@@ -533,9 +537,23 @@ fn bag(_command: BagCommand) -> Result<()> {
 fn bag(command: BagCommand) -> Result<()> {
     use congeal::ros::bag;
     match command {
-        BagCommand::Extract { bag: file, image_topic, mask_topic, camera_info_topic, pose_topic, category, out, slop, bbox } => {
+        BagCommand::Extract {
+            bag: file,
+            image_topic,
+            mask_topic,
+            camera_info_topic,
+            pose_topic,
+            category,
+            out,
+            slop,
+            bbox,
+            period,
+        } => {
             if !slop.is_finite() || slop < 0.0 {
                 bail!("--slop must be a non-negative number of seconds, got {slop}");
+            }
+            if !period.is_finite() || !(0.0..=3600.0).contains(&period) {
+                bail!("--period must be a number of seconds between 0 and 3600, got {period}");
             }
             let bbox = match bbox {
                 None => None,
@@ -562,6 +580,7 @@ fn bag(command: BagCommand) -> Result<()> {
                 category,
                 slop_ns: (slop * 1e9).round() as i64,
                 bbox,
+                period_ns: (period * 1e9).round() as i64,
             };
             let report = bag::extract(&file, &opts, &out)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -60,6 +60,8 @@ pub struct ExtractOptions {
     pub slop_ns: i64,
     /// Canonical bbox (min, max) written with ground-truth poses (a placeholder box if absent).
     pub bbox: Option<([f64; 3], [f64; 3])>,
+    /// Keep at most one image per this many nanoseconds of stamps (0 = every image).
+    pub period_ns: i64,
 }
 
 /// What [`extract`] wrote.
@@ -294,6 +296,25 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
     Ok(report)
 }
 
+/// The stamp-sorted `images` thinned to at most one per `period_ns` (each kept image is at least the
+/// period after the previous kept one); all of them when `period_ns` is 0.
+fn thin(images: Vec<(i64, usize)>, period_ns: i64) -> Vec<(i64, usize)> {
+    if period_ns <= 0 {
+        return images;
+    }
+    let mut last = None;
+    images
+        .into_iter()
+        .filter(|(t, _)| {
+            let keep = last.is_none_or(|l| t - l >= period_ns);
+            if keep {
+                last = Some(*t);
+            }
+            keep
+        })
+        .collect()
+}
+
 /// One use of mask `n` is done; true when it has no uses left.
 fn release(uses: &mut BTreeMap<usize, usize>, n: usize) -> bool {
     match uses.get_mut(&n) {
@@ -455,6 +476,11 @@ impl Topics {
             return Err(bag_err(bag, format!("no decodable sensor_msgs/Image on topic {}", opts.image_topic)));
         }
         images.sort_by_key(|(t, _)| *t);
+        let decodable = images.len();
+        images = thin(images, opts.period_ns);
+        if images.len() < decodable {
+            skips.push(format!("{} image(s) within --period of the image kept before them", decodable - images.len()));
+        }
         masks.sort_by_key(|(t, _)| *t);
         infos.sort_by_key(|(t, _)| *t);
         poses.sort_by_key(|(t, _)| *t);
@@ -749,6 +775,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn thin_keeps_one_image_per_period() {
+        let s = 1_000_000_000;
+        let images: Vec<(i64, usize)> = (0..=10).map(|k| (k * s / 5, k as usize)).collect();
+        let kept: Vec<usize> = thin(images.clone(), s).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(kept, vec![0, 5, 10], "images every 0.2 s, period 1 s");
+        assert_eq!(thin(images.clone(), 0), images);
+        let uneven = vec![(0, 0), (9 * s / 10, 1), (11 * s / 10, 2), (15 * s / 10, 3), (21 * s / 10, 4)];
+        let kept: Vec<usize> = thin(uneven, s).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(kept, vec![0, 2, 4], "measured from the last image kept, not a fixed grid");
+    }
+
+    #[test]
     fn nearest_respects_slop() {
         let s = [10, 20, 30];
         assert_eq!(nearest(&s, 21, 5), Some(1));
@@ -809,6 +847,7 @@ mod tests {
             category: "toy".into(),
             slop_ns: 1_000_000_000,
             bbox: None,
+            period_ns: 0,
         };
         let out = dir.path().join("out");
         let report = extract(&bag, &opts, &out).expect("extract");

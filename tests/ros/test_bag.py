@@ -226,6 +226,16 @@ def main():
               all((e["stamp_sec"], e["stamp_nanosec"], e["frame_id"]) == (*stamp_of(i), "duck_cam") for i, e in enumerate(ims)))
         r2 = sh([BIN, "bag", "extract", bag, "--image-topic", "/camera/image", "--out", coll])
         check("extract refuses to overwrite a collection", r2.returncode != 0 and "already" in r2.stderr, r2.stderr.strip()[-200:])
+        # --period thins a recording by stamps (frames are 1 s apart here): 2.5 s keeps frames 0, 3 and 6.
+        r2 = sh([BIN, "bag", "extract", bag, "--image-topic", "/camera/image", "--mask-topic", "/camera/mask",
+                 "--out", tmp / "thin", "--slop", "0.01", "--period", "2.5"])
+        thin_secs = []
+        if r2.returncode == 0:
+            thin_secs = [e["stamp_sec"] for e in json.loads((tmp / "thin" / "collection.json").read_text())["images"]]
+        check("--period 2.5 keeps one frame per 2.5 s of stamps", thin_secs == [stamp_of(i)[0] for i in (0, 3, 6)]
+              and "within --period" in r2.stdout, f"{thin_secs} {r2.stderr.strip()[-200:]}")
+        r2 = sh([BIN, "bag", "extract", bag, "--image-topic", "/camera/image", "--out", tmp / "neg", "--period", "-1"])
+        check("--period -1 is refused", r2.returncode != 0 and "--period" in r2.stderr, r2.stderr.strip()[-200:])
         r2 = sh([BIN, "bag", "extract", tmp / "missing.mcap", "--image-topic", "/x", "--out", tmp / "x"])
         check("missing bag is a clear error", r2.returncode != 0 and "missing.mcap" in r2.stderr and "panick" not in r2.stderr)
         # A recording cut off mid-way (no footer, the last chunk incomplete): what was recorded before
