@@ -280,14 +280,16 @@ impl OrbitArgs {
 
 #[derive(Subcommand)]
 enum BagCommand {
-    /// Extract a collection folder from an MCAP bag (sensor_msgs/Image, masks, CameraInfo, PoseStamped).
+    /// Extract a collection folder from an MCAP bag (sensor_msgs/Image or CompressedImage, masks, CameraInfo, PoseStamped).
     Extract {
         /// The MCAP bag file.
         bag: PathBuf,
-        /// sensor_msgs/Image topic of the colour images.
+        /// Topic of the colour images: sensor_msgs/Image, or sensor_msgs/CompressedImage (JPEG/PNG, e.g.
+        /// `/camera/image_raw/compressed`).
         #[arg(long)]
         image_topic: String,
-        /// sensor_msgs/Image (mono8) topic of the masks (images without a matching mask are dropped).
+        /// Topic of the masks: sensor_msgs/Image (mono8) or CompressedImage (images without a matching
+        /// mask are dropped).
         #[arg(long)]
         mask_topic: Option<String>,
         /// sensor_msgs/CameraInfo topic (intrinsics).

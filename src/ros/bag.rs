@@ -1,7 +1,8 @@
 //! Rosbag (MCAP, ROS 2 CDR) tools: `congeal bag extract` turns recorded camera topics into a
 //! collection folder; `congeal bag write` turns a run into the node's output topics as a bag.
 //!
-//! Extract: images (`sensor_msgs/Image`), masks (`mono8`), `CameraInfo` and ground-truth
+//! Extract: images (`sensor_msgs/Image`, or `sensor_msgs/CompressedImage` with JPEG or PNG data, as
+//! `image_transport`'s compressed topics record them), masks (`mono8`, or compressed), `CameraInfo` and ground-truth
 //! `PoseStamped` are matched to each image by nearest header stamp within `slop_ns`. The collection is
 //! written directly into `out` (kind `plain`, the same layout as the node's
 //! [`CollectionStore`](crate::ingest::store::CollectionStore): `rgb/NNN.png`, `mask/NNN.png`, `K`,
@@ -25,7 +26,7 @@ use image::{GrayImage, RgbImage};
 use nalgebra::Isometry3;
 use r2r::builtin_interfaces::msg::Time;
 use r2r::geometry_msgs::msg::PoseStamped;
-use r2r::sensor_msgs::msg::{CameraInfo, Image};
+use r2r::sensor_msgs::msg::{CameraInfo, CompressedImage, Image};
 use r2r::std_msgs::msg::Header;
 use r2r::WrappedTypesupport;
 use serde::Serialize;
@@ -33,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::geometry::Intrinsics;
-use crate::ingest::frames::{decode_mask, decode_rgb, intrinsics_from_camera_info};
+use crate::ingest::frames::{decode_rgb, intrinsics_from_camera_info};
 use crate::ros::convert::{isometry, nocs_image, pose_stamped, raw_image, stamp_ns};
 
 /// Pose topic written by [`write`].
@@ -203,17 +204,17 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         *mask_uses.entry(*m).or_default() += 1;
     }
     let mut masks_read: BTreeMap<usize, std::result::Result<GrayImage, String>> = BTreeMap::new();
-    let mut waiting: BTreeMap<usize, Vec<(usize, Image)>> = BTreeMap::new();
+    let mut waiting: BTreeMap<usize, Vec<(usize, BagImage)>> = BTreeMap::new();
     let mut entries: Vec<Option<Value>> = vec![None; topics.images.len()];
     let mut frame_done = |slot: usize,
-                          img: &Image,
+                          img: &BagImage,
                           mask: Option<&std::result::Result<GrayImage, String>>,
                           skips: &mut Skips,
                           report: &mut ExtractReport|
      -> Result<()> {
         let t = topics.images[slot].0;
-        let label = format!("image at {}.{:09}", img.header.stamp.sec, img.header.stamp.nanosec);
-        let (rgb, alpha) = match decode_rgb(&raw_image(img)) {
+        let label = img.label();
+        let (rgb, alpha) = match img.rgb() {
             Ok(x) => x,
             Err(e) => {
                 skips.push(format!("{label}: {e}"));
@@ -236,14 +237,14 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         };
         let intrinsics = topics.intrinsics_for(t, size, opts, &label, skips);
         let pose = topics.pose_for(t, opts, &label, skips);
-        let frame = ExtractedFrame { header: &img.header, rgb: &rgb, mask: mask.as_ref(), intrinsics, pose };
+        let frame = ExtractedFrame { header: img.header(), rgb: &rgb, mask: mask.as_ref(), intrinsics, pose };
         entries[slot] = Some(write_frame(out, slot, &frame, report)?);
         Ok(())
     };
-    for_each_message(bag, opts, topics.read, None, |n, role, data| {
+    for_each_message(bag, opts, topics.read, None, |n, role, schema, data| {
         match role {
             Role::Mask if mask_uses.contains_key(&n) => {
-                let mask = decode::<Image>(data).and_then(|m| decode_mask(&raw_image(&m)).map_err(|e| e.to_string()));
+                let mask = BagImage::decode(data, schema).and_then(|m| m.mask().map_err(|e| e.to_string()));
                 for (slot, img) in waiting.remove(&n).unwrap_or_default() {
                     frame_done(slot, &img, Some(&mask), &mut skips, &mut report)?;
                     release(&mut mask_uses, n);
@@ -254,11 +255,11 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
             }
             Role::Image => {
                 let Some(&slot) = slot_of.get(&n) else { return Ok(()) };
-                let img = decode::<Image>(data).map_err(|e| bag_err(bag, format!("message {n} changed while reading: {e}")))?;
+                let img = BagImage::decode(data, schema)
+                    .map_err(|e| bag_err(bag, format!("message {n} changed while reading: {e}")))?;
                 match &mask_of[slot] {
                     Ok(None) => frame_done(slot, &img, None, &mut skips, &mut report)?,
-                    Err(e) => skips
-                        .push(format!("image at {}.{:09}: {e}; image dropped", img.header.stamp.sec, img.header.stamp.nanosec)),
+                    Err(e) => skips.push(format!("{}: {e}; image dropped", img.label())),
                     Ok(Some(m)) => match masks_read.get(m) {
                         Some(mask) => {
                             frame_done(slot, &img, Some(mask), &mut skips, &mut report)?;
@@ -275,10 +276,7 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
         Ok(())
     })?;
     for (_, img) in waiting.into_values().flatten() {
-        skips.push(format!(
-            "image at {}.{:09}: its mask could not be read; image dropped",
-            img.header.stamp.sec, img.header.stamp.nanosec
-        ));
+        skips.push(format!("{}: its mask could not be read; image dropped", img.label()));
     }
     // Written under their slots; renumbered to 0.. in stamp order (a slot is never below its number).
     let mut written = Vec::new();
@@ -346,6 +344,65 @@ fn renumber(out: &Path, mut entry: Value, from: usize, to: usize) -> Result<Valu
     Ok(entry)
 }
 
+/// The schema name of compressed image topics.
+const COMPRESSED_IMAGE: &str = "sensor_msgs/msg/CompressedImage";
+
+/// An image message of a bag: raw, or compressed (JPEG or PNG bytes, told apart by the channel's
+/// schema name).
+enum BagImage {
+    Raw(Image),
+    Compressed(CompressedImage),
+}
+
+impl BagImage {
+    /// Decodes the CDR message `data` of a channel whose schema is `schema`.
+    fn decode(data: &[u8], schema: &str) -> std::result::Result<Self, String> {
+        if schema == COMPRESSED_IMAGE {
+            decode::<CompressedImage>(data).map(Self::Compressed)
+        } else {
+            decode::<Image>(data).map(Self::Raw)
+        }
+    }
+
+    fn header(&self) -> &Header {
+        match self {
+            Self::Raw(m) => &m.header,
+            Self::Compressed(m) => &m.header,
+        }
+    }
+
+    /// "image at SEC.NANOSEC", for reports.
+    fn label(&self) -> String {
+        let stamp = &self.header().stamp;
+        format!("image at {}.{:09}", stamp.sec, stamp.nanosec)
+    }
+
+    /// The compressed image's pixels.
+    fn pixels(m: &CompressedImage) -> Result<image::DynamicImage> {
+        image::load_from_memory(&m.data)
+            .map_err(|e| Error::InvalidInput(format!("cannot decode the compressed image (format `{}`): {e}", m.format)))
+    }
+
+    /// Colour pixels and, from an alpha channel that marks the object, a mask.
+    fn rgb(&self) -> Result<(RgbImage, Option<GrayImage>)> {
+        match self {
+            Self::Raw(m) => decode_rgb(&raw_image(m)),
+            Self::Compressed(m) => {
+                let img = Self::pixels(m)?;
+                Ok((img.to_rgb8(), crate::collection::mask_from_alpha(&img)))
+            }
+        }
+    }
+
+    /// The image as a binary mask (values >= 128 are object).
+    fn mask(&self) -> Result<GrayImage> {
+        match self {
+            Self::Raw(m) => crate::ingest::frames::decode_mask(&raw_image(m)),
+            Self::Compressed(m) => Ok(crate::collection::decode_mask(&Self::pixels(m)?)),
+        }
+    }
+}
+
 /// What a message of the configured topics is.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Role {
@@ -364,7 +421,7 @@ fn for_each_message(
     opts: &ExtractOptions,
     limit: usize,
     mut skips: Option<&mut Skips>,
-    mut f: impl FnMut(usize, Role, &[u8]) -> Result<()>,
+    mut f: impl FnMut(usize, Role, &str, &[u8]) -> Result<()>,
 ) -> Result<usize> {
     let file = std::fs::File::open(bag).map_err(|e| Error::io(bag, e))?;
     let mut reader = mcap::io::MessageReader::new(std::io::BufReader::new(file));
@@ -413,7 +470,8 @@ fn for_each_message(
             *not_cdr.entry(format!("{topic}: message encoding `{}` is not cdr", msg.channel.message_encoding)).or_default() += 1;
             continue;
         }
-        f(ordinal, role, &msg.data)?;
+        let schema = msg.channel.schema.as_ref().map_or("", |s| s.name.as_str());
+        f(ordinal, role, schema, &msg.data)?;
     }
     if let Some(skips) = skips {
         for (what, count) in &not_cdr {
@@ -451,19 +509,19 @@ impl Topics {
         let mut masks: Vec<(i64, usize)> = Vec::new();
         let mut infos: Vec<(i64, CameraInfo)> = Vec::new();
         let mut poses: Vec<(i64, PoseStamped)> = Vec::new();
-        let read = for_each_message(bag, opts, usize::MAX, Some(skips), |n, role, data| {
+        let read = for_each_message(bag, opts, usize::MAX, Some(skips), |n, role, schema, data| {
             let res = match role {
-                Role::Image => decode::<Image>(data).map(|m| images.push((stamp_ns(&m.header.stamp), n))),
-                Role::Mask => decode::<Image>(data).map(|m| masks.push((stamp_ns(&m.header.stamp), n))),
+                Role::Image => BagImage::decode(data, schema).map(|m| images.push((stamp_ns(&m.header().stamp), n))),
+                Role::Mask => BagImage::decode(data, schema).map(|m| masks.push((stamp_ns(&m.header().stamp), n))),
                 Role::CameraInfo => decode::<CameraInfo>(data).map(|m| infos.push((stamp_ns(&m.header.stamp), m))),
                 Role::Pose => decode::<PoseStamped>(data).map(|m| poses.push((stamp_ns(&m.header.stamp), m))),
             };
             if let Err(e) = res {
-                let (topic, schema) = match role {
-                    Role::Image => (opts.image_topic.as_str(), "sensor_msgs/msg/Image"),
-                    Role::Mask => (opts.mask_topic.as_deref().unwrap_or_default(), "sensor_msgs/msg/Image"),
-                    Role::CameraInfo => (opts.camera_info_topic.as_deref().unwrap_or_default(), "sensor_msgs/msg/CameraInfo"),
-                    Role::Pose => (opts.pose_topic.as_deref().unwrap_or_default(), "geometry_msgs/msg/PoseStamped"),
+                let topic = match role {
+                    Role::Image => opts.image_topic.as_str(),
+                    Role::Mask => opts.mask_topic.as_deref().unwrap_or_default(),
+                    Role::CameraInfo => opts.camera_info_topic.as_deref().unwrap_or_default(),
+                    Role::Pose => opts.pose_topic.as_deref().unwrap_or_default(),
                 };
                 *bad.entry(format!("{topic}: cannot decode ({schema}): {e}")).or_default() += 1;
             }
@@ -473,7 +531,7 @@ impl Topics {
             skips.push(format!("{count} message(s) on {what}"));
         }
         if images.is_empty() {
-            return Err(bag_err(bag, format!("no decodable sensor_msgs/Image on topic {}", opts.image_topic)));
+            return Err(bag_err(bag, format!("no decodable sensor_msgs/Image or CompressedImage on topic {}", opts.image_topic)));
         }
         images.sort_by_key(|(t, _)| *t);
         let decodable = images.len();
@@ -773,6 +831,83 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sensor_msgs/CompressedImage` bytes of `img` encoded as `format` (`jpeg` or `png`).
+    fn compressed_msg(sec: i32, img: image::DynamicImage, format: image::ImageFormat, name: &str) -> Vec<u8> {
+        let mut data = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut data), format).expect("encode a test image");
+        let msg = CompressedImage {
+            header: Header { stamp: Time { sec, nanosec: 0 }, frame_id: "cam".into() },
+            format: name.into(),
+            data,
+        };
+        msg.to_serialized_bytes().expect("serialise a test image")
+    }
+
+    /// Compressed topics (what `image_transport` records as `.../compressed`): JPEG colour images and
+    /// PNG masks are decoded; a corrupt one is reported and dropped, the rest are kept.
+    #[test]
+    fn extract_decodes_compressed_images_and_masks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bag = dir.path().join("compressed.mcap");
+        let file = std::fs::File::create(&bag).expect("create bag");
+        let mut writer = mcap::WriteOptions::new().profile("ros2").create(BufWriter::new(file)).expect("writer");
+        let img_ch = add_channel(&mut writer, "/img/compressed", COMPRESSED_IMAGE).expect("image channel");
+        let mask_ch = add_channel(&mut writer, "/mask/compressed", COMPRESSED_IMAGE).expect("mask channel");
+        let mask =
+            GrayImage::from_fn(16, 12, |x, y| image::Luma([if (4..12).contains(&x) && (3..9).contains(&y) { 255 } else { 0 }]));
+        let mut seq = 0;
+        let mut put = |writer: &mut mcap::Writer<BufWriter<std::fs::File>>, ch: u16, data: Vec<u8>| {
+            let header = mcap::records::MessageHeader { channel_id: ch, sequence: seq, log_time: seq as u64, publish_time: 0 };
+            seq += 1;
+            writer.write_to_known_channel(&header, &data).expect("write message");
+        };
+        for sec in 1..=3 {
+            let v = 60 * sec as u8;
+            let rgb = image::DynamicImage::ImageRgb8(RgbImage::from_pixel(16, 12, image::Rgb([v, 255 - v, 100])));
+            put(&mut writer, img_ch, compressed_msg(sec, rgb, image::ImageFormat::Jpeg, "rgb8; jpeg compressed bgr8"));
+            let m = image::DynamicImage::ImageLuma8(mask.clone());
+            put(&mut writer, mask_ch, compressed_msg(sec, m, image::ImageFormat::Png, "mono8; png compressed"));
+        }
+        let corrupt = CompressedImage {
+            header: Header { stamp: Time { sec: 4, nanosec: 0 }, frame_id: "cam".into() },
+            format: "jpeg".into(),
+            data: vec![0xff, 0xd8, 0xff, 0x00, 1, 2, 3],
+        };
+        put(&mut writer, img_ch, corrupt.to_serialized_bytes().expect("serialise"));
+        put(
+            &mut writer,
+            mask_ch,
+            compressed_msg(4, image::DynamicImage::ImageLuma8(mask.clone()), image::ImageFormat::Png, "png"),
+        );
+        writer.finish().expect("finish bag");
+        let opts = ExtractOptions {
+            image_topic: "/img/compressed".into(),
+            mask_topic: Some("/mask/compressed".into()),
+            camera_info_topic: None,
+            pose_topic: None,
+            category: "toy".into(),
+            slop_ns: 1_000_000,
+            bbox: None,
+            period_ns: 0,
+        };
+        let out = dir.path().join("out");
+        let report = extract(&bag, &opts, &out).expect("extract");
+        assert_eq!((report.images, report.with_mask), (3, 3), "{report:?}");
+        assert!(
+            report.skipped.iter().any(|s| s.contains("image at 4.") && s.contains("compressed image")),
+            "{:?}",
+            report.skipped
+        );
+        for k in 0..3u32 {
+            let rgb = image::open(out.join(format!("rgb/{k:03}.png"))).expect("rgb png").to_rgb8();
+            let want = [60 * (k + 1), 255 - 60 * (k + 1), 100];
+            let got = rgb.get_pixel(8, 6).0;
+            assert!(got.iter().zip(want).all(|(g, w)| (*g as i32 - w as i32).abs() <= 3), "frame {k}: {got:?} vs {want:?}");
+            let m = image::open(out.join(format!("mask/{k:03}.png"))).expect("mask png").to_luma8();
+            assert_eq!(m, mask, "frame {k}: the PNG mask round-trips");
+        }
+    }
 
     #[test]
     fn thin_keeps_one_image_per_period() {
