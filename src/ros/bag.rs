@@ -832,6 +832,50 @@ pub fn write(run_dir: &Path, collection_dir: &Path, out: &Path) -> Result<WriteR
 mod tests {
     use super::*;
 
+    /// A test bag with an image and a mask channel of type `type_name`, written message by message.
+    struct TestBag {
+        writer: mcap::Writer<BufWriter<std::fs::File>>,
+        image: u16,
+        mask: u16,
+        seq: u32,
+    }
+
+    impl TestBag {
+        fn create(path: &Path, type_name: &str, image_topic: &str, mask_topic: &str) -> Self {
+            let file = std::fs::File::create(path).expect("create bag");
+            let mut writer = mcap::WriteOptions::new().profile("ros2").create(BufWriter::new(file)).expect("writer");
+            let image = add_channel(&mut writer, image_topic, type_name).expect("image channel");
+            let mask = add_channel(&mut writer, mask_topic, type_name).expect("mask channel");
+            Self { writer, image, mask, seq: 0 }
+        }
+
+        fn put(&mut self, mask: bool, data: Vec<u8>) {
+            let channel_id = if mask { self.mask } else { self.image };
+            let header =
+                mcap::records::MessageHeader { channel_id, sequence: self.seq, log_time: self.seq as u64, publish_time: 0 };
+            self.seq += 1;
+            self.writer.write_to_known_channel(&header, &data).expect("write message");
+        }
+
+        fn finish(mut self) {
+            self.writer.finish().expect("finish bag");
+        }
+    }
+
+    /// Extraction of `image_topic` with masks from `mask_topic`, nothing else.
+    fn options(image_topic: &str, mask_topic: &str, slop_ns: i64) -> ExtractOptions {
+        ExtractOptions {
+            image_topic: image_topic.into(),
+            mask_topic: Some(mask_topic.into()),
+            camera_info_topic: None,
+            pose_topic: None,
+            category: "toy".into(),
+            slop_ns,
+            bbox: None,
+            period_ns: 0,
+        }
+    }
+
     /// `sensor_msgs/CompressedImage` bytes of `img` encoded as `format` (`jpeg` or `png`).
     fn compressed_msg(sec: i32, img: image::DynamicImage, format: image::ImageFormat, name: &str) -> Vec<u8> {
         let mut data = Vec::new();
@@ -850,47 +894,25 @@ mod tests {
     fn extract_decodes_compressed_images_and_masks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bag = dir.path().join("compressed.mcap");
-        let file = std::fs::File::create(&bag).expect("create bag");
-        let mut writer = mcap::WriteOptions::new().profile("ros2").create(BufWriter::new(file)).expect("writer");
-        let img_ch = add_channel(&mut writer, "/img/compressed", COMPRESSED_IMAGE).expect("image channel");
-        let mask_ch = add_channel(&mut writer, "/mask/compressed", COMPRESSED_IMAGE).expect("mask channel");
+        let mut writer = TestBag::create(&bag, COMPRESSED_IMAGE, "/img/compressed", "/mask/compressed");
         let mask =
             GrayImage::from_fn(16, 12, |x, y| image::Luma([if (4..12).contains(&x) && (3..9).contains(&y) { 255 } else { 0 }]));
-        let mut seq = 0;
-        let mut put = |writer: &mut mcap::Writer<BufWriter<std::fs::File>>, ch: u16, data: Vec<u8>| {
-            let header = mcap::records::MessageHeader { channel_id: ch, sequence: seq, log_time: seq as u64, publish_time: 0 };
-            seq += 1;
-            writer.write_to_known_channel(&header, &data).expect("write message");
-        };
         for sec in 1..=3 {
             let v = 60 * sec as u8;
             let rgb = image::DynamicImage::ImageRgb8(RgbImage::from_pixel(16, 12, image::Rgb([v, 255 - v, 100])));
-            put(&mut writer, img_ch, compressed_msg(sec, rgb, image::ImageFormat::Jpeg, "rgb8; jpeg compressed bgr8"));
+            writer.put(false, compressed_msg(sec, rgb, image::ImageFormat::Jpeg, "rgb8; jpeg compressed bgr8"));
             let m = image::DynamicImage::ImageLuma8(mask.clone());
-            put(&mut writer, mask_ch, compressed_msg(sec, m, image::ImageFormat::Png, "mono8; png compressed"));
+            writer.put(true, compressed_msg(sec, m, image::ImageFormat::Png, "mono8; png compressed"));
         }
         let corrupt = CompressedImage {
             header: Header { stamp: Time { sec: 4, nanosec: 0 }, frame_id: "cam".into() },
             format: "jpeg".into(),
             data: vec![0xff, 0xd8, 0xff, 0x00, 1, 2, 3],
         };
-        put(&mut writer, img_ch, corrupt.to_serialized_bytes().expect("serialise"));
-        put(
-            &mut writer,
-            mask_ch,
-            compressed_msg(4, image::DynamicImage::ImageLuma8(mask.clone()), image::ImageFormat::Png, "png"),
-        );
-        writer.finish().expect("finish bag");
-        let opts = ExtractOptions {
-            image_topic: "/img/compressed".into(),
-            mask_topic: Some("/mask/compressed".into()),
-            camera_info_topic: None,
-            pose_topic: None,
-            category: "toy".into(),
-            slop_ns: 1_000_000,
-            bbox: None,
-            period_ns: 0,
-        };
+        writer.put(false, corrupt.to_serialized_bytes().expect("serialise"));
+        writer.put(true, compressed_msg(4, image::DynamicImage::ImageLuma8(mask.clone()), image::ImageFormat::Png, "png"));
+        writer.finish();
+        let opts = options("/img/compressed", "/mask/compressed", 1_000_000);
         let out = dir.path().join("out");
         let report = extract(&bag, &opts, &out).expect("extract");
         assert_eq!((report.images, report.with_mask), (3, 3), "{report:?}");
@@ -955,35 +977,17 @@ mod tests {
     fn extract_streams_any_file_order_into_stamp_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bag = dir.path().join("order.mcap");
-        let file = std::fs::File::create(&bag).expect("create bag");
-        let mut writer = mcap::WriteOptions::new().profile("ros2").create(BufWriter::new(file)).expect("writer");
-        let img_ch = add_channel(&mut writer, "/img", "sensor_msgs/msg/Image").expect("image channel");
-        let mask_ch = add_channel(&mut writer, "/mask", "sensor_msgs/msg/Image").expect("mask channel");
-        let mut seq = 0;
-        let mut put = |writer: &mut mcap::Writer<BufWriter<std::fs::File>>, ch: u16, data: Vec<u8>| {
-            let header = mcap::records::MessageHeader { channel_id: ch, sequence: seq, log_time: seq as u64, publish_time: 0 };
-            seq += 1;
-            writer.write_to_known_channel(&header, &data).expect("write message");
-        };
+        let mut writer = TestBag::create(&bag, "sensor_msgs/msg/Image", "/img", "/mask");
         // Images at 5, 3, 1, 4, 2 s (pixel value 10 x stamp); image 4 has a 6x6 mask, so it is dropped.
         for sec in [5, 3, 1, 4, 2] {
-            put(&mut writer, img_ch, image_msg(sec, 8, 8, Some(10 * sec as u8)));
+            writer.put(false, image_msg(sec, 8, 8, Some(10 * sec as u8)));
         }
         // Masks after all images; none at 2 s: that image shares the mask at 1 s (1 s slop).
         for (sec, w) in [(1, 8), (3, 8), (4, 6), (5, 8)] {
-            put(&mut writer, mask_ch, image_msg(sec, w, w, None));
+            writer.put(true, image_msg(sec, w, w, None));
         }
-        writer.finish().expect("finish bag");
-        let opts = ExtractOptions {
-            image_topic: "/img".into(),
-            mask_topic: Some("/mask".into()),
-            camera_info_topic: None,
-            pose_topic: None,
-            category: "toy".into(),
-            slop_ns: 1_000_000_000,
-            bbox: None,
-            period_ns: 0,
-        };
+        writer.finish();
+        let opts = options("/img", "/mask", 1_000_000_000);
         let out = dir.path().join("out");
         let report = extract(&bag, &opts, &out).expect("extract");
         assert_eq!((report.images, report.with_mask), (4, 4), "{report:?}");
