@@ -7,8 +7,9 @@
 //! line is the commit point. `collection.json` is rewritten from time to time and the journal emptied:
 //! at the first frame, when the journal holds 64 frames or an eighth of the collection, at a frame 2 s
 //! after the last rewrite, when the store is opened or dropped, and (the node) whenever the input
-//! pauses for half a second. So storing a frame costs about the same after 20 000 frames as after 10 (rewriting the
-//! whole index for every frame did not), and a reader of `collection.json` alone lags by at most 2 s.
+//! pauses for half a second. So storing a frame costs about the same after 20 000 frames as after 10
+//! (rewriting the whole index for every frame did not), and a reader of `collection.json` alone lags
+//! by at most 2 s.
 //! A kill at any moment leaves `collection.json` (old or new, both valid) plus the journal;
 //! [`CollectionStore::open`] and [`Collection::load`](crate::collection::Collection::load) read both,
 //! so nothing committed is lost. A frame whose files landed but whose line did not is overwritten by
@@ -181,8 +182,7 @@ impl CollectionStore {
         let mut store = Self { root, index, journaled: 0, next_index, rewritten: std::time::Instant::now(), indexed };
         if !journal_text.is_empty() {
             // Also drops a torn last line, which the next append would otherwise run into.
-            store.journaled = 1;
-            store.flush()?;
+            store.rewrite()?;
         }
         Ok(store)
     }
@@ -284,6 +284,11 @@ impl CollectionStore {
         if self.journaled == 0 {
             return Ok(());
         }
+        self.rewrite()
+    }
+
+    /// Rewrites `collection.json` with every frame and empties the journal.
+    fn rewrite(&mut self) -> Result<()> {
         self.write_index()?;
         self.indexed = true;
         self.rewritten = std::time::Instant::now();

@@ -297,18 +297,15 @@ pub fn extract(bag: &Path, opts: &ExtractOptions, out: &Path) -> Result<ExtractR
 /// The stamp-sorted `images` thinned to at most one per `period_ns` (each kept image is at least the
 /// period after the previous kept one); all of them when `period_ns` is 0.
 fn thin(images: Vec<(i64, usize)>, period_ns: i64) -> Vec<(i64, usize)> {
-    if period_ns <= 0 {
-        return images;
-    }
-    let mut last = None;
+    let mut gate = crate::ingest::period::PeriodGate::new(period_ns);
     images
         .into_iter()
         .filter(|(t, _)| {
-            let keep = last.is_none_or(|l| t - l >= period_ns);
-            if keep {
-                last = Some(*t);
+            let due = gate.due("", *t);
+            if due {
+                gate.kept("", *t);
             }
-            keep
+            due
         })
         .collect()
 }
@@ -332,12 +329,12 @@ fn renumber(out: &Path, mut entry: Value, from: usize, to: usize) -> Result<Valu
     if from == to {
         return Ok(entry);
     }
-    for (key, dir) in [("rgb", "rgb"), ("mask", "mask")] {
-        if entry.get(key).is_some() {
+    for dir in ["rgb", "mask"] {
+        if entry.get(dir).is_some() {
             let rel = format!("{dir}/{to:03}.png");
             let old = out.join(format!("{dir}/{from:03}.png"));
             std::fs::rename(&old, out.join(&rel)).map_err(|e| Error::io(&old, e))?;
-            entry[key] = json!(rel);
+            entry[dir] = json!(rel);
         }
     }
     entry["index"] = json!(to);

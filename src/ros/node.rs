@@ -140,16 +140,16 @@ impl Params {
             }
             Ok(v as usize)
         };
-        let slop_s: f64 = param(node, "slop", 0.05)?;
-        if !(slop_s.is_finite() && (0.0..=MAX_SLOP_S).contains(&slop_s)) {
-            anyhow::bail!("parameter `slop` must be a number of seconds between 0 and {MAX_SLOP_S}, got {slop_s}");
-        }
-        let collect_period_s: f64 = param(node, "collect_period", 0.0)?;
-        if !(collect_period_s.is_finite() && (0.0..=MAX_COLLECT_PERIOD_S).contains(&collect_period_s)) {
-            anyhow::bail!(
-                "parameter `collect_period` must be a number of seconds between 0 and {MAX_COLLECT_PERIOD_S}, got {collect_period_s}"
-            );
-        }
+        // Durations: finite seconds from 0 to a bound.
+        let seconds = |name: &str, default: f64, max: f64| -> anyhow::Result<f64> {
+            let v: f64 = param(node, name, default)?;
+            if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                anyhow::bail!("parameter `{name}` must be a number of seconds between 0 and {max}, got {v}");
+            }
+            Ok(v)
+        };
+        let slop_s = seconds("slop", 0.05, MAX_SLOP_S)?;
+        let collect_period_s = seconds("collect_period", 0.0, MAX_COLLECT_PERIOD_S)?;
         let category: String = param(node, "category", "object".to_string())?;
         validate_category(&category).map_err(|e| anyhow::anyhow!("parameter `category`: {e}"))?;
         Ok(Self {
@@ -305,7 +305,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     collecting: Mutex<Option<String>>,
     /// Thins collection to `collect_period`: per category, the stamp of the last frame kept.
-    pub(crate) thinning: Mutex<PeriodGate>,
+    pub(crate) thinning: Mutex<crate::ingest::period::PeriodGate>,
     pub(crate) sync: Mutex<ApproxTimeSync<Image, Image, CameraInfo>>,
     pub(crate) to_disk: DropOldest<Frame>,
     stores: Mutex<HashMap<String, Arc<Mutex<CollectionStore>>>>,
@@ -1038,37 +1038,6 @@ fn serve_blocking<T, F>(
     }));
 }
 
-/// Keeps at most one stored frame per `period_ns` of stamps for each category: a frame is due when
-/// its stamp is at least the period after (or, for a replayed bag that starts over, before) the last
-/// frame stored. A frame that fails to store (an empty mask, say) does not use up the period.
-#[derive(Debug, Default)]
-pub(crate) struct PeriodGate {
-    period_ns: i64,
-    last: HashMap<String, i64>,
-    /// Frames held back so far.
-    pub(crate) skipped: u64,
-}
-
-impl PeriodGate {
-    fn new(period_ns: i64) -> Self {
-        Self { period_ns, ..Default::default() }
-    }
-
-    /// Whether the frame of `category` stamped `t_ns` should be stored (counted as skipped if not).
-    fn due(&mut self, category: &str, t_ns: i64) -> bool {
-        let due = self.period_ns <= 0 || self.last.get(category).is_none_or(|last| (t_ns - last).abs() >= self.period_ns);
-        if !due {
-            self.skipped += 1;
-        }
-        due
-    }
-
-    /// The frame of `category` stamped `t_ns` was stored.
-    fn kept(&mut self, category: &str, t_ns: i64) {
-        self.last.insert(category.to_string(), t_ns);
-    }
-}
-
 /// Hands matched frames on: to disk (when collecting) and to the tracker (newest wins).
 fn forward(shared: &Shared, matched: Vec<crate::ingest::sync::Matched<Image, Image, CameraInfo>>) {
     let collecting = lock(&shared.collecting).clone();
@@ -1204,7 +1173,7 @@ pub fn run_node() -> anyhow::Result<()> {
     let sync_cfg = SyncConfig { slop_ns: (params.slop_s * 1e9) as i64, queue: params.queue_size, wait_for_mask: params.use_mask };
     let shared = Arc::new(Shared {
         collecting: Mutex::new(params.collect.then(|| params.category.clone())),
-        thinning: Mutex::new(PeriodGate::new((params.collect_period_s * 1e9) as i64)),
+        thinning: Mutex::new(crate::ingest::period::PeriodGate::new((params.collect_period_s * 1e9) as i64)),
         sync: Mutex::new(ApproxTimeSync::new(sync_cfg)),
         to_disk: DropOldest::new(params.ingest_queue),
         stores: Mutex::new(HashMap::new()),
@@ -1333,31 +1302,6 @@ pub fn run_node() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// One frame per period of stamps, per category; a frame that fails to store leaves the next one
-    /// due; a bag that starts over is collected again.
-    #[test]
-    fn period_gate_keeps_one_frame_per_period() {
-        let s = 1_000_000_000;
-        let mut gate = PeriodGate::new(s);
-        let store = |gate: &mut PeriodGate, t: i64, ok: bool| {
-            let due = gate.due("a", t);
-            if due && ok {
-                gate.kept("a", t);
-            }
-            due && ok
-        };
-        let kept: Vec<i64> = (0..=10).map(|k| k * s / 5).filter(|t| store(&mut gate, *t, true)).collect();
-        assert_eq!(kept, vec![0, s, 2 * s], "frames every 0.2 s, period 1 s");
-        assert_eq!(gate.skipped, 8);
-        assert!(!store(&mut gate, 3 * s, false), "a frame that fails to store...");
-        assert!(store(&mut gate, 3 * s + s / 5, true), "...leaves the next one due");
-        assert!(gate.due("b", s / 2), "another category has its own clock");
-        assert!(store(&mut gate, 0, true), "stamps that jump back (a replay) by a period are kept");
-        assert!(!gate.due("a", s / 2));
-        let mut all = PeriodGate::new(0);
-        assert!((0..5).all(|_| all.due("a", 7)), "period 0 keeps every frame, even equal stamps");
-    }
 
     /// The shutdown's wait: `drain` returns only when every entry was taken *and* finished (a frame
     /// being written counts), or at the timeout with how many are left.
